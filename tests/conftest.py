@@ -1,0 +1,73 @@
+"""Shared fixtures: a temporary home, a live server on a loopback port, API keys for two owners,
+and the paths of the official SDK environments (together 3.x here, 1.x in its own venv)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tunehouse.api.app import create_app
+from tunehouse.api.server import serve_in_thread
+from tunehouse.settings import Settings
+from tunehouse.store import keys
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass
+class Live:
+    url: str  # http://127.0.0.1:PORT, no /v1
+    key: str  # owner "alice"
+    other_key: str  # owner "bob"
+    settings: Settings
+    app: object
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(home=tmp_path / "home", embedded_worker=False)
+
+
+@pytest.fixture
+def live(settings) -> Live:
+    app = create_app(settings)
+    with app.state.home.db.session() as s:
+        alice = keys.create_key(s, "alice", admin=True)
+        bob = keys.create_key(s, "bob")
+    bg = serve_in_thread(app)
+    yield Live(bg.url, alice, bob, settings, app)
+    bg.stop()
+
+
+def together1_python() -> Path | None:
+    """The interpreter of the venv holding together==1.6.0 (made by `make test`)."""
+    env = os.environ.get("TUNEHOUSE_TOGETHER1_PYTHON")
+    p = Path(env) if env else ROOT / ".venv-together1" / "bin" / "python"
+    return p if p.exists() else None
+
+
+@pytest.fixture
+def v1_python() -> Path:
+    p = together1_python()
+    if p is None:
+        pytest.skip("together==1.6.0 venv missing: run `make test` (it creates .venv-together1)")
+    return p
+
+
+def sdk_env(live: Live, key: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TOGETHER_BASE_URL=live.url, TOGETHER_API_KEY=key or live.key, TOGETHER_TELEMETRY_DISABLED="1",
+               TOGETHER_DISABLE_VERSION_CHECK="1", NO_COLOR="1", COLUMNS="200", TERM="dumb")
+    return env
+
+
+def bin_path(name: str) -> str:
+    """A console script of the running interpreter's venv."""
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else shutil.which(name) or name

@@ -1,0 +1,212 @@
+"""The Files API over a live loopback server, driven by the official together 3.x SDK and raw
+httpx for the wire details (error shape, 302, signed PUT, multipart, ownership)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import httpx
+import pytest
+import together
+from together import Together
+from together.lib.resources.files import FileAlreadyExistsError
+
+from conftest import DATA
+
+CHAT = DATA / "api" / "chat.jsonl"
+USER_USER = DATA / "api" / "user_user.jsonl"
+
+
+def sdk(live, key=None, v1_base=False) -> Together:
+    return Together(base_url=live.url + ("/v1" if v1_base else ""), api_key=key or live.key, max_retries=0)
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_v3_sdk_upload_list_retrieve_content_delete(live):
+    client = sdk(live)
+    f = client.files.upload(CHAT, purpose="fine-tune")
+    assert f.id.startswith("file-") and f.object == "file"
+    assert f.bytes == CHAT.stat().st_size and f.file_type == "jsonl" and f.purpose == "fine-tune"
+    assert f.processing_status == "COMPLETED"
+
+    assert f.id in [x.id for x in client.files.list().data]
+    got = client.files.retrieve(f.id)
+    assert (got.filename, got.bytes) == ("chat.jsonl", CHAT.stat().st_size)
+    assert got.to_dict()["LineCount"] == 5
+    assert client.files.content(f.id).read() == CHAT.read_bytes()
+
+    client.files.delete(f.id)
+    assert f.id not in [x.id for x in client.files.list().data]
+    with pytest.raises(together.NotFoundError) as exc:
+        client.files.retrieve(f.id)
+    assert f.id in exc.value.body["error"]["message"]
+
+
+def test_both_base_url_styles_work(live):
+    f = sdk(live, v1_base=True).files.upload(CHAT)  # v3 misconfigured with /v1: /v1/v1/files
+    assert sdk(live).files.retrieve(f.id).id == f.id
+    r = httpx.get(f"{live.url}/files/{f.id}", headers=auth(live.key))  # unversioned, v1-style
+    assert r.status_code == 200 and r.json()["id"] == f.id
+
+
+def test_another_owner_gets_404_never_the_object(live):
+    f = sdk(live).files.upload(CHAT)
+    bob = sdk(live, live.other_key)
+    assert f.id not in [x.id for x in bob.files.list().data]
+    for call in (lambda: bob.files.retrieve(f.id), lambda: bob.files.content(f.id).read(),
+                 lambda: bob.files.delete(f.id)):
+        with pytest.raises(together.NotFoundError):
+            call()
+    assert sdk(live).files.retrieve(f.id).id == f.id  # bob's delete did nothing
+
+
+def test_duplicate_checksum_is_409_without_retries(live):
+    client = sdk(live)
+    first = client.files.upload(CHAT)
+    t0 = time.monotonic()
+    again = Together(base_url=live.url, api_key=live.key).files.upload(CHAT)  # default retries on
+    assert again.id == first.id
+    assert time.monotonic() - t0 < 2, "x-should-retry: false must stop the v3 retry loop"
+    with pytest.raises(FileAlreadyExistsError):
+        client.files.upload(CHAT, raise_if_already_exists=True)
+
+    checksum = hashlib.sha256(CHAT.read_bytes()).hexdigest()
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key),
+                   data={"purpose": "fine-tune", "file_name": "chat.jsonl", "file_type": "jsonl", "checksum": checksum})
+    assert r.status_code == 409 and r.headers["x-should-retry"] == "false"
+    assert r.json()["file_id"] == first.id and "already uploaded" in r.json()["error"]["message"]
+
+
+def test_semantic_errors_reported_in_validation_report(live):
+    f = sdk(live).files.upload(USER_USER, check=False)  # v3 no longer checks semantics locally
+    assert f.processing_status == "FAILED"
+    report = sdk(live).files.retrieve(f.id).validation_report  # upload() drops the report
+    assert report.valid is False
+    errors = report.to_dict()["errors"]
+    assert any(e["line"] == 2 and e["rule"] == "role_alternation" for e in errors), errors
+    assert "line 2" in report.error
+
+
+def test_error_shape_everywhere(live):
+    r = httpx.get(f"{live.url}/v1/files")
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "Authorization: Bearer" in r.json()["error"]["message"]
+    r = httpx.get(f"{live.url}/v1/files", headers=auth("th-wrong"))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{live.url}/v1/nothing-here", headers=auth(live.key))
+    assert r.status_code == 404 and "No route" in r.json()["error"]["message"]
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key), data={"purpose": "fine-tune"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file_name"
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key),
+                   data={"purpose": "training", "file_name": "a.jsonl"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    assert "fine-tune" in r.json()["error"]["message"]
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key),
+                   data={"purpose": "fine-tune", "file_name": "notes.txt"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file_type"
+    assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{live.url}/v3/whoami", headers=auth(live.key)).json()["project"]["id"] == "alice"
+
+
+def _begin(live, name="chat.jsonl", checksum=None):
+    data = {"purpose": "fine-tune", "file_name": name, "file_type": "jsonl"}
+    if checksum:
+        data["checksum"] = checksum
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key), data=data)
+    assert r.status_code == 302
+    assert r.headers["Location"].startswith(live.url + "/v1/files/")
+    return r.headers["X-Together-File-Id"], r.headers["Location"]
+
+
+def _listed(live) -> list[str]:
+    return [f["id"] for f in httpx.get(f"{live.url}/v1/files", headers=auth(live.key)).json()["data"]]
+
+
+def test_signed_put_is_single_use_and_tamper_proof(live):
+    file_id, location = _begin(live)
+    assert file_id not in _listed(live), "nothing is listed before the bytes arrive"
+    forged = location[:-3] + ("AAA" if not location.endswith("AAA") else "BBB")
+    assert httpx.put(forged, content=CHAT.read_bytes()).status_code == 401
+    assert httpx.put(location, content=CHAT.read_bytes()).status_code == 200
+    again = httpx.put(location, content=CHAT.read_bytes())
+    assert again.status_code == 401 and "already used" in again.json()["error"]["message"]
+    other_id, _ = _begin(live, "b.jsonl")
+    stolen = location.replace(file_id, other_id)
+    assert httpx.put(stolen, content=b"{}\n").status_code == 401
+    assert file_id in _listed(live)
+
+
+def test_expired_upload_url_is_refused(live):
+    live.settings.upload_token_ttl_s = -1
+    _, location = _begin(live)
+    r = httpx.put(location, content=CHAT.read_bytes())
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+
+
+def test_checksum_mismatch_leaves_nothing_listed(live):
+    file_id, location = _begin(live, checksum="0" * 64)
+    r = httpx.put(location, content=CHAT.read_bytes())
+    assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
+    assert file_id not in _listed(live)
+    assert not list((live.settings.blobs_path / "files").glob(f"{file_id}*"))
+    assert not list((live.settings.blobs_path / ".tmp").iterdir()), "no temp file left behind"
+
+
+def test_interrupted_put_leaves_nothing(live):
+    file_id, location = _begin(live)
+
+    def body():
+        yield CHAT.read_bytes()[:50]
+        raise ConnectionAbortedError("client died")
+
+    with pytest.raises(Exception):
+        httpx.put(location, content=body(), headers={"Content-Length": str(CHAT.stat().st_size)})
+    time.sleep(0.3)
+    assert file_id not in _listed(live)
+    assert httpx.put(location, content=CHAT.read_bytes()).status_code == 200, "the same URL can retry"
+
+
+def test_one_shot_upload(live):
+    with open(CHAT, "rb") as fh:
+        r = httpx.post(f"{live.url}/v1/files/upload", headers=auth(live.key),
+                       data={"purpose": "fine-tune", "file_name": "chat.jsonl"}, files={"file": fh})
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert f["bytes"] == CHAT.stat().st_size and f["processing_status"] == "COMPLETED"
+    assert f["id"] in _listed(live)
+
+
+def test_multipart_flow(live):
+    data = CHAT.read_bytes()
+    half = len(data) // 2
+    r = httpx.post(f"{live.url}/v1/files/multipart/initiate", headers=auth(live.key),
+                   json={"file_name": "chat.jsonl", "file_size": len(data), "num_parts": 2,
+                         "purpose": "fine-tune", "file_type": "jsonl"})
+    assert r.status_code == 200, r.text
+    init = r.json()
+    etags = []
+    for part, chunk in zip(init["parts"], (data[:half], data[half:])):
+        put = httpx.put(part["URL"], content=chunk, headers=part["Headers"])
+        assert put.status_code == 200 and put.headers["ETag"]
+        etags.append({"part_number": part["PartNumber"], "etag": put.headers["ETag"]})
+    assert init["file_id"] not in _listed(live)
+    r = httpx.post(f"{live.url}/v1/files/multipart/complete", headers=auth(live.key),
+                   json={"upload_id": init["upload_id"], "file_id": init["file_id"], "parts": etags})
+    assert r.status_code == 200, r.text
+    assert r.json()["processing_status"] == "COMPLETED"
+    assert sdk(live).files.content(init["file_id"]).read() == data
+
+    r = httpx.post(f"{live.url}/v1/files/multipart/initiate", headers=auth(live.key),
+                   json={"file_name": "x.jsonl", "file_size": 10, "num_parts": 1})
+    abort = httpx.post(f"{live.url}/v1/files/multipart/abort", headers=auth(live.key),
+                       json={"upload_id": r.json()["upload_id"], "file_id": r.json()["file_id"]})
+    assert abort.status_code == 200 and r.json()["file_id"] not in _listed(live)
+
+
+def test_file_type_refused_on_the_client(live):
+    with pytest.raises(together.FileTypeError):
+        sdk(live).files.upload(DATA / "api" / "notes.txt")

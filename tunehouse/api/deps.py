@@ -1,0 +1,34 @@
+"""Annotated dependencies: they make handler signatures self-documenting and keep the
+authentication and session handling in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from tunehouse.api.auth import Caller, authenticate
+from tunehouse.files import FileService
+from tunehouse.store.home import Home
+
+
+def _home(request: Request) -> Home:
+    return request.app.state.home
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with request.app.state.home.db.session() as s:
+        yield s
+
+
+def _files(request: Request) -> FileService:
+    return request.app.state.files
+
+
+HomeDep = Annotated[Home, Depends(_home)]
+# scope="function": commit before the response is sent, so a client never reads stale state.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
+CurrentCaller = Annotated[Caller, Depends(authenticate)]
+FilesDep = Annotated[FileService, Depends(_files)]

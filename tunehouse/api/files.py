@@ -1,0 +1,118 @@
+"""/files routes: parse, authorise, call the file service, shape the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
+from tunehouse.api.schemas import MultipartAbort, MultipartComplete, MultipartInitiate, file_object
+from tunehouse.errors import InvalidInput
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+def _public_base(request: Request) -> str:
+    configured = request.app.state.home.settings.public_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+@router.post("", status_code=302)
+async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+                       purpose: str = Form("fine-tune"), file_name: str = Form(...),
+                       file_type: str | None = Form(None), checksum: str | None = Form(None),
+                       file: UploadFile | None = None):
+    """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
+    carries the bytes as a `file` part (curl, the openai SDK) is stored in one go instead."""
+    if file is not None:
+        f = await files.upload_oneshot(session, caller.owner, purpose=purpose, file_name=file_name,
+                                       file_type=file_type, chunks=_read_upload(file))
+        return file_object(f)
+    f, token = files.begin(session, caller.owner, purpose=purpose, file_name=file_name,
+                           file_type=file_type, checksum=checksum)
+    location = f"{_public_base(request)}/v1/files/{f.id}/bytes?token={token}"
+    return Response(status_code=302, headers={"Location": location, "X-Together-File-Id": f.id})
+
+
+@router.put("/{file_id}/bytes")
+async def put_bytes(file_id: str, token: str, request: Request, session: SessionDep, files: FilesDep):
+    """Step 2: the unauthenticated PUT of the raw bytes; the token in the URL is the authority.
+    Both SDKs need exactly 200."""
+    length = request.headers.get("content-length")
+    await files.receive(session, file_id, token, request.stream(), int(length) if length else None)
+    return JSONResponse({"id": file_id, "object": "file", "status": "uploaded"}, status_code=200)
+
+
+@router.post("/{file_id}/preprocess")
+def preprocess(file_id: str, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    return file_object(files.preprocess(session, caller.owner, file_id))
+
+
+@router.post("/upload")
+async def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: FilesDep, file: UploadFile,
+                         purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
+                         file_type: str | None = Form(None)):
+    f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
+                                   file_name=file_name or file.filename or "", file_type=file_type,
+                                   chunks=_read_upload(file))
+    return file_object(f)
+
+
+@router.get("")
+def list_files(caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    return {"object": "list", "data": [file_object(f) for f in files.list(session, caller.owner)]}
+
+
+@router.get("/{file_id}")
+def retrieve(file_id: str, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    return file_object(files.get(session, caller.owner, file_id))
+
+
+@router.get("/{file_id}/content")
+def content(file_id: str, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    f = files.get(session, caller.owner, file_id)
+    return FileResponse(files.content_path(f), media_type="application/octet-stream", filename=f.filename)
+
+
+@router.delete("/{file_id}")
+def delete(file_id: str, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    files.delete(session, caller.owner, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# -- multipart flow for files over 5 GiB (api-reference §4.2) ----------------------------------
+@router.post("/multipart/initiate")
+def multipart_initiate(body: MultipartInitiate, request: Request, caller: CurrentCaller, session: SessionDep,
+                       files: FilesDep):
+    f, tokens = files.initiate_multipart(session, caller.owner, **body.model_dump())
+    base = _public_base(request)
+    parts = [{"PartNumber": n, "URL": f"{base}/v1/files/{f.id}/parts/{n}?token={t}", "Headers": {}}
+             for n, t in enumerate(tokens, start=1)]
+    return {"upload_id": f.multipart["upload_id"], "file_id": f.id, "parts": parts}
+
+
+@router.put("/{file_id}/parts/{part}")
+async def multipart_put(file_id: str, part: int, token: str, request: Request, session: SessionDep,
+                        files: FilesDep):
+    etag = await files.receive_part(session, file_id, part, token, request.stream())
+    return Response(status_code=200, headers={"ETag": f'"{etag}"'})
+
+
+@router.post("/multipart/complete")
+def multipart_complete(body: MultipartComplete, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    f = files.complete_multipart(session, caller.owner, upload_id=body.upload_id, file_id=body.file_id,
+                                 parts=[(p.part_number, p.etag) for p in body.parts])
+    return file_object(f)
+
+
+@router.post("/multipart/abort")
+def multipart_abort(body: MultipartAbort, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    files.abort_multipart(session, caller.owner, upload_id=body.upload_id, file_id=body.file_id)
+    return {"upload_id": body.upload_id, "file_id": body.file_id, "aborted": True}
+
+
+async def _read_upload(file: UploadFile):
+    if file is None:
+        raise InvalidInput("Attach the dataset as the `file` part.", param="file")
+    while chunk := await file.read(1 << 20):
+        yield chunk

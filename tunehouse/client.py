@@ -1,0 +1,123 @@
+"""A small HTTP client for the tunehouse (Together-compatible) API, used by the CLI.
+It speaks the same wire protocol as the official SDKs, so it also works against any server
+that implements it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from tunehouse.settings import Settings
+from tunehouse.store.home import read_key_file
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, body: dict | None = None):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message, self.body = status, message, body or {}
+
+
+def resolve_api_key(explicit: str | None, settings: Settings | None = None) -> str | None:
+    """--api-key, then TUNEHOUSE_API_KEY / TOGETHER_API_KEY, then the admin key the first
+    `tunehouse serve` stored in the home."""
+    key = explicit or os.environ.get("TUNEHOUSE_API_KEY") or os.environ.get("TOGETHER_API_KEY")
+    return key or read_key_file((settings or Settings()).admin_key_path)
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0):
+        self.base_url = (base_url or os.environ.get("TUNEHOUSE_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[:-3]
+        self.api_key = resolve_api_key(api_key)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _json(self, resp: httpx.Response):
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+                message = body.get("error", {}).get("message") or resp.text
+            except ValueError:
+                body, message = {}, resp.text
+            raise ApiError(resp.status_code, message, body)
+        return resp.json()
+
+    def request(self, method: str, path: str, **kw):
+        try:
+            return self._json(self.http.request(method, path, **kw))
+        except httpx.ConnectError as exc:
+            raise ApiError(0, f"Cannot reach the tunehouse server at {self.base_url} ({exc}). "
+                              "Start it with `tunehouse serve` or pass --base-url.") from None
+
+    # -- files -----------------------------------------------------------------------------
+    def upload(self, path: Path, purpose: str = "fine-tune",
+               progress: Callable[[int, int], None] | None = None) -> dict:
+        """The SDKs' three-step upload: announce (302 + signed URL), PUT the bytes, preprocess."""
+        path = Path(path)
+        size = path.stat().st_size
+        data = {"purpose": purpose, "file_name": path.name, "file_type": path.suffix.lstrip(".").lower(),
+                "checksum": sha256_file(path)}
+        try:
+            resp = self.http.post("/v1/files", data=data, follow_redirects=False)
+        except httpx.ConnectError as exc:
+            raise ApiError(0, f"Cannot reach the tunehouse server at {self.base_url} ({exc}).") from None
+        if resp.status_code == 409:
+            existing = resp.json().get("file_id")
+            return self.request("GET", f"/v1/files/{existing}") | {"already_existed": True}
+        if resp.status_code != 302:
+            self._json(resp)
+            raise ApiError(resp.status_code, "expected a 302 redirect to the upload URL")
+        file_id, location = resp.headers["X-Together-File-Id"], resp.headers["Location"]
+        put = httpx.put(location, content=_chunks(path, size, progress), timeout=None,
+                        headers={"Content-Length": str(size)})
+        self._json(put)
+        return self.request("POST", f"/v1/files/{file_id}/preprocess")
+
+    def list_files(self) -> list[dict]:
+        return self.request("GET", "/v1/files")["data"]
+
+    def retrieve_file(self, file_id: str) -> dict:
+        return self.request("GET", f"/v1/files/{file_id}")
+
+    def download_file(self, file_id: str, dest: Path) -> int:
+        tmp = Path(f"{dest}.part")
+        with self.http.stream("GET", f"/v1/files/{file_id}/content") as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            with open(tmp, "wb") as fh:
+                for chunk in resp.iter_bytes(1 << 20):
+                    fh.write(chunk)
+        os.replace(tmp, dest)
+        return dest.stat().st_size
+
+    def delete_file(self, file_id: str) -> dict:
+        return self.request("DELETE", f"/v1/files/{file_id}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _chunks(path: Path, size: int, progress: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    done = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            done += len(chunk)
+            if progress:
+                progress(done, size)
+            yield chunk

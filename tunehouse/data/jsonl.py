@@ -1,0 +1,241 @@
+"""Streaming check of a JSONL file in fixed byte blocks, by one process or several.
+
+A block owns the lines that *start* inside it, so blocks can be checked in any order and by any
+process, and line numbers are made global afterwards by adding up the line counts of the blocks
+before (`Merger`). Memory stays bounded: a block is read in 1 MiB chunks and only its first
+`keep` issues are held. Each line goes through orjson and the fast acceptor of `rules`; only
+lines that fail either are re-read by the stdlib json module and the detailed `RowChecker`,
+which name every problem.
+
+The one cross-block rule, "all rows share the first row's format", needs that format before the
+blocks start: the parallel path finds it by a prescan of the file's first rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+
+from tunehouse.data.rules import RowChecker, fast_check
+
+BLOCK = 4 * 2**20  # small enough that the last blocks balance the workers' finish times
+CHUNK = 2**18  # 256 KiB reads split ~30% faster than 1 MiB ones (cache-resident)
+MAX_LINE = 256 * 2**20  # ten 10 MB images as base64 fit; a line with no end does not eat memory
+BOM = b"\xef\xbb\xbf"
+_UNPARSED = object()  # orjson refused the line (None would clash with a `null` line)
+
+Known = tuple[str, int]  # (dataset format, global line of the first row that has it)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every block of one check needs; picklable for worker processes."""
+
+    path: str
+    size: int
+    purpose: str
+    keep: int  # issues kept per block: max_errors + 1, so truncation can be detected
+
+
+@dataclass
+class BlockResult:
+    index: int
+    lines: int = 0
+    samples: int = 0  # non-blank lines
+    issues: list[tuple[int, str | None, str, str]] = field(default_factory=list)  # local line
+    first: tuple[str, int] | None = None  # (format, local line) of the block's first detected row
+    known: Known | None = None  # the file's format after this block (sequential mode)
+    flags: set[str] = field(default_factory=set)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load(line: bytes) -> Any:
+    """orjson first; the stdlib json module decides what orjson refuses (lone surrogates...)."""
+    try:
+        return orjson.loads(line)
+    except ValueError:
+        pass
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return _UNPARSED
+
+
+class _Lines:
+    """Per-line checks of one block; the slow path of each line that the fast path refused."""
+
+    def __init__(self, job: Job, res: BlockResult, known: Known | None, line_offset: int | None):
+        self.purpose = job.purpose
+        self.keep = job.keep
+        self.res = res
+        self.known = known
+        self.line_offset = line_offset  # None in parallel mode, where `known` comes from the prescan
+        self.blanks = 0
+        if job.purpose == "batch-api":  # batch requests: any JSON object (body checked by the API)
+            self.fast: Callable[[dict], bool] = lambda row: True
+        else:
+            self.fast = fast_check(known[0] if known else None)
+
+    def add(self, n: int, field: str | None, rule: str, detail: str) -> None:
+        if len(self.res.issues) < self.keep:
+            self.res.issues.append((n, field, rule, detail))
+
+    def slow(self, n: int, line: bytes, row: Any, no_newline: bool) -> None:
+        if row is _UNPARSED:
+            row = self.parse(n, line, no_newline)
+            if row is _UNPARSED:
+                return
+        if type(row) is not dict:
+            self.add(n, None, "not_object", "expected a JSON object ({...}) per line, found "
+                     f"{'a list' if isinstance(row, list) else 'a ' + type(row).__name__ if row is not None else 'null'}; "
+                     "put each sample in one object.")
+            return
+        if self.purpose == "batch-api":
+            return
+        issues: list = []
+        fmt = RowChecker(self.purpose, issues, self.res.flags).check(row)
+        if fmt is not None:
+            if self.res.first is None:
+                self.res.first = (fmt, n)
+                if self.known is None:
+                    self.fast = fast_check(fmt)
+            if self.purpose == "fine-tune":
+                if self.known is None:
+                    assert self.line_offset is not None, "parallel blocks need the prescanned format"
+                    self.known = (fmt, self.line_offset + n)
+                elif fmt != self.known[0]:
+                    self.add(n, None, "mixed_formats", f"this row is {fmt} but line {self.known[1]} is "
+                             f"{self.known[0]}; all rows of a file must share one format: convert "
+                             "this row or move it to another file.")
+        for issue in issues:
+            self.add(n, *issue)
+
+    def parse(self, n: int, line: bytes, no_newline: bool) -> Any:
+        """Parses a line orjson refused, naming why it is not a JSON value."""
+        if not line.strip():
+            self.blanks += 1
+            self.add(n, None, "blank_line", "the line is empty; remove blank lines (only one final "
+                     "newline is allowed).")
+            return _UNPARSED
+        nul = line.find(b"\x00")
+        if nul >= 0:
+            self.add(n, None, "nul_byte", f"NUL byte at column {nul + 1}: the file looks binary or "
+                     "UTF-16; save it as UTF-8 text.")
+            return _UNPARSED
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.add(n, None, "not_utf8", f"byte 0x{line[e.start]:02x} at column {e.start + 1} is not "
+                     "valid UTF-8; re-save the file with UTF-8 encoding.")
+            return _UNPARSED
+        try:
+            return json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            self.add(n, None, "too_deep", "the JSON is nested too deeply to read (over ~1000 levels); "
+                     "flatten this row.")
+        except json.JSONDecodeError as e:
+            if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip()):
+                end = (" and the file has no final newline: it looks cut off; export it again"
+                       if no_newline else "; complete or remove this line")
+                self.add(n, None, "truncated_json", f"the JSON stops before it is complete ({e.msg}){end}.")
+            else:
+                self.add(n, None, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno}); fix "
+                         "the syntax of this line.")
+        except ValueError as e:  # NaN / Infinity
+            self.add(n, None, "invalid_json", f"not valid JSON ({e}); use null or a number instead.")
+        return _UNPARSED
+
+
+def _first_line_start(f, start: int) -> int:
+    """Offset of the first line that starts at or after `start`."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    while True:
+        piece = f.readline(CHUNK)
+        if not piece or piece.endswith(b"\n"):
+            return f.tell()
+
+
+def scan_block(job: Job, index: int, known: Known | None, line_offset: int | None,
+               on_bytes: Callable[[int], None]) -> BlockResult:
+    """Checks the lines starting in block `index`; line numbers in the result are local."""
+    start, stop = index * BLOCK, min((index + 1) * BLOCK, job.size)
+    res = BlockResult(index)
+    lines = _Lines(job, res, known, line_offset)
+    loads, slow = orjson.loads, lines.slow
+    n = 0
+    with open(job.path, "rb") as f:
+        at = _first_line_start(f, start)
+        f.seek(at)
+        if at == 0 and f.read(3) == BOM:
+            lines.add(1, None, "bom", "the file starts with a UTF-8 byte order mark (BOM); save it as "
+                      "UTF-8 without BOM.")
+            at = 3
+        f.seek(at)
+        reported = at - start if at < stop else stop - start
+        on_bytes(reported)
+        parts: list[bytes] = []  # pieces of the line not yet ended by a newline
+        held = 0
+        skipping = False  # inside a line over MAX_LINE: drop bytes up to its newline
+        while at < stop or parts or skipping:
+            beyond = at >= stop  # only finishing the block's last line
+            chunk = f.read(CHUNK if beyond else min(CHUNK, stop - at))
+            if not beyond:
+                on_bytes(len(chunk))
+            at += len(chunk)
+            if not chunk:  # end of file: an unfinished line is the last one, without newline
+                if parts:
+                    n += 1
+                    line = b"".join(parts)
+                    try:
+                        row = loads(line)
+                    except ValueError:
+                        row = _UNPARSED
+                    if not (type(row) is dict and lines.fast(row)):
+                        slow(n, line, row, True)
+                break
+            pieces = chunk.split(b"\n")
+            if len(pieces) == 1:  # no line ends in this chunk
+                if not skipping:
+                    parts.append(chunk)
+                    held += len(chunk)
+                    if held > MAX_LINE:
+                        n += 1
+                        lines.add(n, None, "line_too_long", f"the line is over {MAX_LINE >> 20} MiB; "
+                                  "split it or shrink the images in it.")
+                        parts, held, skipping = [], 0, True
+                continue
+            if beyond:  # lines after the first newline belong to the next block
+                del pieces[2:]
+                pieces[1] = b""
+            if skipping:  # the rest of an over-long line, already counted and reported
+                del pieces[0]
+                skipping = False
+            elif parts:
+                parts.append(pieces[0])
+                pieces[0] = b"".join(parts)
+            tail = pieces.pop()
+            parts, held = ([tail], len(tail)) if tail else ([], 0)
+            fast = lines.fast
+            for line in pieces:
+                n += 1
+                try:
+                    row = loads(line)
+                except ValueError:
+                    row = _UNPARSED
+                else:
+                    if type(row) is dict and fast(row):
+                        continue
+                slow(n, line, row, False)
+                fast = lines.fast
+    res.lines = n
+    res.samples = n - lines.blanks
+    res.known = lines.known
+    return res

@@ -1,0 +1,259 @@
+"""The file service: the three-step upload (begin → signed PUT → preprocess), the one-shot and
+multipart uploads, listing, content and deletion. Routes in `api/files.py` only call these.
+
+A row is created in state `uploading` and becomes `stored` only when all its bytes are on disk and
+match the announced checksum; only `stored` rows are listed or usable, so an interrupted or
+rejected upload leaves nothing behind that a user can see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse import signing
+from tunehouse.data.formats import check_file
+from tunehouse.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from tunehouse.ids import new_file_id
+from tunehouse.store.home import Home
+from tunehouse.store.tables import File, utcnow
+
+PURPOSES = ("fine-tune", "eval", "batch-api")
+FILE_TYPES = ("jsonl", "parquet", "csv")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MIN_PART = 5 << 20
+MAX_PARTS = 250
+
+
+def blob_key(f: File, part: int | None = None) -> str:
+    if part is None:
+        return f"files/{f.id}.{f.file_type}"  # the extension tells the validator the format
+    return f"uploads/{f.id}/part-{part:05d}"
+
+
+def _check_meta(purpose: str, file_name: str, file_type: str | None, checksum: str | None) -> str:
+    if purpose not in PURPOSES:
+        raise InvalidInput(
+            f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}.", param="purpose"
+        )
+    name = (file_name or "").strip()
+    if not name or "/" in name or "\\" in name or len(name) > 255:
+        raise InvalidInput(
+            "file_name must be a plain file name (no folders, at most 255 characters).", param="file_name"
+        )
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    ftype = (file_type or ext).lower()
+    if ftype not in FILE_TYPES:
+        raise InvalidInput(
+            f"file_type must be one of {', '.join(FILE_TYPES)} (from the extension of {name!r}); "
+            f"got {ftype or 'none'}. Save the dataset as .jsonl, .parquet or .csv.",
+            param="file_type",
+        )
+    if checksum is not None and checksum != "" and not SHA256_RE.match(checksum.lower()):
+        raise InvalidInput("checksum must be the lowercase hex SHA-256 of the file.", param="checksum")
+    return ftype
+
+
+class FileService:
+    def __init__(self, home: Home):
+        self.home = home
+        self.settings = home.settings
+
+    # -- queries -----------------------------------------------------------------------------
+    def get(self, s: Session, owner: str, file_id: str) -> File:
+        f = s.get(File, file_id)
+        if f is None or f.owner != owner or f.state != "stored":
+            raise NotFound(f"No file with id {file_id!r}. List your files with `tunehouse files list`.",
+                           param="id", code="file_not_found")
+        return f
+
+    def list(self, s: Session, owner: str) -> list[File]:
+        q = select(File).where(File.owner == owner, File.state == "stored").order_by(File.created_at)
+        return list(s.scalars(q))
+
+    def content_path(self, f: File) -> Path:
+        return self.home.blobs.path(blob_key(f))
+
+    def delete(self, s: Session, owner: str, file_id: str) -> None:
+        f = self.get(s, owner, file_id)
+        key = blob_key(f)
+        s.delete(f)
+        s.flush()
+        self.home.blobs.delete(key)
+
+    # -- single-part upload: begin, PUT, preprocess --------------------------------------------
+    def begin(self, s: Session, owner: str, *, purpose: str, file_name: str, file_type: str | None,
+              checksum: str | None) -> tuple[File, str]:
+        """Step 1: record the upload and return (row, signed token for the PUT)."""
+        ftype = _check_meta(purpose, file_name, file_type, checksum)
+        checksum = checksum.lower() if checksum else None
+        if checksum:
+            self._refuse_duplicate(s, owner, checksum, purpose)
+        self._sweep_stale(s)
+        nonce = secrets.token_hex(16)
+        f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
+                 checksum=checksum, state="uploading", upload_nonce=nonce)
+        s.add(f)
+        s.flush()
+        return f, signing.sign(self.home.secret, f.id, nonce, self.settings.upload_token_ttl_s)
+
+    async def receive(self, s: Session, file_id: str, token: str, chunks: AsyncIterator[bytes],
+                      content_length: int | None) -> File:
+        """Step 2: stream the PUT body to the blob store in constant memory."""
+        f = self._claim_token(s, file_id, token, part=0)
+        self._check_size(content_length)
+        with self.home.blobs.writer(blob_key(f)) as w:
+            async for chunk in chunks:
+                w.write(chunk)
+                self._check_size(w.size)
+            if f.checksum and w.sha256 != f.checksum:
+                raise InvalidInput(
+                    f"The uploaded bytes do not match the announced checksum ({w.sha256} != {f.checksum}); "
+                    "the upload was discarded. Upload the file again.", param="checksum")
+            w.commit()
+            f.bytes, f.checksum = w.size, w.sha256
+        f.state, f.upload_nonce = "stored", None
+        s.flush()
+        return f
+
+    def preprocess(self, s: Session, owner: str, file_id: str) -> File:
+        """Step 3: validate the stored bytes and record the report on the file."""
+        f = self.get(s, owner, file_id)
+        if f.processing_status in ("COMPLETED", "FAILED"):
+            return f  # idempotent: the report of a given content never changes
+        return self.validate(s, f)
+
+    def validate(self, s: Session, f: File) -> File:
+        report = check_file(self.content_path(f), purpose=f.purpose)
+        f.validation_report = report.to_validation_report(f.id)
+        f.processing_status = "COMPLETED" if report.passed else "FAILED"
+        f.line_count = report.num_lines
+        f.num_samples = report.num_samples
+        f.dataset_format = report.dataset_format
+        s.flush()
+        return f
+
+    async def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
+                             file_type: str | None, chunks: AsyncIterator[bytes]) -> File:
+        f, token = self.begin(s, owner, purpose=purpose, file_name=file_name, file_type=file_type, checksum=None)
+        try:
+            await self.receive(s, f.id, token, chunks, None)
+        except BaseException:
+            s.delete(f)
+            s.flush()
+            raise
+        return self.validate(s, f)
+
+    # -- multipart (files over 5 GiB) -------------------------------------------------------
+    def initiate_multipart(self, s: Session, owner: str, *, file_name: str, file_size: int, num_parts: int,
+                           purpose: str, file_type: str | None, checksum: str | None) -> tuple[File, list[str]]:
+        ftype = _check_meta(purpose, file_name, file_type, checksum)
+        self._check_size(file_size)
+        if not 1 <= num_parts <= MAX_PARTS:
+            raise InvalidInput(f"num_parts must be between 1 and {MAX_PARTS}; got {num_parts}.", param="num_parts")
+        checksum = checksum.lower() if checksum else None
+        if checksum:
+            self._refuse_duplicate(s, owner, checksum, purpose)
+        nonce = secrets.token_hex(16)
+        f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
+                 checksum=checksum, state="uploading", upload_nonce=nonce, bytes=file_size,
+                 multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts, "etags": {}})
+        s.add(f)
+        s.flush()
+        ttl = self.settings.upload_token_ttl_s
+        return f, [signing.sign(self.home.secret, f.id, nonce, ttl, part=n) for n in range(1, num_parts + 1)]
+
+    async def receive_part(self, s: Session, file_id: str, part: int, token: str,
+                           chunks: AsyncIterator[bytes]) -> str:
+        f = self._claim_token(s, file_id, token, part=part, single_use=False)
+        md5 = hashlib.md5()
+        with self.home.blobs.writer(blob_key(f, part)) as w:
+            async for chunk in chunks:
+                w.write(chunk)
+                md5.update(chunk)
+                self._check_size(w.size)
+            w.commit()
+        etag = md5.hexdigest()
+        mp = dict(f.multipart)
+        mp["etags"] = {**mp["etags"], str(part): etag}
+        f.multipart = mp
+        s.flush()
+        return etag
+
+    def complete_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str,
+                           parts: Iterable[tuple[int, str]]) -> File:
+        f = self._own_multipart(s, owner, upload_id, file_id)
+        mp = f.multipart
+        parts = sorted(parts)
+        expected = list(range(1, mp["num_parts"] + 1))
+        if [n for n, _ in parts] != expected:
+            raise InvalidInput(f"parts must list part numbers {expected[0]}..{expected[-1]} once each.", param="parts")
+        for n, etag in parts:
+            if mp["etags"].get(str(n)) != etag.strip('"'):
+                raise InvalidInput(f"part {n} was not uploaded or its etag does not match.", param="parts")
+        with self.home.blobs.writer(blob_key(f)) as w:
+            for n, _ in parts:
+                with open(self.home.blobs.path(blob_key(f, n)), "rb") as fh:
+                    while chunk := fh.read(8 << 20):
+                        w.write(chunk)
+            if f.checksum and w.sha256 != f.checksum:
+                raise InvalidInput("The assembled file does not match the announced checksum; upload it again.",
+                                   param="checksum")
+            w.commit()
+            f.bytes, f.checksum = w.size, w.sha256
+        self.home.blobs.delete(f"uploads/{f.id}")
+        f.state, f.upload_nonce, f.multipart = "stored", None, None
+        s.flush()
+        return self.validate(s, f)
+
+    def abort_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str) -> None:
+        f = self._own_multipart(s, owner, upload_id, file_id)
+        self.home.blobs.delete(f"uploads/{f.id}")
+        s.delete(f)
+        s.flush()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _claim_token(self, s: Session, file_id: str, token: str, *, part: int, single_use: bool = True) -> File:
+        try:
+            nonce = signing.verify(self.home.secret, token, file_id, part)
+        except ValueError as exc:
+            raise Unauthorized(f"Upload URL rejected: {exc}.", param="token") from None
+        f = s.get(File, file_id)
+        if f is None or f.state != "uploading" or f.upload_nonce != nonce:
+            raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
+                               param="token")
+        return f
+
+    def _own_multipart(self, s: Session, owner: str, upload_id: str, file_id: str) -> File:
+        f = s.get(File, file_id)
+        if f is None or f.owner != owner or not f.multipart or f.multipart.get("upload_id") != upload_id:
+            raise NotFound(f"No multipart upload {upload_id!r} for file {file_id!r}.", param="upload_id")
+        return f
+
+    def _check_size(self, size: int | None) -> None:
+        if size is not None and size > self.settings.max_file_bytes:
+            raise PayloadTooLarge(
+                f"File is larger than the {self.settings.max_file_bytes / (1 << 30):.1f} GiB limit; split the dataset.",
+                param="file")
+
+    def _refuse_duplicate(self, s: Session, owner: str, checksum: str, purpose: str) -> None:
+        q = select(File.id).where(File.owner == owner, File.checksum == checksum, File.purpose == purpose,
+                                  File.state == "stored")
+        existing = s.scalar(q.limit(1))
+        if existing:
+            raise Conflict(f"This file is already uploaded as {existing}; use that id.",
+                           param="checksum", code="file_already_exists", extra={"file_id": existing})
+
+    def _sweep_stale(self, s: Session) -> None:
+        """Drop uploads whose signed URL expired without the bytes arriving."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.upload_token_ttl_s + 60)
+        for f in s.scalars(select(File).where(File.state == "uploading", File.created_at < cutoff)):
+            self.home.blobs.delete(f"uploads/{f.id}")
+            s.delete(f)

@@ -1,0 +1,55 @@
+"""Settings: one object, read from `TUNEHOUSE_*` environment variables and CLI flags.
+
+Built by callers (the CLI, tests), never at import time, so every test gets its own home.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1 << 30
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEHOUSE_", extra="ignore")
+
+    home: Path = Field(Path("~/.tunehouse"), description="Folder holding the database, blobs, keys and model cache.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default an SQLite file in the home (WAL mode).")
+    blob_dir: Path | None = Field(None, description="Blob store folder; default `blobs/` in the home.")
+    public_url: str | None = Field(
+        None, description="Base URL clients reach this server at; upload `Location`s use it. Default: the request's Host."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    embedded_worker: bool = Field(True, description="Run one training worker inside `tunehouse serve`.")
+    upload_token_ttl_s: int = Field(3600, description="Lifetime of the signed upload URL, seconds.")
+    max_file_bytes: int = Field(int(50.1 * GIB), description="Largest accepted upload (50.1 GiB, as the SDKs).")
+    multipart_threshold_bytes: int = Field(5 * GIB, description="Files above this use the multipart flow.")
+
+    def model_post_init(self, _context) -> None:
+        self.home = self.home.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'tunehouse.db'}"
+
+    @property
+    def blobs_path(self) -> Path:
+        return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def admin_key_path(self) -> Path:
+        """Where the first `serve` stores the admin key so the CLI finds it with no set-up."""
+        return self.home / "admin.key"
+
+    @property
+    def secret_path(self) -> Path:
+        """HMAC secret that signs upload URLs; created on first start."""
+        return self.home / "secret.key"
+
+    @property
+    def models_path(self) -> Path:
+        return self.home / "models"

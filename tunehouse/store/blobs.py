@@ -1,0 +1,98 @@
+"""Blob store: a local folder. Writes are atomic (temp name, fsync, rename), so a reader never
+sees a half-written blob and a crash leaves only a temp file that `sweep_temp` removes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+class BlobWriter:
+    """Streams bytes to a temp file, hashing as it goes; `commit()` makes the blob visible."""
+
+    def __init__(self, tmp: Path, final: Path):
+        self.tmp, self.final = tmp, final
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._fh: BinaryIO = open(tmp, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self._fh.write(chunk)
+        self._sha.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def commit(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class BlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp_dir = self.root / ".tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if self.root.resolve() not in p.parents:
+            raise ValueError(f"blob key escapes the store: {key!r}")
+        return p
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BlobWriter]:
+        """Yields a writer; the blob appears only if `commit()` was called inside the block."""
+        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key))
+        try:
+            yield w
+        finally:
+            w.abort()  # no-op after a commit: the temp file was renamed
+
+    def put_file(self, key: str, src: Path) -> None:
+        """Copy a local file in atomically."""
+        with self.writer(key) as w, open(src, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                w.write(chunk)
+            w.commit()
+
+    def put_dir(self, key: str, src: Path) -> None:
+        """Copy a folder in atomically (copy to a temp folder, then rename)."""
+        tmp = self.tmp_dir / uuid.uuid4().hex
+        shutil.copytree(src, tmp)
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def delete(self, key: str) -> None:
+        p = self.path(key)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+    def sweep_temp(self) -> None:
+        """Remove temp files left by a crashed writer (called at start-up)."""
+        for p in self.tmp_dir.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""The tunehouse home: database, blob store, upload-signing secret and the admin key file.
+`open_home` creates what is missing; nothing happens at import time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunehouse.settings import Settings
+from tunehouse.signing import load_or_create_secret
+from tunehouse.store import keys
+from tunehouse.store.blobs import BlobStore
+from tunehouse.store.db import Database
+
+
+@dataclass
+class Home:
+    settings: Settings
+    db: Database
+    blobs: BlobStore
+    secret: bytes
+
+
+def open_home(settings: Settings) -> Home:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.db_url)
+    db.create()
+    blobs = BlobStore(settings.blobs_path)
+    blobs.sweep_temp()
+    return Home(settings, db, blobs, load_or_create_secret(settings.secret_path))
+
+
+def ensure_admin_key(home: Home, owner: str = "admin") -> str | None:
+    """On an empty home, mint an admin key and store it (mode 0600) where the CLI looks.
+    Returns the new key, or None when keys already exist."""
+    with home.db.session() as s:
+        if keys.any_keys(s):
+            return None
+        key = keys.create_key(s, owner, admin=True)
+    write_key_file(home.settings.admin_key_path, key)
+    return key
+
+
+def write_key_file(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    os.replace(tmp, path)
+
+
+def read_key_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,42 @@
+"""API keys: minted with a `th-` prefix, stored as SHA-256 hashes (keys are 256-bit random, so a
+plain hash is enough; nothing reversible is kept), each with an owner that owns files and jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse.store.tables import ApiKey
+
+PREFIX = "th-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, owner: str, *, admin: bool = False) -> str:
+    """Store a new key for `owner` and return it; it is shown once and never stored in clear."""
+    owner = owner.strip()
+    if not owner or "/" in owner or len(owner) > 64:
+        raise ValueError("owner must be 1-64 characters without '/' (it becomes part of model names)")
+    key = PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(key_hash=hash_key(key), prefix=key[:10], owner=owner, is_admin=admin))
+    session.flush()
+    return key
+
+
+def lookup(session: Session, key: str) -> ApiKey | None:
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    return None if row is None or row.revoked else row
+
+
+def any_keys(session: Session) -> bool:
+    return session.scalar(select(ApiKey.id).limit(1)) is not None
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
