@@ -34,14 +34,33 @@ def settings(tmp_path) -> Settings:
     return Settings(home=tmp_path / "home", embedded_worker=False)
 
 
-@pytest.fixture
-def live(settings) -> Live:
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Built/converted models shared by every test home (the tiny model is built once)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def _serve(settings: Settings):
     app = create_app(settings)
     with app.state.home.db.session() as s:
         alice = keys.create_key(s, "alice", admin=True)
         bob = keys.create_key(s, "bob")
     bg = serve_in_thread(app)
-    yield Live(bg.url, alice, bob, settings, app)
+    return Live(bg.url, alice, bob, settings, app), bg
+
+
+@pytest.fixture
+def live(settings) -> Live:
+    server, bg = _serve(settings)
+    yield server
+    bg.stop()
+
+
+@pytest.fixture
+def live_worker(tmp_path, model_cache) -> Live:
+    """A live server with its embedded worker, training on the tiny model."""
+    server, bg = _serve(Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True))
+    yield server
     bg.stop()
 
 

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="Base URL clients reach this server at; upload `Location`s use it. Default: the request's Host."
     )
+    model_cache: Path | None = Field(
+        None, description="Where built-in models are converted/built; default the home. Shareable between homes."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     embedded_worker: bool = Field(True, description="Run one training worker inside `tunehouse serve`.")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse.api.auth import Caller, authenticate
 from tunehouse.files import FileService
+from tunehouse.models.registry import Registry
 from tunehouse.store.home import Home
 
 
@@ -27,8 +28,13 @@ def _files(request: Request) -> FileService:
     return request.app.state.files
 
 
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
 HomeDep = Annotated[Home, Depends(_home)]
 # scope="function": commit before the response is sent, so a client never reads stale state.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 CurrentCaller = Annotated[Caller, Depends(authenticate)]
 FilesDep = Annotated[FileService, Depends(_files)]
+RegistryDep = Annotated[Registry, Depends(_registry)]

@@ -7,7 +7,7 @@ One validator serves `tunehouse files check PATH` and the server's upload prepro
     report.to_sdk_dict()                          # together `check_file` keys (api-reference §6.1)
     report.to_validation_report(file_id)          # the file object's validation_report (§4.3)
 
-The rules are listed in `RULES`; the row rules live in `rules.py`, the JSONL scan in `jsonl.py`
+The rules are listed in `RULES`; the row rules live in `rules.py` and `messages.py`, the JSONL scan in `jsonl.py`
 and `workers.py`, Parquet and CSV in `tabular.py`.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tunehouse.data.jsonl import Job
+from tunehouse.data import jsonl
 from tunehouse.data.report import FLAGS, RULES, CheckReport, Problem, make_problem
 from tunehouse.data.rules import (
     CONVERSATION, CSV, DATASET_FORMATS, GENERAL, INSTRUCTION, PREFERENCE, TOKENIZED, detect_format,
@@ -88,7 +88,7 @@ def _check_file(path: Path, report: CheckReport, keep: int, progress, workers) -
         report.dataset_format = CSV
         return problems
 
-    merged = check_blocks(Job(str(path), size, purpose, keep), progress, workers)
+    merged = check_blocks(jsonl.Job(str(path), size, purpose, keep, jsonl.BLOCK), progress, workers)
     report.num_lines, report.num_samples = merged.lines, merged.samples
     report.dataset_format = merged.first[0] if merged.first else None
     report.flags = merged.flags

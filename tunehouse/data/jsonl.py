@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import orjson
 
+from tunehouse.data.messages import describe
 from tunehouse.data.rules import RowChecker, fast_check
 
 BLOCK = 4 * 2**20  # small enough that the last blocks balance the workers' finish times
@@ -38,6 +39,7 @@ class Job:
     size: int
     purpose: str
     keep: int  # issues kept per block: max_errors + 1, so truncation can be detected
+    block: int = BLOCK
 
 
 @dataclass
@@ -92,9 +94,8 @@ class _Lines:
             if row is _UNPARSED:
                 return
         if type(row) is not dict:
-            self.add(n, None, "not_object", "expected a JSON object ({...}) per line, found "
-                     f"{'a list' if isinstance(row, list) else 'a ' + type(row).__name__ if row is not None else 'null'}; "
-                     "put each sample in one object.")
+            self.add(n, None, "not_object", f"expected a JSON object ({{...}}) per line, found "
+                     f"{describe(row)}; put each sample in one object.")
             return
         if self.purpose == "batch-api":
             return
@@ -166,7 +167,7 @@ def _first_line_start(f, start: int) -> int:
 def scan_block(job: Job, index: int, known: Known | None, line_offset: int | None,
                on_bytes: Callable[[int], None]) -> BlockResult:
     """Checks the lines starting in block `index`; line numbers in the result are local."""
-    start, stop = index * BLOCK, min((index + 1) * BLOCK, job.size)
+    start, stop = index * job.block, min((index + 1) * job.block, job.size)
     res = BlockResult(index)
     lines = _Lines(job, res, known, line_offset)
     loads, slow = orjson.loads, lines.slow

@@ -13,7 +13,7 @@ import multiprocessing.connection
 import os
 from typing import Callable
 
-from tunehouse.data.jsonl import BLOCK, BOM, MAX_LINE, BlockResult, Job, Known, _load, scan_block
+from tunehouse.data.jsonl import BOM, MAX_LINE, BlockResult, Job, Known, _load, scan_block
 from tunehouse.data.report import Problem, make_problem
 from tunehouse.data.rules import detect_format
 
@@ -48,11 +48,11 @@ class Merger:
             self.flags |= r.flags
 
 
-def prescan(path: str) -> Known | None:
+def prescan(path: str, limit: int) -> Known | None:
     """(format, line) of the file's first row with a format, if one is in the first block."""
     with open(path, "rb") as f:
         n = 0
-        while f.tell() < BLOCK:
+        while f.tell() < limit:
             line = f.readline(MAX_LINE)
             if not line:
                 return None
@@ -64,17 +64,21 @@ def prescan(path: str) -> Known | None:
 
 
 def default_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Up to 4 processes: this one plus one per idle CPU. On a saturated machine a worker only
+    competes for a core (2 shared cores at load 2: 0.55 s with 2 processes, 0.38 s with 1, 100 MB)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(4, cpus, int(cpus - busy) + 1))
 
 
 def check_blocks(job: Job, progress: Callable[[int, int], None] | None, workers: int | None) -> Merger:
     """Checks every block of `job.path`, with worker processes for files of PARALLEL_MIN_BYTES and more."""
     merger = Merger(job.keep)
-    nblocks = -(-job.size // BLOCK)
+    nblocks = -(-job.size // job.block)
     workers = min(workers or default_workers(), nblocks)
     known = None
     if workers > 1 and job.size >= PARALLEL_MIN_BYTES and job.purpose == "fine-tune":
-        known = prescan(job.path)
+        known = prescan(job.path, job.block)
         if known is None:  # no format in the first block: a broken file, check it in order
             workers = 1
         merger.first = known

@@ -1,0 +1,293 @@
+"""Dataset checks: every broken file in tests/data/bad is refused with its exact (line, field,
+rule) list, every good file passes with its format, and the report shapes, cap, progress,
+memory and parallel paths behave. Parquet files and the large files are generated in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tunehouse.data import workers
+from tunehouse.data.formats import DATASET_FORMATS, RULES, check_file, detect_format
+
+DATA = Path(__file__).parent / "data"
+OK = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+
+# file -> expected problems as (line, field, rule), all of them, in order
+BAD = {
+    "empty.jsonl": [(None, None, "empty_file")],
+    "whitespace_only.jsonl": [(None, None, "empty_file")],
+    "bom.jsonl": [(1, None, "bom")],
+    "nul_bytes.jsonl": [(2, None, "nul_byte")],
+    "utf16.jsonl": [(1, None, "nul_byte"), (2, None, "nul_byte")],
+    "invalid_utf8.jsonl": [(2, None, "not_utf8")],
+    "truncated_last_line.jsonl": [(2, None, "truncated_json")],
+    "blank_line_middle.jsonl": [(2, None, "blank_line")],
+    "invalid_json.jsonl": [(2, None, "invalid_json")],
+    "nan_value.jsonl": [(2, None, "invalid_json")],
+    "not_object.jsonl": [(2, None, "not_object")],
+    "deeply_nested.jsonl": [(2, None, "too_deep")],
+    "unknown_format.jsonl": [(2, None, "unknown_format")],
+    "ambiguous_format.jsonl": [(1, None, "ambiguous_format")],
+    "mixed_formats.jsonl": [(3, None, "mixed_formats")],
+    "extra_column.jsonl": [(1, "id", "extra_column")],
+    "extra_column_instruction.jsonl": [(1, "tools", "extra_column")],
+    "messages_not_list.jsonl": [(1, "messages", "wrong_type")],
+    "messages_empty.jsonl": [(1, "messages", "empty_messages")],
+    "message_not_object.jsonl": [(1, "messages[1]", "wrong_type")],
+    "missing_role.jsonl": [(1, "messages[0].role", "missing_field")],
+    "invalid_role.jsonl": [(1, "messages[0].role", "invalid_role")],
+    "role_not_string.jsonl": [(1, "messages[0].role", "wrong_type")],
+    "system_not_first.jsonl": [(1, "messages[1].role", "system_not_first")],
+    "first_not_user.jsonl": [(1, "messages[1].role", "first_not_user")],
+    "role_alternation.jsonl": [(2, "messages[2].role", "role_alternation")],
+    "user_user.jsonl": [(1, "messages[1].role", "role_alternation")],
+    "missing_assistant.jsonl": [(1, "messages", "missing_assistant")],
+    "missing_content_user.jsonl": [(1, "messages[0].content", "missing_content")],
+    "missing_content_assistant.jsonl": [(1, "messages[1].content", "missing_content")],
+    "content_number.jsonl": [(1, "messages[1].content", "wrong_type")],
+    "extra_message_key.jsonl": [(1, "messages[1].contnet", "extra_field")],
+    "weight_bool.jsonl": [(1, "messages[1].weight", "invalid_weight")],
+    "weight_two.jsonl": [(1, "messages[1].weight", "invalid_weight")],
+    "weight_string.jsonl": [(1, "messages[1].weight", "wrong_type")],
+    "reasoning_on_user.jsonl": [(1, "messages[0].reasoning", "misplaced_field")],
+    "reasoning_not_string.jsonl": [(1, "messages[1].reasoning_content", "wrong_type")],
+    "part_not_object.jsonl": [(1, "messages[0].content[0]", "wrong_type")],
+    "part_bad_type.jsonl": [(1, "messages[0].content[0].type", "invalid_value")],
+    "text_part_number.jsonl": [(1, "messages[0].content[0].text", "wrong_type")],
+    "image_in_assistant.jsonl": [(1, "messages[1].content[0]", "image_not_user")],
+    "image_http_url.jsonl": [(1, "messages[0].content[0].image_url.url", "invalid_image_url")],
+    "image_gif.jsonl": [(1, "messages[0].content[0].image_url.url", "invalid_image_url")],
+    "image_url_not_object.jsonl": [(1, "messages[0].content[0].image_url", "wrong_type")],
+    "too_many_images_message.jsonl": [(1, "messages[0].content", "too_many_images"),
+                                      (1, "messages", "too_many_images")],
+    "too_many_images_sample.jsonl": [(1, "messages", "too_many_images")],
+    "image_with_weight.jsonl": [(1, "messages[0].weight", "image_weight")],
+    "mixed_content_kinds.jsonl": [(1, "messages[1].content", "mixed_content_kinds")],
+    "image_in_completion.jsonl": [(1, "completion[0]", "image_not_user")],
+    "tool_without_call.jsonl": [(1, "messages[1].role", "tool_without_call")],
+    "missing_tool_result.jsonl": [(1, "messages[2].role", "missing_tool_result")],
+    "tool_calls_not_list.jsonl": [(1, "messages[1].tool_calls", "wrong_type")],
+    "tool_call_arguments_object.jsonl": [(1, "messages[1].tool_calls[0].function.arguments", "wrong_type")],
+    "tool_call_bad_type.jsonl": [(1, "messages[1].tool_calls[0].type", "invalid_value")],
+    "tool_call_missing_id.jsonl": [(1, "messages[1].tool_calls[0].id", "missing_field")],
+    "tool_calls_on_user.jsonl": [(1, "messages[0].tool_calls", "misplaced_field")],
+    "tools_not_list.jsonl": [(1, "tools", "wrong_type")],
+    "tool_definition_no_name.jsonl": [(1, "tools[0].function.name", "missing_field")],
+    "text_empty.jsonl": [(1, "text", "empty_text")],
+    "text_number.jsonl": [(1, "text", "wrong_type")],
+    "prompt_null.jsonl": [(1, "prompt", "wrong_type")],
+    "preference_input_not_object.jsonl": [(1, "input", "wrong_type")],
+    "preference_ends_with_assistant.jsonl": [(1, "input.messages[1].role", "input_ends_with_assistant")],
+    "preference_two_outputs.jsonl": [(1, "preferred_output", "output_count")],
+    "preference_output_user.jsonl": [(1, "non_preferred_output[0].role", "invalid_role")],
+    "preference_missing_messages.jsonl": [(1, "input.messages", "missing_field")],
+    "three_errors.jsonl": [(2, "messages[1].role", "role_alternation"),
+                           (4, "messages[1].content", "wrong_type"), (6, None, "not_object")],
+    "wrong_extension.json": [(None, None, "bad_extension")],
+    "not_parquet.parquet": [(None, None, "not_parquet")],
+    "ragged_rows.csv": [(3, None, "ragged_row")],
+    "empty_header.csv": [(1, None, "missing_header")],
+    "header_only.csv": [(None, None, "min_samples")],
+}
+
+# file -> (purpose, dataset format, samples, flags)
+GOOD = {
+    "chat_basic.jsonl": ("fine-tune", "CONVERSATION", 2, set()),
+    "chat_tools.jsonl": ("fine-tune", "CONVERSATION", 2,
+                         {"dataset_has_tools", "dataset_has_parallel_tool_calls"}),
+    "chat_reasoning_weights.jsonl": ("fine-tune", "CONVERSATION", 2,
+                                     {"dataset_has_reasoning", "dataset_has_message_weights"}),
+    "chat_multimodal.jsonl": ("fine-tune", "CONVERSATION", 2,
+                              {"dataset_is_multimodal", "dataset_has_message_weights"}),
+    "instruction.jsonl": ("fine-tune", "INSTRUCTION", 3, {"dataset_is_multimodal"}),
+    "text.jsonl": ("fine-tune", "GENERAL", 2, set()),
+    "preference.jsonl": ("fine-tune", "PREFERENCE", 2, {"dataset_has_tools"}),
+    "crlf.jsonl": ("fine-tune", "CONVERSATION", 2, set()),
+    "no_final_newline.jsonl": ("fine-tune", "CONVERSATION", 2, set()),
+    "eval.csv": ("eval", "CSV", 2, set()),
+    "eval_free_form.jsonl": ("eval", "CONVERSATION", 2, set()),
+    "batch.jsonl": ("batch-api", None, 1, set()),
+}
+
+
+def triples(report):
+    return [(p.line, p.field, p.rule) for p in report.problems]
+
+
+def write_lines(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_corpus_is_complete():
+    on_disk = {p.name for p in (DATA / "bad").iterdir()}
+    assert on_disk == set(BAD) and len(BAD) >= 45
+    assert {p.name for p in (DATA / "good").iterdir()} == set(GOOD)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_is_refused_with_line_field_rule(name):
+    report = check_file(DATA / "bad" / name, "eval" if name.endswith(".csv") else "fine-tune")
+    assert triples(report) == BAD[name]
+    for p in report.problems:
+        assert p.rule in RULES
+        if p.line is not None:
+            assert p.message.startswith(f"line {p.line}" + (f", {p.field}:" if p.field else ":"))
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_good_file_passes(name):
+    purpose, fmt, samples, flags = GOOD[name]
+    report = check_file(DATA / "good" / name, purpose)
+    assert report.problems == []
+    assert (report.dataset_format, report.num_samples, report.flags) == (fmt, samples, flags)
+
+
+def test_messages_name_line_field_and_fix():
+    report = check_file(DATA / "bad" / "content_number.jsonl")
+    assert report.problems[0].message == (
+        "line 1, messages[1].content: expected a string or a list of content parts, found a "
+        "number (42). Change it to the message text.")
+    weight = check_file(DATA / "bad" / "weight_bool.jsonl").problems[0].message
+    assert "found a boolean (true)" in weight and "integer 1" in weight
+
+
+def test_detect_format():
+    assert detect_format(OK) == "CONVERSATION"
+    assert detect_format({"prompt": "a", "completion": "b"}) == "INSTRUCTION"
+    assert detect_format({"text": "a"}) == "GENERAL"
+    assert detect_format({"input": {}, "preferred_output": [], "non_preferred_output": []}) == "PREFERENCE"
+    assert detect_format({"text": "a", "messages": []}) is None
+    assert detect_format([1]) is None
+    assert {"CONVERSATION", "INSTRUCTION", "GENERAL", "PREFERENCE", "TOKENIZED", "CSV"} == DATASET_FORMATS
+
+
+@pytest.mark.parametrize("name, purpose, rule", [
+    ("eval.csv", "fine-tune", "unsupported_purpose"),
+    ("chat_basic.jsonl", "fine-tune", None),
+    ("eval_free_form.jsonl", "fine-tune", "unknown_format"),
+])
+def test_purpose_rules(name, purpose, rule):
+    report = check_file(DATA / "good" / name, purpose)
+    assert [p.rule for p in report.problems][:1] == ([rule] if rule else [])
+
+
+def test_missing_file_and_bad_purpose(tmp_path):
+    assert triples(check_file(tmp_path / "nope.jsonl")) == [(None, None, "not_found")]
+    with pytest.raises(ValueError):
+        check_file(tmp_path / "nope.jsonl", "pretrain")
+
+
+def test_ten_megabyte_line(tmp_path):
+    big = {"messages": [{"role": "user", "content": "x" * 10_000_000}, OK["messages"][1]]}
+    report = check_file(write_lines(tmp_path / "big.jsonl", [OK, big, OK]))
+    assert report.passed and report.num_samples == 3
+
+
+def test_cap_and_truncation(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", ["[]"] * 30)
+    report = check_file(path, max_errors=10)
+    assert len(report.problems) == 10 and report.errors_truncated
+    assert [p.line for p in report.problems] == list(range(1, 11))
+    full = check_file(path, max_errors=30)
+    assert len(full.problems) == 30 and not full.errors_truncated
+
+
+def test_sdk_dict_and_validation_report():
+    bad = check_file(DATA / "bad" / "three_errors.jsonl")
+    d = bad.to_sdk_dict()
+    for key in ("is_check_passed", "message", "found", "file_size", "utf8", "line_type", "text_field",
+                "key_value", "has_min_samples", "num_samples", "load_json", "load_csv", "filetype",
+                "line_number", "format", "load_parquet", "errors", "errors_truncated",
+                "dataset_format", "num_lines"):
+        assert key in d
+    assert d["is_check_passed"] is False and d["line_number"] == 2 and d["key_value"] is False
+    assert d["message"] == bad.problems[0].message and len(d["errors"]) == 3
+    assert d["errors"][0] == {"line": 2, "field": "messages[1].role", "rule": "role_alternation",
+                              "message": bad.problems[0].message}
+    good = check_file(DATA / "good" / "chat_tools.jsonl").to_sdk_dict()
+    assert good["is_check_passed"] and good["message"] == "Checks passed" and good["num_samples"] == 2
+    v = check_file(DATA / "good" / "chat_tools.jsonl").to_validation_report("file-1")
+    assert v["valid"] and v["dataset_format"] == "CONVERSATION" and v["file_id"] == "file-1"
+    assert v["dataset_has_tools"] and v["dataset_has_parallel_tool_calls"] and not v["dataset_is_multimodal"]
+    assert v["nlines"] == 2 and v["error"] is None and v["errors"] == []
+    vb = bad.to_validation_report()
+    assert not vb["valid"] and vb["error_type"] == "INVALID_FORMAT" and vb["error"] == d["message"]
+
+
+def test_progress_and_bounded_memory(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "Be kind. " * 5},
+                          {"role": "user", "content": f"Question {i}? " * 10},
+                          {"role": "assistant", "content": f"Answer {i}. " * 20}]} for i in range(50_000)]
+    path = write_lines(tmp_path / "big.jsonl", rows)
+    del rows
+    calls = []
+    tracemalloc.start()
+    report = check_file(path, progress=lambda done, total: calls.append((done, total)), workers=1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    size = path.stat().st_size
+    assert report.passed and report.num_samples == 50_000 and size > 20 * 2**20
+    assert peak < 16 * 2**20  # a few chunks, not the file
+    assert len(calls) >= 3 and calls[-1] == (size, size)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_parallel_report_equals_single_process(tmp_path, monkeypatch):
+    """Blocks of 64 KiB over ~1 MB with errors, blank lines and a line crossing blocks: the
+    2-process report equals the 1-process one."""
+    rows = []
+    for i in range(3000):
+        rows.append(OK)
+        if i % 500 == 7:
+            rows += ["", "[1]", {"prompt": "a", "completion": "b"},
+                     {"messages": [{"role": "user", "content": "y" * 200_000}]}]
+    path = write_lines(tmp_path / "mixed.jsonl", rows)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    from tunehouse.data import jsonl
+    monkeypatch.setattr(jsonl, "BLOCK", 64 * 2**10)
+    one = check_file(path, max_errors=15, workers=1)
+    two = check_file(path, max_errors=15, workers=2)
+    assert one.problems and one.errors_truncated
+    assert (one.problems, one.num_lines, one.num_samples, one.dataset_format, one.flags) == (
+        two.problems, two.num_lines, two.num_samples, two.dataset_format, two.flags)
+    assert one.problems[0].line == 9 and one.problems[0].rule == "blank_line"
+
+
+def make_parquet(path: Path, columns: dict) -> Path:
+    pq.write_table(pa.table(columns), path, row_group_size=2)
+    return path
+
+
+@pytest.mark.parametrize("columns, expected", [
+    ({"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 0]],
+      "labels": [[-100, 2, 3], [4, 5]], "position_ids": [[0, 1, 2], [0, 1]]}, []),
+    ({"input_ids": [[1, 2]], "text": ["hi"]}, [(None, "text", "extra_column")]),
+    ({"labels": [[1, 2]]}, [(None, "input_ids", "missing_column")]),
+    ({"input_ids": [[1, 2], [3, 4], [5, 6]], "labels": [[1, 2], [3], [5, 6]]},
+     [(2, "labels", "length_mismatch")]),
+    ({"input_ids": [[1, 2], [3, 4], [5]], "attention_mask": [[1, 1], [1, 2], [0]]},
+     [(2, "attention_mask", "invalid_mask")]),
+    ({"input_ids": [[1, 2], None]}, [(2, "input_ids", "null_value")]),
+    ({"input_ids": [["a"]]}, [(None, "input_ids", "wrong_type")]),
+    ({"input_ids": pa.array([], type=pa.list_(pa.int64()))}, [(None, None, "min_samples")]),
+])
+def test_parquet(tmp_path, columns, expected):
+    report = check_file(make_parquet(tmp_path / "t.parquet", columns))
+    assert triples(report) == expected
+    if not expected:
+        assert report.dataset_format == "TOKENIZED" and report.num_samples == 2
+        assert report.to_sdk_dict()["load_parquet"] is None
+    else:
+        assert report.to_sdk_dict()["load_parquet"] == report.problems[0].message
+
+
+def test_parquet_refused_for_eval(tmp_path):
+    path = make_parquet(tmp_path / "t.parquet", {"input_ids": [[1]]})
+    assert triples(check_file(path, "eval")) == [(None, None, "unsupported_purpose")]

@@ -1,0 +1,105 @@
+"""/fine-tunes routes (and /finetune/download): parse, authorise, call the job services, shape."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from tunehouse import jobs
+from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
+from tunehouse.api.schemas import FineTuneCreate, PriceEstimate, checkpoint_object, event_object, job_object
+from tunehouse.errors import NotFound
+from tunehouse.downloads import build_download, serve_range
+from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
+from tunehouse.pricing import estimate
+
+router = APIRouter(prefix="/v1", tags=["fine-tuning"])
+
+
+@router.get("/fine-tunes/models/limits")
+def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, registry: RegistryDep):
+    """A base model's limits; for `from_checkpoint` jobs the SDKs send the job id or output name."""
+    try:
+        return registry.limits(model_name)
+    except NotFound:
+        if not (model_name.startswith("ft-") or "/" in model_name):
+            raise
+    return registry.limits(resolve_parent(session, caller.owner, model_name).job.model)
+
+
+@router.get("/fine-tunes/models/supported")
+def supported_models(_caller: CurrentCaller, registry: RegistryDep):
+    return {"models": [m.name for m in registry.list()]}
+
+
+@router.post("/fine-tunes/estimate-price")
+def estimate_price(body: PriceEstimate, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+                   registry: RegistryDep):
+    return estimate(session, caller.owner, body, files, registry)
+
+
+@router.post("/fine-tunes")
+def create(body: FineTuneCreate, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+           registry: RegistryDep, request: Request):
+    job = create_job(session, caller.owner, body, registry, files)
+    request.app.state.wake_worker()
+    return job_object(job, queue_depth=jobs.queue_position(session, job))
+
+
+@router.get("/fine-tunes")
+def list_jobs(caller: CurrentCaller, session: SessionDep):
+    return {"object": "list", "data": [job_object(j) for j in jobs.list_owned(session, caller.owner)]}
+
+
+@router.get("/fine-tunes/{job_id}")
+def retrieve(job_id: str, caller: CurrentCaller, session: SessionDep):
+    job = jobs.get_owned(session, caller.owner, job_id)
+    return job_object(job, jobs.events(session, job.id), jobs.queue_position(session, job))
+
+
+@router.post("/fine-tunes/{job_id}/cancel")
+def cancel(job_id: str, caller: CurrentCaller, session: SessionDep):
+    job = jobs.request_cancel(session, jobs.get_owned(session, caller.owner, job_id))
+    return job_object(job)
+
+
+@router.delete("/fine-tunes/{job_id}")
+def delete(job_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, force: bool = False):
+    job = jobs.get_owned(session, caller.owner, job_id)
+    jobs.delete_job(session, job)
+    home.blobs.delete(f"jobs/{job_id}")
+    return {"id": job_id, "object": "fine-tune", "deleted": True, "message": f"Job {job_id} deleted"}
+
+
+@router.get("/fine-tunes/{job_id}/events")
+def list_events(job_id: str, caller: CurrentCaller, session: SessionDep):
+    job = jobs.get_owned(session, caller.owner, job_id)
+    return {"object": "list", "data": [event_object(e) for e in jobs.events(session, job.id)]}
+
+
+@router.get("/fine-tunes/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, caller: CurrentCaller, session: SessionDep):
+    job = jobs.get_owned(session, caller.owner, job_id)
+    cps = sorted(jobs.checkpoints(session, job.id), key=lambda c: -c.step)
+    return {"object": "list", "data": [checkpoint_object(job, c) for c in cps]}
+
+
+@router.get("/fine-tunes/{job_id}/metrics")
+def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global_step_from: int | None = None,
+                 global_step_to: int | None = None, resolution: int | None = None):
+    job = jobs.get_owned(session, caller.owner, job_id)
+    rows = [{"train/global_step": m.step, **m.values} for m in
+            jobs.metrics(session, job.id, global_step_from, global_step_to)]
+    if resolution and len(rows) > resolution:  # keep every k-th row, and always the last
+        k = -(-len(rows) // resolution)
+        rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
+    return {"metrics": rows}
+
+
+@router.get("/finetune/download")
+def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, request: Request,
+             checkpoint: str | None = None, checkpoint_step: int | None = None):
+    key, step = parse_checkpoint_ref(ft_id)
+    job = jobs.get_owned(session, caller.owner, key)
+    path = build_download(session, home, job, checkpoint, checkpoint_step or step)
+    return serve_range(path, request.headers.get("range"), f"{job.model_output_name.replace('/', '--')}.tar.zst")

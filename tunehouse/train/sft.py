@@ -1,0 +1,350 @@
+"""Supervised fine-tuning recipe, top to bottom: setup → loop → checkpoints → final save/merge.
+
+    run_sft(cfg, model_path=..., training_path=..., validation_path=None, output_dir=...,
+            reporter=PrintReporter())
+
+Batch vocabulary: `batch_size` rows (packed sequences) per optimizer step, split into
+`gradient_accumulation_steps` micro-batches. A step's loss is Σ token losses / Σ trained tokens
+over all its micro-batches, so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients.
+
+Output folder:
+    output_dir/checkpoints/step-000010/   intermediate checkpoints (see train/checkpoint.py)
+    output_dir/final/                     final checkpoint; LoRA adds final/merged/ (plain model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunehouse.data.packing import Batch, collate, pack
+from tunehouse.data.tokenize import Tokenized, pad_token_id, tokenize_row
+from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import events as ev
+from tunehouse.train.config import SFTConfig
+from tunehouse.train.events import Reporter
+from tunehouse.train.lora import add_lora, load_lora, merge, parameter_counts
+from tunehouse.train.losses import token_accuracy, token_cross_entropy, trained_logits
+from tunehouse.train.schedule import lr_multiplier
+
+BF16_ENV = "TUNEHOUSE_BF16"  # "1": bf16 autocast on CPUs that support it (default fp32)
+
+
+class Cancelled(Exception):
+    """A cancel was requested; training stopped before `step` + 1 with no checkpoint written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training cancelled after step {step}")
+        self.step = step
+
+
+@dataclass
+class _Run:
+    """What the loop needs, built once by the setup stages of `run_sft`."""
+
+    cfg: SFTConfig
+    model: torch.nn.Module          # PEFT model (LoRA) or plain model (full)
+    causal_lm: torch.nn.Module      # the transformers model inside (for trained_logits)
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    train_rows: list[list[Tokenized]]
+    valid_rows: list[list[Tokenized]]
+    pad_id: int
+    autocast: contextlib.AbstractContextManager | None
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    reporter: Reporter
+
+
+def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
+            validation_path: Path | None, output_dir: Path, reporter: Reporter,
+            resume_from: Path | None = None, init_adapter: Path | None = None,
+            bf16: bool | None = None) -> Path:
+    """Train, write checkpoints and the final model; return the final checkpoint folder.
+
+    resume_from: a checkpoint folder of this same job (same step, data order and RNG after).
+    init_adapter: continue training an existing LoRA adapter of the same rank (a different
+      shape, or full training, continues from a merged model passed as model_path instead).
+    bf16: autocast to bfloat16; None = on for CUDA with bf16, on CPU only if $TUNEHOUSE_BF16=1
+      and the CPU has native bf16. Raises `Cancelled` when reporter.should_stop() turns true.
+    """
+    # Seed, device, precision
+    torch.manual_seed(cfg.random_seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = _autocast(device, bf16)
+
+    # Tokenizer and model (+ LoRA)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
+    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
+    causal_lm.config.use_cache = False
+    if not cfg.lora:
+        model = causal_lm
+    elif resume_from is not None or init_adapter is not None:
+        model = load_lora(causal_lm, resume_from or init_adapter, r=cfg.lora_r)
+    else:
+        model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    model.to(device).train()
+
+    # Data: tokenize, drop examples with nothing to learn, pack into rows
+    pad_id = pad_token_id(tokenizer)
+    train_rows = _rows(_examples(training_path, tokenizer, cfg, reporter, "training"), cfg)
+    valid_rows = []
+    if validation_path is not None and cfg.n_evals > 0:
+        valid_rows = _rows(_examples(validation_path, tokenizer, cfg, reporter, "validation"), cfg)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.n_epochs
+
+    # Optimizer (AdamW, no decay on biases and norms); the lr is set from the schedule each step
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and _decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not _decays(n, p)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+    # Resume: weights came with the model above; optimizer, RNG and position from the folder
+    start_step, history = 0, []
+    if resume_from is not None:
+        state = ckpt.read_state(resume_from)
+        if state["total_steps"] != total_steps:
+            raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
+                             f"this data and config give {total_steps}")
+        ckpt.restore_optimizer_and_rng(resume_from, optimizer)
+        start_step, history = state["step"], state["metrics"]
+
+    trainable, total = parameter_counts(model)
+    reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
+                   param_count=trainable, token_count=sum(
+                       ex.num_tokens for row in train_rows for ex in row) * cfg.n_epochs)
+    run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_rows, valid_rows, pad_id,
+               autocast, steps_per_epoch, total_steps, Path(output_dir), reporter)
+    wandb = _wandb(cfg, reporter)
+    try:
+        history = _train_loop(run, start_step, history, wandb)
+    finally:
+        wandb.finish()
+
+    # Final save: checkpoint (+ merged model for LoRA)
+    final = _save(run, total_steps, history, Path(output_dir) / "final", merged=cfg.lora)
+    reporter.checkpoint(total_steps, final, ev.FINAL)
+    reporter.event(ev.TRAINING_COMPLETE, "Training completed", step=total_steps,
+                   model_path=str(final))
+    return final
+
+
+def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[dict]:
+    """Optimizer steps start_step+1 … total_steps; returns the metrics history."""
+    cfg, reporter = run.cfg, run.reporter
+    intermediate = spaced_steps(run.total_steps, cfg.n_checkpoints) - {run.total_steps}
+    evals = spaced_steps(run.total_steps, cfg.n_evals) if run.valid_rows else set()
+    order, order_epoch = None, -1
+    for step in range(start_step + 1, run.total_steps + 1):
+        if reporter.should_stop():
+            raise Cancelled(step - 1)
+        # Data position: a seeded permutation of rows per epoch, so resume needs only the step
+        epoch, in_epoch = divmod(step - 1, run.steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(run.train_rows), cfg.random_seed, epoch), epoch
+        picked = order[in_epoch * cfg.batch_size:(in_epoch + 1) * cfg.batch_size]
+        rows = [run.train_rows[i] for i in picked]
+
+        lr = cfg.learning_rate * lr_multiplier(
+            step - 1, run.total_steps, scheduler=cfg.lr_scheduler_type,
+            warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
+            num_cycles=cfg.scheduler_num_cycles)
+        t0 = time.perf_counter()
+        loss, accuracy, grad_norm, real_tokens = train_step(run, rows, lr)
+        seconds = time.perf_counter() - t0
+        values = {"train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_second": real_tokens / seconds,
+                  "train_mean_token_accuracy": accuracy, "epoch": step / run.steps_per_epoch}
+
+        if step in evals:
+            valid_loss, valid_accuracy = evaluate(run)
+            values.update(valid_loss=valid_loss, valid_mean_token_accuracy=valid_accuracy)
+            reporter.event(ev.EVAL_COMPLETE, f"Evaluation complete, valid loss {valid_loss:.4f}",
+                           step=step)
+        reporter.metrics(step, values)
+        wandb.log(values, step=step)
+        history.append({"step": step, **values})
+        if in_epoch == run.steps_per_epoch - 1:
+            reporter.event(ev.EPOCH_COMPLETE, f"Epoch completed, at step {step}", step=step)
+        if step in intermediate:
+            folder = run.output_dir / "checkpoints" / ckpt.checkpoint_name(step)
+            _save(run, step, history, folder, merged=False)
+            reporter.checkpoint(step, folder, ev.INTERMEDIATE)
+            reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
+                           checkpoint_path=str(folder))
+    return history
+
+
+def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float, float, float, int]:
+    """One optimizer step over `rows` → (loss, token accuracy, grad norm, real tokens)."""
+    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, _mask_dtype(run))
+             for idx in torch.tensor_split(torch.arange(len(rows)),
+                                           run.cfg.gradient_accumulation_steps) if len(idx)]
+    step_tokens = sum(b.num_trained_tokens for b in micro)
+    loss_sum, correct = 0.0, 0
+    for batch in micro:
+        with run.autocast or contextlib.nullcontext():
+            logits, targets = trained_logits(run.causal_lm, _to(batch, run), _to_t(batch, run))
+        loss, _ = token_cross_entropy(logits, targets)
+        (loss / step_tokens).backward()  # token-weighted over the whole step
+        loss_sum += loss.item()
+        correct += token_accuracy(logits.detach(), targets)[0]
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / step_tokens, correct / step_tokens, grad_norm, sum(b.num_tokens for b in micro)
+
+
+@torch.no_grad()
+def evaluate(run: _Run) -> tuple[float, float]:
+    """Token-weighted validation loss and accuracy, dropout off."""
+    run.model.eval()
+    size = run.cfg.micro_batch_size()
+    loss_sum, correct, count = 0.0, 0, 0
+    for start in range(0, len(run.valid_rows), size):
+        batch = collate(run.valid_rows[start:start + size], run.pad_id, _mask_dtype(run))
+        with run.autocast or contextlib.nullcontext():
+            logits, targets = trained_logits(run.causal_lm, _to(batch, run), _to_t(batch, run))
+        loss, n = token_cross_entropy(logits, targets)
+        loss_sum += loss.item()
+        correct += token_accuracy(logits, targets)[0]
+        count += n
+    run.model.train()
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def spaced_steps(total_steps: int, n: int) -> set[int]:
+    """n steps spread evenly over 1…total_steps, the last one being total_steps."""
+    return {max(1, round(total_steps * k / n)) for k in range(1, n + 1)} if n > 0 else set()
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator).tolist()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped) or a Parquet file."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _examples(path: Path, tokenizer, cfg: SFTConfig, reporter: Reporter, what: str):
+    examples = [tokenize_row(row, tokenizer, train_on_inputs=cfg.train_on_inputs,
+                             max_seq_length=cfg.max_seq_length) for row in read_rows(path)]
+    truncated = sum(ex.truncated for ex in examples)
+    kept = [ex for ex in examples if ex.num_trained_tokens > 0]
+    if truncated:
+        reporter.event(ev.WARNING, f"{truncated} {what} examples longer than max_seq_length "
+                       f"{cfg.max_seq_length} were truncated", level="warning")
+    if len(kept) < len(examples):
+        reporter.event(ev.WARNING, f"{len(examples) - len(kept)} {what} examples have no trained "
+                       "tokens (after truncation) and were skipped", level="warning")
+    if not kept:
+        raise ValueError(f"the {what} data has no example with trained tokens")
+    return kept
+
+
+def _rows(examples: list[Tokenized], cfg: SFTConfig) -> list[list[Tokenized]]:
+    if not cfg.packing:
+        return [[ex] for ex in examples]
+    return [[examples[i] for i in row] for row in pack(examples, cfg.max_seq_length)]
+
+
+def _save(run: _Run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
+             "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
+             "seed": run.cfg.random_seed, "metrics": history}
+
+    def write_merged(tmp: Path) -> None:
+        plain = merge(run.model)
+        plain.save_pretrained(tmp / ckpt.MERGED_DIR)
+        run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)
+
+    return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
+                                config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
+                                extra=write_merged if merged else None)
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim >= 2 and "norm" not in name.lower() and not name.endswith("bias")
+
+
+def _to(batch: Batch, run: _Run) -> dict[str, torch.Tensor]:
+    device = next(run.causal_lm.parameters()).device
+    return {k: v.to(device) for k, v in batch.model_inputs().items()}
+
+
+def _to_t(batch: Batch, run: _Run) -> torch.Tensor:
+    return batch.targets.to(next(run.causal_lm.parameters()).device)
+
+
+def _mask_dtype(run: _Run) -> torch.dtype:
+    return torch.bfloat16 if run.autocast is not None else torch.float32
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 matmul on this CPU (AVX512-BF16 / AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast(device: torch.device, bf16: bool | None):
+    if device.type == "cuda":
+        wanted = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    else:
+        wanted = os.environ.get(BF16_ENV) == "1" if bf16 is None else bf16
+        wanted = wanted and cpu_supports_bf16()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else None
+
+
+class _NullWandb:
+    """Stands in for a W&B run when no key is given or wandb is not installed."""
+
+    def log(self, values: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _wandb(cfg: SFTConfig, reporter: Reporter):
+    if not cfg.wandb_api_key:
+        return _NullWandb()
+    try:
+        import wandb
+    except ImportError:
+        reporter.event(ev.WARNING, "wandb is not installed: W&B logging is off", level="warning")
+        return _NullWandb()
+    wandb.login(key=cfg.wandb_api_key, host=cfg.wandb_base_url)
+    config = {k: v for k, v in cfg.to_dict().items() if k != "wandb_api_key"}
+    run = wandb.init(project=cfg.wandb_project_name, name=cfg.wandb_name,
+                     entity=cfg.wandb_entity, config=config)
+    reporter.event(ev.WANDB_INIT, "Weights & Biases run started", wandb_url=run.url)
+    return run

@@ -1,0 +1,142 @@
+"""The worker: claims queued jobs, runs each in a training child process, heartbeats, forwards
+cancel as SIGTERM, and records how the child ended.
+
+Runs embedded in `tunehouse serve` (a thread) or alone as `tunehouse worker`. Training never runs
+in this process: a crash cannot take the service down, and memory is returned when a job ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tunehouse import jobs
+from tunehouse.settings import Settings
+from tunehouse.store.home import Home
+from tunehouse.store.tables import Job
+
+CANCEL_GRACE_S = 30  # after SIGTERM, the child gets this long to stop before SIGKILL
+
+
+class Worker:
+    def __init__(self, home: Home, worker_id: str | None = None, *, poll_s: float = 1.0,
+                 heartbeat_s: float = 2.0, stale_after_s: float = 60.0):
+        self.home = home
+        self.worker_id = worker_id or f"{socket.gethostname()}:{home.settings.home}"
+        self.poll_s, self.heartbeat_s, self.stale_after_s = poll_s, heartbeat_s, stale_after_s
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.child: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start_thread(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self.run_forever, name="tunehouse-worker", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop after the running child (if any) has been told to stop and its job requeued."""
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def run_forever(self) -> None:
+        with self.home.db.session() as s:
+            jobs.recover_own(s, self.worker_id)  # what this worker held when it last died
+        while not self.stopping.is_set():
+            with self.home.db.session() as s:
+                jobs.recover_stale(s, self.stale_after_s)
+            if not self.run_once():
+                self.wake.wait(self.poll_s)
+                self.wake.clear()
+
+    def run_once(self) -> bool:
+        """Claim one queued job and see it to the end; False when there was none."""
+        with self.home.db.session() as s:
+            job = jobs.claim_next(s, self.worker_id)
+            if job is None:
+                return False
+            job_id, attempt = job.id, job.attempts
+            jobs.add_event(s, job_id, "JOB_START", "Job started" if attempt == 1 else f"Job started (attempt {attempt})")
+        self._run_child(job_id, attempt)
+        return True
+
+    # -- one job ----------------------------------------------------------------------------
+    def _run_child(self, job_id: str, attempt: int) -> None:
+        log_path = self.home.blobs.path(f"jobs/{job_id}/logs/attempt-{attempt}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.child = subprocess.Popen([sys.executable, "-m", "tunehouse.train.run", job_id], env=self._child_env(),
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
+            rc = self._supervise(job_id, self.child)
+        self.child = None
+        self._record_exit(job_id, rc, log_path)
+
+    def _supervise(self, job_id: str, child: subprocess.Popen) -> int:
+        term_sent_at = None
+        while True:
+            try:
+                return child.wait(timeout=self.heartbeat_s)
+            except subprocess.TimeoutExpired:
+                pass
+            with self.home.db.session() as s:
+                status = jobs.heartbeat(s, job_id, self.worker_id)
+            wants_stop = status in (None, "cancel_requested") or self.stopping.is_set()
+            if wants_stop and term_sent_at is None:
+                child.send_signal(signal.SIGTERM)
+                term_sent_at = time.monotonic()
+            elif term_sent_at is not None and time.monotonic() - term_sent_at > CANCEL_GRACE_S:
+                child.kill()
+
+    def _record_exit(self, job_id: str, rc: int, log_path: Path) -> None:
+        with self.home.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:  # deleted while running: drop what the child left behind
+                self.home.blobs.delete(f"jobs/{job_id}")
+                return
+            job.exit_code = rc
+            if job.status in jobs.TERMINAL:
+                return
+            if job.status == "cancel_requested":
+                jobs.set_status(job, "cancelled")
+                jobs.add_event(s, job_id, "JOB_STOPPED", "Job cancelled")
+            elif self.stopping.is_set():
+                job.attempts -= 1  # a clean shutdown is not a failed try
+                jobs.requeue_or_fail(s, job, "the worker shut down")
+            else:
+                how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+                jobs.requeue_or_fail(s, job, f"the training process died ({how}); log: {_tail(log_path)}")
+
+    def _child_env(self) -> dict[str, str]:
+        st: Settings = self.home.settings
+        env = dict(os.environ, TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url,
+                   TUNEHOUSE_BLOB_DIR=str(st.blobs_path), PYTHONUNBUFFERED="1")
+        return env
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL if the worker dies, so no orphan trains on after a crash
+    (the job is requeued and resumed by the next worker instead)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _tail(path: Path, n: int = 300) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    return text[-n:].replace("\n", " | ") or "(empty)"
