@@ -118,9 +118,9 @@ def test_create_reports_every_bad_field_at_once(live_worker, tmp_path):
     assert c.fine_tuning.list().data == []
 
 
-def _long_job(c, tmp_path, **kw):
-    f = c.files.upload(write_chat(tmp_path / "long.jsonl", 80))
-    return c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, n_epochs=4, n_checkpoints=8,
+def _long_job(c, tmp_path, rows: int = 40, **kw):
+    f = c.files.upload(write_chat(tmp_path / "long.jsonl", rows))
+    return c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, n_epochs=2, n_checkpoints=4,
                                 batch_size=1, packing=False, learning_rate=1e-3, **kw)
 
 
@@ -183,7 +183,7 @@ def test_server_restart_mid_run_keeps_state(tmp_path, model_cache):
     settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True)
     live, bg = _serve(settings)
     c = sdk(live)
-    job = _long_job(c, tmp_path)
+    job = _long_job(c, tmp_path, rows=100)
     _wait_checkpoint(live, job.id)
     bg.stop()  # the worker stops its child and requeues the job
     live2, bg2 = _serve_again(settings, live)

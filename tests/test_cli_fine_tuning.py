@@ -173,12 +173,10 @@ def test_download_resumes_after_a_broken_connection(tmp_path):
 
 
 def test_models_list_and_add(server, tmp_path):
-    from tunehouse.models.tiny import build_tiny_model
-
     home = str(tmp_path / "home")
     names = [m["name"] for m in json.loads(run(server, "models", "list", "--home", home, "--json").stdout)]
     assert TINY in names and "HuggingFaceTB/SmolLM2-135M-Instruct" in names
-    folder = build_tiny_model(tmp_path / "my-model")
+    folder = server.app.state.registry.path(TINY)  # build_tiny_model's folder, shared with the job above
     added = run(server, "models", "add", "me/my-model", str(folder), "--home", home)
     assert added.returncode == 0, added.stderr
     listed = run(server, "models", "list", "--home", home)

@@ -13,7 +13,6 @@ from train_fixtures import (  # noqa: F401  (fixtures)
     chat_file,
     chat_rows,
     tiny_model_dir,
-    tiny_tokenizer,
     write_jsonl,
 )
 

@@ -281,8 +281,9 @@ def ft_create(
     validation_file: Annotated[Optional[str], typer.Option("--validation-file", "-v", help="Validation file id, "
                                                            "or a local path (checked, then uploaded).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help=_DOC["model"])] = None,
-    from_checkpoint: Annotated[Optional[str], typer.Option(help="Continue a job instead of starting from a model: "
-                                                           "ft-ID, ft-ID:STEP, OUTPUT_NAME or OUTPUT_NAME:STEP.")] = None,
+    from_checkpoint: Annotated[Optional[str], typer.Option(
+        help="Continue a job instead of starting from a model: ft-ID, ft-ID:STEP, OUTPUT_NAME or OUTPUT_NAME:STEP.")
+    ] = None,
     n_epochs: Annotated[Optional[int], _opt("n_epochs")] = None,
     n_checkpoints: Annotated[Optional[int], _opt("n_checkpoints", "-c")] = None,
     n_evals: Annotated[Optional[int], _opt("n_evals")] = None,
@@ -294,7 +295,8 @@ def ft_create(
     warmup_ratio: Annotated[Optional[float], _opt("warmup_ratio")] = None,
     max_grad_norm: Annotated[Optional[float], _opt("max_grad_norm")] = None,
     weight_decay: Annotated[Optional[float], _opt("weight_decay")] = None,
-    suffix: Annotated[Optional[str], typer.Option(help="Added to the output model name (1-40 of A-Z a-z 0-9 . _ -).")] = None,
+    suffix: Annotated[Optional[str], typer.Option(help="Added to the output model name: 1-40 of A-Z a-z 0-9 . _ -")
+                      ] = None,
     lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help=_DOC["lora"] + " Unset: the server's "
                                                  "choice (LoRA, or the parent job's type).")] = None,
     lora_r: Annotated[Optional[int], _opt("lora_r")] = None,
@@ -323,34 +325,38 @@ def ft_create(
         err.print(f"[red]Error:[/red] LoRA flags ({', '.join(lora_args)}) were given with --no-lora; "
                   "use --lora or remove them.")
         raise typer.Exit(1)
-    client = _client(base_url, api_key)
-    # A local path is checked and uploaded first (as the v3 CLI does); the server wants file ids.
-    files = {}
-    for name, value in (("training_file", training_file), ("validation_file", validation_file)):
-        files[name] = _upload(client, Path(value))["id"] if value and Path(value).is_file() else value
-    # The SDK's body (api-reference §5.2): nested training_type / training_method / lr_scheduler.
-    scheduler_args = _drop_none(dict(min_lr_ratio=min_lr_ratio, num_cycles=scheduler_num_cycles))
+    # The SDK's body (api-reference §5.2): training_type, training_method and lr_scheduler nested.
+    if lora is False:
+        training_type = {"type": "Full"}
+    elif lora or lora_args:  # LoRA flags alone mean LoRA (the together CLI silently drops them)
+        training_type = {"type": "Lora", **lora_args}
+    else:
+        training_type = None  # the server's choice: LoRA, or the parent job's type
+    inputs = {"true": True, "false": False}.get(train_on_inputs, train_on_inputs)
+    training_method = (_drop_none(dict(method=training_method or "sft", train_on_inputs=inputs))
+                       if training_method or train_on_inputs else None)
+    scheduler_args = _drop_none(dict(min_lr_ratio=min_lr_ratio, num_cycles=scheduler_num_cycles)) or None
+    lr_scheduler = _drop_none(dict(lr_scheduler_type=lr_scheduler_type, lr_scheduler_args=scheduler_args)) or None
     body = _drop_none(dict(
-        **files, model=model, from_checkpoint=from_checkpoint, n_epochs=n_epochs, n_checkpoints=n_checkpoints,
-        n_evals=n_evals, batch_size=_batch_size(batch_size), learning_rate=learning_rate,
-        lr_scheduler=_drop_none(dict(lr_scheduler_type=lr_scheduler_type, lr_scheduler_args=scheduler_args or None))
-        or None,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, weight_decay=weight_decay, suffix=suffix,
-        # LoRA flags without --lora/--no-lora still mean LoRA (the together CLI would silently drop them).
-        training_type={"type": "Full"} if lora is False else {"type": "Lora", **lora_args} if lora or lora_args
-        else None,
-        training_method=_drop_none(dict(method=training_method or "sft", train_on_inputs={"true": True, "false": False}
-                                        .get(train_on_inputs, train_on_inputs)))
-        if training_method or train_on_inputs else None,
-        packing=packing, max_seq_length=max_seq_length, gradient_accumulation_steps=gradient_accumulation_steps,
-        random_seed=random_seed, wandb_key=wandb_api_key,  # the SDKs send wandb_key; the server takes both
+        training_file=training_file, validation_file=validation_file, model=model, from_checkpoint=from_checkpoint,
+        n_epochs=n_epochs, n_checkpoints=n_checkpoints, n_evals=n_evals, batch_size=_batch_size(batch_size),
+        learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, weight_decay=weight_decay, suffix=suffix, training_type=training_type,
+        training_method=training_method, packing=packing, max_seq_length=max_seq_length,
+        gradient_accumulation_steps=gradient_accumulation_steps, random_seed=random_seed,
+        wandb_key=wandb_api_key,  # the SDKs' name for it; the server takes wandb_api_key too
         wandb_base_url=wandb_base_url, wandb_project_name=wandb_project_name, wandb_name=wandb_name,
         wandb_entity=wandb_entity))
+    client = _client(base_url, api_key)
+    # A local path is checked and uploaded first (as the v3 CLI does); the server wants file ids.
+    for name in ("training_file", "validation_file"):
+        if name in body and Path(body[name]).is_file():
+            body[name] = _upload(client, Path(body[name]))["id"]
     try:
         if not confirm:
-            price = client.estimate_price(_drop_none({k: body.get(k) for k in (
-                "training_file", "validation_file", "model", "from_checkpoint", "n_epochs", "n_evals")}))
-            err.print(f"About to create a fine-tuning job (estimated price ${price.get('estimated_total_price', 0):.2f}):")
+            asked = ("training_file", "validation_file", "model", "from_checkpoint", "n_epochs", "n_evals")
+            price = client.estimate_price({k: body[k] for k in asked if k in body})
+            err.print(f"About to create a fine-tuning job, estimated price ${price['estimated_total_price']:.2f}:")
             err.print_json(data=body | ({"wandb_key": "***"} if wandb_api_key else {}))
             if sys.stdin.isatty() and not typer.confirm("Proceed?", err=True):
                 raise typer.Exit(1)
@@ -361,7 +367,9 @@ def ft_create(
         print(json.dumps(job, indent=2))
     else:
         console.print(f"Created fine-tuning job [bold]{job['id']}[/bold] ({job['status']}); output model "
-                      f"{job['model_output_name']}.\nFollow it with `tunehouse ft watch {job['id']}`.")
+                      f"{job['model_output_name']}.")
+        if not watch:
+            console.print(f"Follow it with `tunehouse ft watch {job['id']}`.")
     if watch:
         raise typer.Exit(_watch(client, job["id"]))
 
@@ -378,7 +386,9 @@ def _print_rows(rows: list[dict], json_out: bool, headers: tuple[str, ...], cell
     if json_out:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(*headers)
+    table = Table()
+    for i, h in enumerate(headers):  # ids (first column) stay whole: they are what users copy
+        table.add_column(h, no_wrap=i == 0)
     for r in rows:
         table.add_row(*cells(r))
     console.print(table)
@@ -387,8 +397,9 @@ def _print_rows(rows: list[dict], json_out: bool, headers: tuple[str, ...], cell
 @ft_app.command("list")
 def ft_list(base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False):
     """List your fine-tuning jobs, oldest first."""
-    _print_rows(_api(_client(base_url, api_key).list_jobs), json_out, ("id", "output model", "status", "created", "steps"),
-                lambda j: (j["id"], j["model_output_name"], _status(j["status"]), j["created_at"][:19],
+    _print_rows(_api(_client(base_url, api_key).list_jobs), json_out,
+                ("id", "output model", "status", "created", "steps"),
+                lambda j: (j["id"], j["model_output_name"], _status(j["status"]), _when(j["created_at"]),
                            f"{j.get('steps_completed', 0)}/{j.get('total_steps') or '?'}"))
 
 
@@ -405,8 +416,9 @@ def ft_retrieve(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, j
 @ft_app.command("list-events")
 def ft_list_events(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False):
     """A job's events, oldest first."""
-    _print_rows(_api(_client(base_url, api_key).list_events, job_id), json_out, ("created", "level", "type", "message"),
-                lambda e: (e["created_at"][:19], e.get("level") or "", e.get("type") or "", e["message"]))
+    _print_rows(_api(_client(base_url, api_key).list_events, job_id), json_out,
+                ("created", "level", "type", "message"),
+                lambda e: (_when(e["created_at"]), e.get("level") or "", e.get("type") or "", e["message"]))
 
 
 @ft_app.command("list-checkpoints")
@@ -414,7 +426,7 @@ def ft_list_checkpoints(job_id: str, base_url: BaseUrl = None, api_key: ApiKey =
     """A job's checkpoints; the first column is what `download` takes."""
     _print_rows(_api(_client(base_url, api_key).list_checkpoints, job_id), json_out,
                 ("download id", "type", "step", "created"),
-                lambda c: (c["path"], c["checkpoint_type"], str(c["step"]), c["created_at"][:19]))
+                lambda c: (c["path"], c["checkpoint_type"], str(c["step"]), _when(c["created_at"])))
 
 
 @ft_app.command("list-metrics")
@@ -447,7 +459,7 @@ def ft_download(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder (default: the current "
                                                    "folder, named after the output model).")] = None,
     checkpoint_type: Annotated[Literal["merged", "adapter", "default"], typer.Option(
-        help="merged (LoRA merged into the base), adapter, or default (merged for LoRA jobs, the model for full ones).")
+        help="merged (LoRA merged into the base), adapter, or default (merged for LoRA, the model for Full jobs).")
     ] = "default",
     checkpoint_step: Annotated[Optional[int], typer.Option("--checkpoint-step", "-s", help="An intermediate step "
                                                            "(instead of ID:STEP).")] = None,
@@ -471,18 +483,19 @@ def ft_download(
 @ft_app.command("watch")
 def ft_watch(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
              interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0):
-    """Follow a job live: progress, loss, learning rate, ETA and new events. Exit code 0 once it has
-    completed, 1 if it ended any other way."""
+    """Follow a job live: progress, loss, learning rate, ETA and new events.
+
+    Exits once the job has ended: code 0 if it completed, 1 otherwise."""
     raise typer.Exit(_watch(_client(base_url, api_key), job_id, interval))
 
 
 def _watch(client: Client, job_id: str, interval: float = 1.0) -> int:
     seen, last_step, stats = 0, 0, {}
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.fields[of]}"),
-               TextColumn("{task.fields[stats]}"))
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=30),
+               TextColumn("step {task.completed:.0f}/{task.fields[of]}"), TextColumn("{task.fields[stats]}"))
     try:
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task(job_id, total=None, of="?", stats="")
+            task = bar.add_task("", total=None, of="?", stats="")
             while True:
                 job = client.retrieve_job(job_id)
                 for e in job.get("events", [])[seen:]:
@@ -496,9 +509,9 @@ def _watch(client: Client, job_id: str, interval: float = 1.0) -> int:
                     last_step = job["steps_completed"]
                 prog = job.get("progress") or {}
                 eta = (f"ETA {time.strftime('%H:%M:%S', time.gmtime(prog['seconds_remaining']))}"
-                       if prog.get("estimate_available") and job["status"] == "running" else "")
+                       if prog.get("seconds_remaining") and job["status"] == "running" else "")
                 shown = " ".join([f"{k} {v:.4g}" for k, v in stats.items()] + [eta])
-                bar.update(task, description=f"{job_id} {_status(job['status'])}", completed=job.get("steps_completed", 0),
+                bar.update(task, description=_status(job["status"]), completed=job.get("steps_completed", 0),
                            total=job.get("total_steps") or None, of=job.get("total_steps") or "?", stats=shown)
                 if job["status"] in TERMINAL:
                     break
@@ -511,6 +524,10 @@ def _watch(client: Client, job_id: str, interval: float = 1.0) -> int:
         return 0
     console.print(f"Job {job_id} ended {_status(job['status'])}.")
     return 1
+
+
+def _when(iso: str) -> str:
+    return iso[:16].replace("T", " ")
 
 
 def _status(status: str) -> str:
@@ -554,8 +571,9 @@ def models_add(name: Annotated[str, typer.Argument(help="The name jobs will use,
 
 @app.command()
 def worker(home: HomeDir = None):
-    """Run a training worker on the home, beside a `serve` started with TUNEHOUSE_EMBEDDED_WORKER=false
-    (or as an extra one). Ctrl-C stops it; a running job is stopped and requeued."""
+    """Run a training worker on the home (Ctrl-C stops it; a running job is requeued).
+
+    For a server started with TUNEHOUSE_EMBEDDED_WORKER=false, or as an extra worker."""
     import signal
 
     from tunehouse.store.home import open_home
@@ -573,9 +591,9 @@ def worker(home: HomeDir = None):
     settings = _settings(home)
     w = NarratedWorker(open_home(settings))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
-    w.start_thread()
-    console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
     try:
+        w.start_thread()
+        console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
         while w.thread.is_alive():
             w.thread.join(0.5)
     except KeyboardInterrupt:

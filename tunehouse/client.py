@@ -172,7 +172,7 @@ class Client:
                             fh.seek(0)
                             fh.truncate()
                             done = 0
-                        for chunk in resp.iter_bytes(1 << 20):
+                        for chunk in resp.iter_bytes():  # as received: a break loses nothing written
                             fh.write(chunk)
                             done += len(chunk)
                             if progress:

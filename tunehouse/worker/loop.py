@@ -82,20 +82,20 @@ class Worker:
         self._record_exit(job_id, rc, log_path)
 
     def _supervise(self, job_id: str, child: subprocess.Popen) -> int:
-        term_sent_at = None
-        while True:
-            try:
-                return child.wait(timeout=self.heartbeat_s)
-            except subprocess.TimeoutExpired:
-                pass
-            with self.home.db.session() as s:
-                status = jobs.heartbeat(s, job_id, self.worker_id)
+        term_sent_at, beat_at = None, 0.0
+        while (rc := child.poll()) is None:
+            if time.monotonic() - beat_at >= self.heartbeat_s:
+                beat_at = time.monotonic()
+                with self.home.db.session() as s:
+                    status = jobs.heartbeat(s, job_id, self.worker_id)
             wants_stop = status in (None, "cancel_requested") or self.stopping.is_set()
             if wants_stop and term_sent_at is None:
                 child.send_signal(signal.SIGTERM)
                 term_sent_at = time.monotonic()
             elif term_sent_at is not None and time.monotonic() - term_sent_at > CANCEL_GRACE_S:
                 child.kill()
+            self.stopping.wait(0.2)  # wakes at once when the worker is asked to stop
+        return rc
 
     def _record_exit(self, job_id: str, rc: int, log_path: Path) -> None:
         with self.home.db.session() as s:
