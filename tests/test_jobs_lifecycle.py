@@ -12,7 +12,7 @@ from tunehouse.ids import new_job_id
 from tunehouse.store.db import Database
 from tunehouse.store.tables import Job, utcnow
 
-CONFIG = {"sft": {"lora": True}, "extra": {}}
+CONFIG = {"train": {"lora": True}, "extra": {}}
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: 
         raise InvalidInput(f"Job {job.id} is {job.status}; its model can be downloaded once it has completed.",
                            param="ft_id", code="job_not_completed")
     folder = home.blobs.path(final[0].blob_key)
-    lora = job.config["sft"]["lora"]
+    lora = job.config["train"]["lora"]
     if lora and kind in ("merged", "default", "model_output_path"):
         return folder / MERGED_DIR, "merged"
     if not lora and kind == "adapter":

@@ -99,23 +99,47 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
     # Files: owned, stored, validated, of the right kind.
     train = _owned_file(s, files, owner, req.training_file, "training_file", problems)
     validation_file = req.validation_file or None
-    if validation_file:
-        _owned_file(s, files, owner, validation_file, "validation_file", problems)
+    val = _owned_file(s, files, owner, validation_file, "validation_file", problems) if validation_file else None
 
-    # Method and type.
-    method = req.training_method.method if req.training_method else "sft"
-    if method != "sft":
-        bad("training_method.method", f"training_method.method must be 'sft'; got {method!r}.")
+    # Method: sft, or the DPO family; the file's format must fit the method.
+    tm = req.training_method
+    method = (tm.method if tm else "sft").lower()
+    warnings: list[str] = []
     train_on_inputs = "auto"
-    if req.training_method and req.training_method.train_on_inputs is not None:
-        train_on_inputs = req.training_method.train_on_inputs
+    if tm and tm.train_on_inputs is not None:
+        train_on_inputs = tm.train_on_inputs
     elif req.train_on_inputs is not None:
         train_on_inputs = req.train_on_inputs
     if train_on_inputs in ("true", "false"):
         train_on_inputs = train_on_inputs == "true"
+    if method not in ("sft", "dpo"):
+        bad("training_method.method", f"training_method.method must be 'sft' or 'dpo'; got {method!r}.")
+    for field, f in (("training_file", train), ("validation_file", val)):
+        if f is None:
+            continue
+        if method == "dpo" and f.dataset_format != "PREFERENCE":
+            bad(field, f"{field}: DPO needs a preference dataset (input, preferred_output, non_preferred_output) "
+                       f"in JSONL; file {f.id} is {f.dataset_format or f.file_type}.")
+        if method == "sft" and f.dataset_format == "PREFERENCE":
+            bad(field, f"{field}: file {f.id} holds preference pairs; train on it with training_method dpo.")
+    dpo_fields: dict = {}
+    if method == "dpo":
+        if train_on_inputs != "auto":
+            warnings.append("train_on_inputs is ignored for DPO: only completions are scored.")
+        dpo_fields = {"dpo_beta": 0.1 if not tm or tm.dpo_beta is None else tm.dpo_beta,
+                      "dpo_normalize_logratios_by_length": bool(tm and tm.dpo_normalize_logratios_by_length),
+                      "dpo_reference_free": bool(tm and tm.dpo_reference_free),
+                      "rpo_alpha": 0.0 if not tm or tm.rpo_alpha is None else tm.rpo_alpha,
+                      "simpo_gamma": 0.0 if not tm or tm.simpo_gamma is None else tm.simpo_gamma}
+        beta = dpo_fields["dpo_beta"]
+        if isinstance(beta, (int, float)) and beta > 0 and not 0.05 <= beta <= 0.9:
+            warnings.append(f"dpo_beta {beta} is outside the usual 0.05-0.9: the policy may drift far from "
+                            "the reference (small beta) or barely move (large beta).")
+    elif tm and any(getattr(tm, k) is not None for k in ("dpo_beta", "rpo_alpha", "simpo_gamma")):
+        bad("training_method", "dpo_beta, rpo_alpha and simpo_gamma apply to training_method dpo only.")
     tt = req.training_type
     if tt is None and parent:
-        lora, lora_fields = parent.job.config["sft"]["lora"], parent.job.config["sft"]
+        lora, lora_fields = parent.job.config["train"]["lora"], parent.job.config["train"]
         lora_fields = {k: lora_fields[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_trainable_modules")}
     else:
         lora = tt is None or tt.type.lower() == "lora"
@@ -135,25 +159,26 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
 
     # Batch size: "max" is resolved here; an int must be within the model's bounds.
     bounds = (limits or {}).get("lora_training" if lora else "full_training") or {}
+    max_batch = bounds.get("max_batch_size_dpo" if method == "dpo" else "max_batch_size", CPU_MAX_BATCH)
     batch_size = req.batch_size
     if batch_size == "max":
-        batch_size = min(bounds.get("max_batch_size", CPU_MAX_BATCH), CPU_MAX_BATCH)
+        batch_size = min(max_batch, CPU_MAX_BATCH)
     elif not isinstance(batch_size, int):
         bad("batch_size", f'batch_size must be an integer or "max"; got {batch_size!r}.')
         batch_size = 1
-    elif bounds and not bounds["min_batch_size"] <= batch_size <= bounds["max_batch_size"]:
-        bad("batch_size", f"batch_size must be between {bounds['min_batch_size']} and "
-                          f"{bounds['max_batch_size']}; got {batch_size}.")
+    elif bounds and not bounds["min_batch_size"] <= batch_size <= max_batch:
+        bad("batch_size", f"batch_size must be between {bounds['min_batch_size']} and {max_batch}"
+                          f"{' for DPO' if method == 'dpo' else ''}; got {batch_size}.")
     if limits:
         if req.n_epochs > limits["max_num_epochs"]:
             bad("n_epochs", f"n_epochs must be ≤ {limits['max_num_epochs']}; got {req.n_epochs}.")
         if not limits["min_learning_rate"] <= req.learning_rate <= limits["max_learning_rate"]:
             bad("learning_rate", f"learning_rate must be in [{limits['min_learning_rate']}, "
                                  f"{limits['max_learning_rate']}]; got {req.learning_rate}.")
-        if req.max_seq_length is not None and not (limits["min_max_seq_length"] <= req.max_seq_length
-                                                   <= limits["max_seq_length_sft"]):
+        seq_limit = limits["max_seq_length_dpo" if method == "dpo" else "max_seq_length_sft"]
+        if req.max_seq_length is not None and not limits["min_max_seq_length"] <= req.max_seq_length <= seq_limit:
             bad("max_seq_length", f"max_seq_length must be between {limits['min_max_seq_length']} and "
-                                  f"{limits['max_seq_length_sft']} for {base}; got {req.max_seq_length}.")
+                                  f"{seq_limit} for {base}; got {req.max_seq_length}.")
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         bad("suffix", f"suffix must be 1-40 letters, digits, '.', '_' or '-'; got {req.suffix!r}.")
     if (req.multimodal_params or {}).get("train_vision"):
@@ -174,15 +199,20 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
         min_lr_ratio=sched_args.min_lr_ratio if sched_args and sched_args.min_lr_ratio is not None else 0.0,
         scheduler_num_cycles=sched_args.num_cycles if sched_args and sched_args.num_cycles is not None else 0.5,
         warmup_ratio=req.warmup_ratio, max_grad_norm=req.max_grad_norm, weight_decay=req.weight_decay,
-        lora=lora, **lora_fields, train_on_inputs=train_on_inputs,
+        lora=lora, **lora_fields,
         max_seq_length=req.max_seq_length or min((limits or {}).get("max_seq_length_sft", 2048), 2048),
         packing=req.packing, random_seed=42 if req.random_seed is None else req.random_seed,
         wandb_api_key=req.wandb_api_key or req.wandb_key, wandb_base_url=req.wandb_base_url,
         wandb_project_name=req.wandb_project_name, wandb_name=req.wandb_name, wandb_entity=req.wandb_entity)
     try:
-        cfg = SFTConfig(**values)
+        if method == "dpo":
+            from tunehouse.train.config import DPOConfig
+
+            cfg = DPOConfig(**values, **dpo_fields)
+        else:
+            cfg = SFTConfig(**values, train_on_inputs=train_on_inputs)
     except ValueError as exc:
-        for part in str(exc).removeprefix("invalid SFT config: ").split("; "):
+        for part in str(exc).split(": ", 1)[-1].split("; "):
             bad(part.split(" ", 1)[0], part + ".")
         cfg = None
     if problems:
@@ -200,15 +230,17 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
                                 is not None else 1}}
     if parent:
         extra["parent"] = {"job_id": parent.job.id, "step": parent.checkpoint.step,
-                           "blob_key": parent.checkpoint.blob_key, "lora": parent.job.config["sft"]["lora"],
-                           "lora_shape": {k: parent.job.config["sft"].get(k) for k in
+                           "blob_key": parent.checkpoint.blob_key, "lora": parent.job.config["train"]["lora"],
+                           "lora_shape": {k: parent.job.config["train"].get(k) for k in
                                           ("lora_r", "lora_alpha", "lora_trainable_modules")}}
-    job = Job(id=job_id, owner=owner, status="pending", method="sft", model=base, training_file=req.training_file,
+    job = Job(id=job_id, owner=owner, status="pending", method=method, model=base, training_file=req.training_file,
               validation_file=validation_file, from_checkpoint=req.from_checkpoint,
-              config={"sft": cfg.to_dict(), "extra": extra}, model_output_name=output_name,
+              config={"train": cfg.to_dict(), "extra": extra}, model_output_name=output_name,
               progress={"token_count": 0, "train_lines": train.num_samples if train else None})
     s.add(job)
     s.flush()
     jobs.add_event(s, job.id, "JOB_PENDING", "Fine tune request created")
+    for warning in warnings:
+        jobs.add_event(s, job.id, "WARNING", warning, level="warning")
     jobs.set_status(job, "queued")
     return job

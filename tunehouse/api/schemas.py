@@ -167,13 +167,22 @@ def event_object(ev) -> dict:
 def checkpoint_object(job, cp) -> dict:
     return {"step": cp.step, "path": f"{job.id}:{cp.step}" if cp.checkpoint_type == "Intermediate" else job.id,
             "created_at": iso(cp.created_at), "checkpoint_type": cp.checkpoint_type,
-            "checkpoint": "adapter" if job.config["sft"]["lora"] else "model", "valid_loss": cp.valid_loss}
+            "checkpoint": "adapter" if job.config["train"]["lora"] else "model", "valid_loss": cp.valid_loss}
+
+
+DPO_FIELDS = ("dpo_beta", "dpo_normalize_logratios_by_length", "dpo_reference_free", "rpo_alpha", "simpo_gamma")
+
+
+def _training_method(method: str, cfg: dict) -> dict:
+    if method == "dpo":
+        return {"method": "dpo", **{k: cfg[k] for k in DPO_FIELDS}}
+    return {"method": "sft", "train_on_inputs": cfg["train_on_inputs"]}
 
 
 def job_object(job, events: list | None = None, queue_depth: int = 0) -> dict:
     """The job as both SDK lines accept it (api-reference §5.5): ISO `Z` times, int batch size
     and price, UPPERCASE event types, `model_output_name` (the v3 CLI download needs it)."""
-    cfg, extra, prog = job.config["sft"], job.config.get("extra", {}), job.progress or {}
+    cfg, extra, prog = job.config["train"], job.config.get("extra", {}), job.progress or {}
     lora = cfg["lora"]
     training_type = ({"type": "Lora", "lora_r": cfg["lora_r"], "lora_alpha": cfg["lora_alpha"],
                       "lora_dropout": cfg["lora_dropout"], "lora_trainable_modules": cfg["lora_trainable_modules"]}
@@ -193,8 +202,8 @@ def job_object(job, events: list | None = None, queue_depth: int = 0) -> dict:
                                                **({"num_cycles": cfg["scheduler_num_cycles"]}
                                                   if cfg["lr_scheduler_type"] == "cosine" else {})}},
         "training_type": training_type,
-        "training_method": {"method": "sft", "train_on_inputs": cfg["train_on_inputs"]},
-        "train_on_inputs": cfg["train_on_inputs"],
+        "training_method": _training_method(job.method, cfg),
+        "train_on_inputs": cfg.get("train_on_inputs"),
         "packing": cfg["packing"], "max_seq_length": cfg["max_seq_length"], "random_seed": cfg["random_seed"],
         "suffix": extra.get("suffix"), "from_checkpoint": job.from_checkpoint,
         "from_hf_model": extra.get("from_hf_model"), "hf_model_revision": extra.get("hf_model_revision"),

@@ -89,7 +89,7 @@ class StoreReporter:
 
 def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreReporter) -> dict:
     """Paths for run_sft: base weights (or a parent's merged weights), init adapter, data, resume."""
-    cfg = job.config["sft"]
+    cfg = job.config["train"]
     parent = job.config.get("extra", {}).get("parent")
     reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {job.model}")
     model_path, init_adapter = Path(registry.path(job.model)), None
@@ -146,8 +146,18 @@ def main(job_id: str) -> int:
 
     try:
         inputs = resolve_inputs(home, job, registry, reporter)
-        cfg = SFTConfig.from_dict(job.config["sft"])
-        run_sft(cfg, output_dir=home.blobs.path(f"jobs/{job_id}/out"), reporter=reporter, **inputs)
+        output_dir = home.blobs.path(f"jobs/{job_id}/out")
+        if job.method == "dpo":
+            from tunehouse.train.config import DPOConfig
+            from tunehouse.train.dpo import run_dpo
+
+            parent = job.config.get("extra", {}).get("parent") or {}
+            # The reference is the starting policy: the base model, or the parent checkpoint.
+            reference_id = f"{job.model}|{parent.get('blob_key', '')}|lora={job.config['train']['lora']}"
+            run_dpo(DPOConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter,
+                    reference_cache_dir=home.blobs.path("reference-logps"), reference_id=reference_id, **inputs)
+        else:
+            run_sft(SFTConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter, **inputs)
     except Cancelled:
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
