@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import zstandard
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from tunehouse import jobs
@@ -89,18 +89,10 @@ def serve_range(path: Path, range_header: str | None, filename: str) -> Response
     if start >= size or start > end:
         raise RangeNotSatisfiable(f"Range {range_header!r} is outside the {size}-byte file.", param="range",
                                   headers={"Content-Range": f"bytes */{size}"})
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        body = fh.read(end - start + 1) if end - start < (64 << 20) else None
-    if body is None:
-        return _stream_range(path, start, end, size, headers)
-    return Response(body, status_code=206, media_type="application/octet-stream",
-                    headers=headers | {"Content-Range": f"bytes {start}-{end}/{size}"})
+    return _stream_range(path, start, end, size, headers)
 
 
 def _stream_range(path: Path, start: int, end: int, size: int, headers: dict) -> Response:
-    from fastapi.responses import StreamingResponse
-
     def chunks():
         with open(path, "rb") as fh:
             fh.seek(start)
