@@ -2,15 +2,19 @@
 live server with its embedded worker and the tiny model. One LoRA job, created by the CLI from a
 local path, is shared by the module: watch, list, retrieve, events, checkpoints, metrics,
 downloads, cancel, and finally delete. Plus in-process checks of the request body the CLI builds,
-the download's resume after a broken connection, and flag names = config field names."""
+the download's resume after a broken connection, and flag names = config field names; and the
+standalone worker, stopped with Ctrl-C mid-job."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import queue
 import signal
 import subprocess
+import threading
+import time
 
 import httpx
 import pytest
@@ -18,7 +22,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import DATA, ROOT, _serve, bin_path
-from jobs_support import untar_zst
+from jobs_support import untar_zst, write_chat
 from tunehouse import cli
 from tunehouse.client import Client
 from tunehouse.settings import Settings
@@ -143,6 +147,12 @@ def test_create_body_is_the_sdk_shape(monkeypatch):
         "training_method": {"method": "sft", "train_on_inputs": False}, "wandb_key": "w"})]
     res = CliRunner().invoke(cli.app, ["ft", "create", "-t", "file-1", "-m", TINY, "--no-lora", "--lora-r", "4", "-y"])
     assert res.exit_code == 1 and len(sent) == 1
+    res = CliRunner().invoke(cli.app, ["ft", "create", "-t", "file-1", "-m", TINY, "--training-method", "dpo",
+                                       "--no-lora", "--simpo-gamma", "0.5", "-y"])
+    assert res.exit_code == 0, res.output
+    assert sent[-1][1] == {"training_file": "file-1", "model": TINY, "training_type": {"type": "Full"},
+                           "training_method": {"method": "dpo", "simpo_gamma": 0.5, "dpo_reference_free": True,
+                                               "dpo_normalize_logratios_by_length": True}}
 
 
 def test_download_resumes_after_a_broken_connection(tmp_path):
@@ -185,15 +195,30 @@ def test_models_list_and_add(server, tmp_path):
     assert bad.returncode == 1 and "config.json" in bad.stderr
 
 
-def test_worker_starts_and_stops_on_ctrl_c(tmp_path):
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
-    proc = subprocess.Popen([bin_path("tunehouse"), "worker", "--home", str(tmp_path / "home")], env=env,
+def test_worker_runs_a_job_and_requeues_it_on_ctrl_c(live, model_cache, tmp_path):
+    """`tunehouse worker` beside a server without an embedded worker: it claims the job, and
+    Ctrl-C mid-run stops the training child and puts the job back in the queue."""
+    client = Client(live.url, live.key)
+    f = client.upload(write_chat(tmp_path / "long.jsonl", 2000))
+    job = client.create_job({"training_file": f["id"], "model": TINY, "batch_size": 1})
+    env = dict(os.environ, TUNEHOUSE_MODEL_CACHE=str(model_cache), COLUMNS="200", NO_COLOR="1")
+    proc = subprocess.Popen([bin_path("tunehouse"), "worker", "--home", str(live.settings.home)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first = proc.stdout.readline()
-    assert "waiting for jobs" in first, first
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 0 and "worker stopped" in rest, rest
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        assert "waiting for jobs" in lines.get(timeout=30)
+        assert f"running {job['id']} (attempt 1)" in lines.get(timeout=30)
+        deadline = time.monotonic() + 60
+        while client.retrieve_job(job["id"])["steps_completed"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    rest = "".join(lines.get(timeout=5) for _ in range(lines.qsize()))
+    assert "SIGINT: stopping" in rest and f"{job['id']}: queued" in rest and "worker stopped" in rest, rest
+    assert client.retrieve_job(job["id"])["status"] == "queued"
 
 
 def test_delete_then_retrieve_names_the_id(server, job):

@@ -303,7 +303,17 @@ def ft_create(
     lora_alpha: Annotated[Optional[float], _opt("lora_alpha")] = None,
     lora_dropout: Annotated[Optional[float], _opt("lora_dropout")] = None,
     lora_trainable_modules: Annotated[Optional[str], _opt("lora_trainable_modules")] = None,
-    training_method: Annotated[Optional[str], typer.Option(help="sft (supervised fine-tuning).")] = None,
+    training_method: Annotated[Optional[str], typer.Option(help="sft (the default), or dpo on preference pairs.")
+                               ] = None,
+    dpo_beta: Annotated[Optional[float], typer.Option(help="DPO: pull toward the reference model (server default "
+                                                      "0.1).")] = None,
+    dpo_normalize_logratios_by_length: Annotated[Optional[bool], typer.Option(
+        "--dpo-normalize-logratios-by-length", help="DPO: divide log-ratios by response length.")] = None,
+    rpo_alpha: Annotated[Optional[float], typer.Option(help="DPO: weight of the NLL term on chosen responses.")
+                         ] = None,
+    simpo_gamma: Annotated[Optional[float], typer.Option(help="DPO: SimPO reward margin; > 0 also turns on "
+                                                         "reference-free and length normalisation, as the SDK does.")
+                           ] = None,
     train_on_inputs: Annotated[Optional[Literal["true", "false", "auto"]], _opt("train_on_inputs")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help=_DOC["packing"])] = None,
     max_seq_length: Annotated[Optional[int], _opt("max_seq_length")] = None,
@@ -332,9 +342,12 @@ def ft_create(
         training_type = {"type": "Lora", **lora_args}
     else:
         training_type = None  # the server's choice: LoRA, or the parent job's type
-    inputs = {"true": True, "false": False}.get(train_on_inputs, train_on_inputs)
-    training_method = (_drop_none(dict(method=training_method or "sft", train_on_inputs=inputs))
-                       if training_method or train_on_inputs else None)
+    method = _drop_none(dict(train_on_inputs={"true": True, "false": False}.get(train_on_inputs, train_on_inputs),
+                             dpo_beta=dpo_beta, dpo_normalize_logratios_by_length=dpo_normalize_logratios_by_length,
+                             rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma))
+    if simpo_gamma:  # SimPO has no reference model (the SDK's rule)
+        method |= {"dpo_reference_free": True, "dpo_normalize_logratios_by_length": True}
+    training_method = {"method": training_method or "sft", **method} if training_method or method else None
     scheduler_args = _drop_none(dict(min_lr_ratio=min_lr_ratio, num_cycles=scheduler_num_cycles)) or None
     lr_scheduler = _drop_none(dict(lr_scheduler_type=lr_scheduler_type, lr_scheduler_args=scheduler_args)) or None
     body = _drop_none(dict(
@@ -356,9 +369,12 @@ def ft_create(
         if not confirm:
             asked = ("training_file", "validation_file", "model", "from_checkpoint", "n_epochs", "n_evals")
             price = client.estimate_price({k: body[k] for k in asked if k in body})
-            err.print(f"About to create a fine-tuning job, estimated price ${price['estimated_total_price']:.2f}:")
+            total = price.get("estimated_total_price")  # absent when the server cannot estimate
+            err.print("About to create a fine-tuning job" + (f", estimated price ${total:.2f}:" if total is not None
+                                                              else ":"))
             err.print_json(data=body | ({"wandb_key": "***"} if wandb_api_key else {}))
             if sys.stdin.isatty() and not typer.confirm("Proceed?", err=True):
+                err.print("Not created.")
                 raise typer.Exit(1)
         job = client.create_job(body)
     except ApiError as exc:
@@ -590,15 +606,20 @@ def worker(home: HomeDir = None):
 
     settings = _settings(home)
     w = NarratedWorker(open_home(settings))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
-    try:
-        w.start_thread()
-        console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
-        while w.thread.is_alive():
-            w.thread.join(0.5)
-    except KeyboardInterrupt:
-        console.print("stopping (a running job is stopped and requeued)…")
+
+    def on_signal(signum, _frame) -> None:
+        if w.stopping.is_set():  # a second Ctrl-C: stop now (the job is recovered from its last checkpoint)
+            raise KeyboardInterrupt
+        console.print(f"{signal.Signals(signum).name}: stopping (a running job is stopped and requeued)…")
         w.stop()
+
+    # The loop runs in this (main) thread and the handler only sets the stop event: a Thread.join
+    # interrupted by KeyboardInterrupt then reports the live thread as finished (seen on CPython
+    # 3.11.7), and exiting would kill the training child mid-step without requeueing its job.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
+    w.run_forever()
     console.print("worker stopped")
 
 

@@ -78,7 +78,8 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
     problems: list[tuple[str, str]] = []
 
     def bad(field: str, message: str) -> None:
-        problems.append((field, message))
+        if all(f != field for f, _ in problems):  # one message per field, the most specific first
+            problems.append((field, message))
 
     # Where the weights come from: a base model, or a parent job's checkpoint.
     parent = None

@@ -112,3 +112,26 @@ class ModelRow(Base):
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
     source: Mapped[str] = mapped_column(String(1024))  # local folder or hub id
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Endpoint(Base):
+    """A dedicated endpoint: one model kept loaded (merged weights) in its own process."""
+
+    __tablename__ = "endpoints"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(512), unique=True)  # what chat requests pass as `model`
+    display_name: Mapped[str | None] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(512))
+    hardware: Mapped[str] = mapped_column(String(128))
+    min_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    max_replicas: Mapped[int] = mapped_column(Integer, default=1)
+    inactive_timeout: Mapped[int | None] = mapped_column(Integer)  # minutes; 0/None = never
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+    desired: Mapped[str] = mapped_column(String(16), default="STARTED")  # STARTED | STOPPED
+    port: Mapped[int | None] = mapped_column(Integer)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -44,6 +44,8 @@ class StoreReporter:
         self._first_step: int | None = None
 
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
+        if type == ev.TRAINING_START:
+            self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
         with self.home.db.session() as s:
             jobs.add_event(s, self.job_id, type, message, level, **fields)
             job = s.get(Job, self.job_id)
@@ -59,7 +61,7 @@ class StoreReporter:
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if self._first_step is None:
-            self._first_step, self._t0 = step - 1, time.monotonic()
+            self._first_step = step - 1  # a resumed run starts past 0
         with self.home.db.session() as s:
             s.add(Metric(job_id=self.job_id, step=step, values=values))
             job = s.get(Job, self.job_id)
