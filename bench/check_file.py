@@ -109,7 +109,11 @@ def main() -> None:
     ap.add_argument("--sdk-python", default=os.environ.get(
         "TUNEHOUSE_TOGETHER1_PYTHON", str(ROOT / ".venv-together1/bin/python")))
     ap.add_argument("--out", default=None, help="folder for the generated file (default: a temp dir)")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="tunehouse checker processes (default: one per CPU; the library's own default "
+                         "also looks at the load average, which the file generation just raised)")
     args = ap.parse_args()
+    os.environ["TUNEHOUSE_CHECK_WORKERS"] = str(args.workers)
 
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         path = Path(tmp) / "chat.jsonl"
@@ -124,7 +128,7 @@ def main() -> None:
     speedup = sdk["seconds"] / ours["seconds"]
     print(f"speedup {speedup:.2f}x (wall-clock {sdk['wall_s'] / ours['wall_s']:.2f}x)")
     print(json.dumps({
-        "size_mb": args.size_mb, "lines": n, "cpus": len(os.sched_getaffinity(0)),
+        "size_mb": args.size_mb, "lines": n, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)),
         "tunehouse_lines_per_s": round(n / ours["seconds"]), "sdk_lines_per_s": round(n / sdk["seconds"]),
         "tunehouse_peak_rss_mb": round(ours["peak_rss_mb"], 1), "sdk_peak_rss_mb": round(sdk["peak_rss_mb"], 1),
         "tunehouse_wall_s": round(ours["wall_s"], 3), "sdk_wall_s": round(sdk["wall_s"], 3),
