@@ -87,6 +87,14 @@ def test_lora_job_end_to_end(live_worker, tmp_path):
                                  learning_rate=1e-3, batch_size=4)
     assert wait_for(c, child.id).status == "completed"
     assert c.fine_tuning.retrieve(child.id).model == TINY
+    assert any("Continuing the LoRA adapter" in e.message for e in c.fine_tuning.list_events(child.id).data)
+
+    # Another LoRA shape: the parent is merged into the base first, then a new adapter is trained.
+    other = c.fine_tuning.create(training_file=train.id, from_checkpoint=done.model_output_name, n_epochs=1,
+                                 learning_rate=1e-3, batch_size=4, lora=True, lora_r=4)
+    assert wait_for(c, other.id).status == "completed"
+    assert c.fine_tuning.retrieve(other.id).training_type.lora_r == 4
+    assert any("Merged the adapter" in e.message for e in c.fine_tuning.list_events(other.id).data)
 
 
 def test_create_reports_every_bad_field_at_once(live_worker, tmp_path):

@@ -101,8 +101,13 @@ def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreRepo
             parent["lora_shape"][k] == cfg[k] for k in ("lora_r", "lora_alpha", "lora_trainable_modules"))
         if same_shape:
             init_adapter = folder  # keep training the parent's adapter
+            reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent['job_id']} (step {parent['step']})",
+                           level="info")
         elif parent["lora"]:
             model_path = _merged(home, job, folder, model_path)  # fold the parent in, then a new adapter/full
+            reporter.event(ev.WARNING, f"Merged the adapter of {parent['job_id']} (step {parent['step']}) into "
+                                       "the base weights: this job's training type or LoRA shape differs",
+                           level="info")
         else:
             model_path = folder  # a full-weights parent is a model folder already
     reporter.event("MODEL_DOWNLOAD_COMPLETE", "Model data downloaded")
