@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     upload_token_ttl_s: int = Field(3600, description="Lifetime of the signed upload URL, seconds.")
     max_file_bytes: int = Field(int(50.1 * GIB), description="Largest accepted upload (50.1 GiB, as the SDKs).")
     multipart_threshold_bytes: int = Field(5 * GIB, description="Files above this use the multipart flow.")
+    serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")
+    serve_max_loaded_models: int = Field(2, ge=1, description="Base/full fine-tuned weights kept in memory (LRU).")
+    serve_max_loaded_adapters: int = Field(8, ge=1, description="LoRA adapters kept attached per base (LRU).")
+    serve_dtype: str = Field("float32", description="Inference weights dtype: float32, bfloat16 or float16.")
+    serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
 
     def model_post_init(self, _context) -> None:
         self.home = self.home.expanduser().resolve()

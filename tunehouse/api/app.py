@@ -4,6 +4,7 @@ builds its own app over its own home."""
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,10 +13,13 @@ from tunehouse import __version__
 from tunehouse.api import errors
 from tunehouse.api import files as files_routes
 from tunehouse.api import fine_tunes as fine_tune_routes
+from tunehouse.api import endpoints as endpoint_routes
+from tunehouse.api import inference as inference_routes
 from tunehouse.api.deps import CurrentCaller
 from tunehouse.api.paths import NormalisePaths
 from tunehouse.files import FileService
 from tunehouse.models.registry import Registry
+from tunehouse.serve.endpoints import Supervisor, model_dir_for
 from tunehouse.settings import Settings
 from tunehouse.store.home import open_home
 
@@ -27,24 +31,36 @@ def create_app(settings: Settings) -> FastAPI:
         from tunehouse.worker.loop import Worker
 
         worker = Worker(home)
+    engine = _LazyEngine(settings)
+    registry = Registry(home)
+    supervisor = Supervisor(home, lambda s, owner, name: model_dir_for(s, home, registry, owner, name))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if worker:
             worker.start_thread()
+        supervisor.start()
         yield
+        supervisor.stop()
         if worker:
             worker.stop()
+        engine.close()
 
     app = FastAPI(title="tunehouse", version=__version__, lifespan=lifespan)
     app.state.home = home
     app.state.files = FileService(home)
-    app.state.registry = Registry(home)
+    app.state.registry = registry
+    app.state.supervisor = supervisor
+    app.state.supervisor_wake = supervisor.wake.set
+    app.state.resolve_model_dir = supervisor.resolve_model_dir
     app.state.worker = worker
     app.state.wake_worker = (lambda: worker.wake.set()) if worker else (lambda: None)
+    app.state.engine = engine  # call it to get the engine; the first call creates it
     errors.install(app)
     app.include_router(files_routes.router)
     app.include_router(fine_tune_routes.router)
+    app.include_router(inference_routes.router)
+    app.include_router(endpoint_routes.router)
 
     @app.get("/health", tags=["meta"])
     def health():
@@ -59,3 +75,33 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(NormalisePaths)
     return app
+
+
+class _LazyEngine:
+    """The inference engine, created on the first inference request (so starting the server loads
+    no model) and shut down with the app."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            if self.engine is None:
+                from tunehouse.serve.engine import TorchEngine
+
+                s = self.settings
+                self.engine = TorchEngine(max_batch_size=s.serve_max_batch_size, max_models=s.serve_max_loaded_models,
+                                          max_adapters=s.serve_max_loaded_adapters, dtype=s.serve_dtype,
+                                          threads=s.serve_threads)
+            return self.engine
+
+    def forget(self, path) -> None:
+        """Drop a deleted model's weights, if the engine has been started."""
+        if self.engine is not None:
+            self.engine.forget(path)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()

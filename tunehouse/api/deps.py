@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from tunehouse.api.auth import Caller, authenticate
 from tunehouse.files import FileService
 from tunehouse.models.registry import Registry
+from tunehouse.serve.engine import Engine
 from tunehouse.store.home import Home
 
 
@@ -32,9 +33,14 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine()  # created on first use: starting the server loads no model
+
+
 HomeDep = Annotated[Home, Depends(_home)]
 # scope="function": commit before the response is sent, so a client never reads stale state.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 CurrentCaller = Annotated[Caller, Depends(authenticate)]
 FilesDep = Annotated[FileService, Depends(_files)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
+EngineDep = Annotated[Engine, Depends(_engine)]

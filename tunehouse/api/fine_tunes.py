@@ -64,10 +64,12 @@ def cancel(job_id: str, caller: CurrentCaller, session: SessionDep):
 
 
 @router.delete("/fine-tunes/{job_id}")
-def delete(job_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, force: bool = False):
+def delete(job_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, request: Request,
+           force: bool = False):
     job = jobs.get_owned(session, caller.owner, job_id)
     jobs.delete_job(session, job)
     home.blobs.delete(f"jobs/{job_id}")
+    request.app.state.engine.forget(home.blobs.path(f"jobs/{job_id}"))  # its model is gone from inference too
     return {"id": job_id, "object": "fine-tune", "deleted": True, "message": f"Job {job_id} deleted"}
 
 

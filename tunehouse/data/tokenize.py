@@ -103,6 +103,26 @@ def tokenize_row(row: dict[str, Any], tokenizer, *, train_on_inputs: bool | str,
     return Tokenized(ids[:max_seq_length], labels[:max_seq_length], truncated)
 
 
+def tokenize_conversation(tokenizer, messages: list[dict], *,
+                          train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation, untruncated: the rules of the module docstring."""
+    return _conversation(tokenizer, messages, train_on_inputs)
+
+
+def read_rows(path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped) or a Parquet file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _pretokenized(row: dict[str, Any]) -> tuple[list[int], list[int]]:
     ids = [int(t) for t in row["input_ids"]]
     labels = row.get("labels")

@@ -135,3 +135,24 @@ def build_tiny_model(dest: Path, seed: int = 0) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def random_lora_adapter(base_dir: Path, dest: Path, rank: int = 8, seed: int = 0, scale: float = 0.5) -> Path:
+    """Write a PEFT LoRA adapter for the model in `base_dir` on all linear layers, with B set to
+    random values (PEFT initialises B to zero, which would leave the outputs unchanged), for tests
+    and benchmarks of adapter serving."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, scale / rank)
+    peft_model.save_pretrained(dest)
+    return Path(dest)

@@ -53,8 +53,9 @@ def save_checkpoint(dest: Path, *, model, tokenizer, config: dict[str, Any],
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         if hasattr(model, "peft_config"):
-            # "auto" would look the base model name up on the hub to compare vocab sizes
-            model.save_pretrained(tmp, save_embedding_layers=False)
+            # "auto" would look the base model name up on the hub to compare vocab sizes; only the
+            # trained adapter is written (DPO may hold a frozen "reference" adapter beside it)
+            model.save_pretrained(tmp, save_embedding_layers=False, selected_adapters=["default"])
         else:
             model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card: no facts

@@ -1,4 +1,4 @@
-"""How a training recipe reports: events, metrics, checkpoints, and whether to stop.
+"""How a training recipe reports: events, metrics, checkpoints, whether to stop, and W&B.
 
 The recipe writes only through a `Reporter`; the worker's implementation forwards to the store
 (events with the UPPERCASE protocol types of api-reference §5.6), tests use `MemoryReporter`.
@@ -23,6 +23,14 @@ WARNING = "WARNING"
 
 INTERMEDIATE = "Intermediate"
 FINAL = "Final"
+
+
+class Cancelled(Exception):
+    """A cancel was requested; training stopped before `step` + 1 with no checkpoint written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training cancelled after step {step}")
+        self.step = step
 
 
 class Reporter(Protocol):
@@ -85,3 +93,30 @@ class PrintReporter:
 
     def should_stop(self) -> bool:
         return False
+
+
+class NullWandb:
+    """Stands in for a W&B run when no key is given or wandb is not installed."""
+
+    def log(self, values: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def open_wandb(cfg, reporter: Reporter):
+    """A W&B run for a config with wandb_* fields (SFTConfig, DPOConfig), else a NullWandb."""
+    if not cfg.wandb_api_key:
+        return NullWandb()
+    try:
+        import wandb
+    except ImportError:
+        reporter.event(WARNING, "wandb is not installed: W&B logging is off", level="warning")
+        return NullWandb()
+    wandb.login(key=cfg.wandb_api_key, host=cfg.wandb_base_url)
+    config = {k: v for k, v in cfg.to_dict().items() if k != "wandb_api_key"}
+    run = wandb.init(project=cfg.wandb_project_name, name=cfg.wandb_name,
+                     entity=cfg.wandb_entity, config=config)
+    reporter.event(WANDB_INIT, "Weights & Biases run started", wandb_url=run.url)
+    return run

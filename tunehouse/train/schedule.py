@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the optimizer step.
+"""Optimizer, learning-rate schedule and data order, as plain functions of the step.
 
 Semantics match transformers' `get_linear_schedule_with_warmup` and
 `get_cosine_with_min_lr_schedule_with_warmup` (what together's trainer uses):
@@ -10,6 +10,8 @@ Semantics match transformers' `get_linear_schedule_with_warmup` and
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -31,3 +33,28 @@ def lr_multiplier(step: int, total_steps: int, *, scheduler: str = "cosine",
     else:
         raise ValueError(f'scheduler must be "linear" or "cosine", got {scheduler!r}')
     return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+
+
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on biases and norm weights."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if _decays(n, p)]
+    no_decay = [p for n, p in named if not _decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim >= 2 and "norm" not in name.lower() and not name.endswith("bias")
+
+
+def spaced_steps(total_steps: int, n: int) -> set[int]:
+    """n steps spread evenly over 1…total_steps, the last one being total_steps."""
+    return {max(1, round(total_steps * k / n)) for k in range(1, n + 1)} if n > 0 else set()
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """A seeded permutation of the rows for `epoch`, so resume needs only the step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator).tolist()

@@ -15,9 +15,7 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,25 +23,17 @@ from pathlib import Path
 import torch
 
 from tunehouse.data.packing import Batch, collate, pack
-from tunehouse.data.tokenize import Tokenized, pad_token_id, tokenize_row
+from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, tokenize_row
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
-from tunehouse.train.events import Reporter
+from tunehouse.train.events import Cancelled, Reporter, open_wandb
 from tunehouse.train.lora import add_lora, load_lora, merge, parameter_counts
 from tunehouse.train.losses import token_accuracy, token_cross_entropy, trained_logits
-from tunehouse.train.schedule import lr_multiplier
+from tunehouse.train.precision import autocast_for, cpu_supports_bf16, mask_dtype
+from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_steps
 
-BF16_ENV = "TUNEHOUSE_BF16"  # "1": bf16 autocast on CPUs that support it (default fp32)
-
-
-class Cancelled(Exception):
-    """A cancel was requested; training stopped before `step` + 1 with no checkpoint written."""
-
-    def __init__(self, step: int):
-        super().__init__(f"training cancelled after step {step}")
-        self.step = step
-
+__all__ = ["Cancelled", "cpu_supports_bf16", "read_rows", "run_sft"]  # older import paths
 
 @dataclass
 class _Run:
@@ -79,7 +69,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     # Seed, device, precision
     torch.manual_seed(cfg.random_seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = _autocast(device, bf16)
+    autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,11 +97,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     total_steps = steps_per_epoch * cfg.n_epochs
 
     # Optimizer (AdamW, no decay on biases and norms); the lr is set from the schedule each step
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and _decays(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not _decays(n, p)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay)
 
     # Resume: weights came with the model above; optimizer, RNG and position from the folder
     start_step, history = 0, []
@@ -129,7 +115,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
                        ex.num_tokens for row in train_rows for ex in row) * cfg.n_epochs)
     run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_rows, valid_rows, pad_id,
                autocast, steps_per_epoch, total_steps, Path(output_dir), reporter)
-    wandb = _wandb(cfg, reporter)
+    wandb = open_wandb(cfg, reporter)
     try:
         history = _train_loop(run, start_step, history, wandb)
     finally:
@@ -191,7 +177,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[
 
 def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float, float, float, int]:
     """One optimizer step over `rows` → (loss, token accuracy, grad norm, real tokens)."""
-    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, _mask_dtype(run))
+    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, mask_dtype(run.autocast))
              for idx in torch.tensor_split(torch.arange(len(rows)),
                                            run.cfg.gradient_accumulation_steps) if len(idx)]
     step_tokens = sum(b.num_trained_tokens for b in micro)
@@ -220,7 +206,7 @@ def evaluate(run: _Run) -> tuple[float, float]:
     size = run.cfg.micro_batch_size()
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(run.valid_rows), size):
-        batch = collate(run.valid_rows[start:start + size], run.pad_id, _mask_dtype(run))
+        batch = collate(run.valid_rows[start:start + size], run.pad_id, mask_dtype(run.autocast))
         with run.autocast or contextlib.nullcontext():
             logits, targets = trained_logits(run.causal_lm, _to(batch, run), _to_t(batch, run))
         loss, n = token_cross_entropy(logits, targets)
@@ -229,27 +215,6 @@ def evaluate(run: _Run) -> tuple[float, float]:
         count += n
     run.model.train()
     return loss_sum / max(count, 1), correct / max(count, 1)
-
-
-def spaced_steps(total_steps: int, n: int) -> set[int]:
-    """n steps spread evenly over 1…total_steps, the last one being total_steps."""
-    return {max(1, round(total_steps * k / n)) for k in range(1, n + 1)} if n > 0 else set()
-
-
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_rows, generator=generator).tolist()
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped) or a Parquet file."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _examples(path: Path, tokenizer, cfg: SFTConfig, reporter: Reporter, what: str):
@@ -290,10 +255,6 @@ def _save(run: _Run, step: int, history: list[dict], folder: Path, *, merged: bo
                                 extra=write_merged if merged else None)
 
 
-def _decays(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim >= 2 and "norm" not in name.lower() and not name.endswith("bias")
-
-
 def _to(batch: Batch, run: _Run) -> dict[str, torch.Tensor]:
     device = next(run.causal_lm.parameters()).device
     return {k: v.to(device) for k, v in batch.model_inputs().items()}
@@ -301,50 +262,3 @@ def _to(batch: Batch, run: _Run) -> dict[str, torch.Tensor]:
 
 def _to_t(batch: Batch, run: _Run) -> torch.Tensor:
     return batch.targets.to(next(run.causal_lm.parameters()).device)
-
-
-def _mask_dtype(run: _Run) -> torch.dtype:
-    return torch.bfloat16 if run.autocast is not None else torch.float32
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 matmul on this CPU (AVX512-BF16 / AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _autocast(device: torch.device, bf16: bool | None):
-    if device.type == "cuda":
-        wanted = torch.cuda.is_bf16_supported() if bf16 is None else bf16
-    else:
-        wanted = os.environ.get(BF16_ENV) == "1" if bf16 is None else bf16
-        wanted = wanted and cpu_supports_bf16()
-    return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else None
-
-
-class _NullWandb:
-    """Stands in for a W&B run when no key is given or wandb is not installed."""
-
-    def log(self, values: dict, step: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def _wandb(cfg: SFTConfig, reporter: Reporter):
-    if not cfg.wandb_api_key:
-        return _NullWandb()
-    try:
-        import wandb
-    except ImportError:
-        reporter.event(ev.WARNING, "wandb is not installed: W&B logging is off", level="warning")
-        return _NullWandb()
-    wandb.login(key=cfg.wandb_api_key, host=cfg.wandb_base_url)
-    config = {k: v for k, v in cfg.to_dict().items() if k != "wandb_api_key"}
-    run = wandb.init(project=cfg.wandb_project_name, name=cfg.wandb_name,
-                     entity=cfg.wandb_entity, config=config)
-    reporter.event(ev.WANDB_INIT, "Weights & Biases run started", wandb_url=run.url)
-    return run

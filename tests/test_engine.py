@@ -1,0 +1,164 @@
+"""TorchEngine without HTTP, on the tiny model: batched decoding gives the same tokens as one
+request at a time (KV merge, left padding, position ids), base and LoRA rows share a batch, LRU
+eviction of adapters, FIFO across weights, forgetting deleted files."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+
+from tunehouse.models.tiny import build_tiny_model, random_lora_adapter
+from tunehouse.serve.engine import ModelRef, TorchEngine
+from tunehouse.serve.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+PROMPTS = ["The quick brown fox", "Hello", "What is the capital of France? The capital", "a b c d e f g h"]
+
+
+@pytest.fixture(scope="module")
+def models(model_cache, tmp_path_factory):
+    base = build_tiny_model(model_cache / "models" / "tunehouse--tiny-llama")
+    tmp = tmp_path_factory.mktemp("engine")
+    adapters = [random_lora_adapter(base, tmp / f"lora{i}", seed=i) for i in range(2)]
+    full = shutil.copytree(base, tmp / "full")  # stands in for a full fine-tune: other weights
+    return base, adapters, full
+
+
+def ref(base, adapter=None, weights="tiny"):
+    return ModelRef("m", weights, base, 2048, adapter_path=adapter)
+
+
+async def collect(engine, model, prompt_ids, params=GREEDY, delay=0.0):
+    await asyncio.sleep(delay)
+    tokens, text = [], ""
+    async for ev in engine.submit(model, prompt_ids, params):
+        assert ev.error is None, ev.error
+        tokens.append(ev.token_id)
+        text += ev.text
+    return tokens, text
+
+
+def test_batched_equals_one_at_a_time_with_base_and_lora_rows(models):
+    base, adapters, _ = models
+    refs = [ref(base), ref(base, adapters[0]), ref(base, adapters[1])]
+
+    async def main():
+        engine = TorchEngine(max_batch_size=16, threads=1)
+        try:
+            ids = [engine.tokenizer(refs[0]).encode(p) for p in PROMPTS]
+            jobs = [(r, p) for r in refs for p in ids]
+            alone = [await collect(engine, r, p) for r, p in jobs]
+            assert engine.stats()["max_batch_size"] == 1
+            # Staggered arrivals join the running batch at later steps.
+            together = await asyncio.gather(*[collect(engine, r, p, delay=0.003 * i) for i, (r, p) in enumerate(jobs)])
+            return alone, together, engine.stats()
+        finally:
+            engine.close()
+
+    alone, together, stats = asyncio.run(main())
+    assert together == alone
+    assert stats["max_batch_size"] > 4 and stats["adapter_loads"] == 2
+    by_model = [alone[i * len(PROMPTS)][0] for i in range(3)]
+    assert by_model[0] != by_model[1] != by_model[2]  # each adapter changes the output
+
+
+def test_adapters_lru_and_fifo_across_weights(models):
+    base, adapters, full = models
+
+    async def main():
+        engine = TorchEngine(max_batch_size=4, max_adapters=1, max_models=1, threads=1)
+        try:
+            ids = engine.tokenizer(ref(base)).encode("Hello")
+            first = await collect(engine, ref(base, adapters[0]), ids)
+            await collect(engine, ref(base, adapters[1]), ids)
+            again = await collect(engine, ref(base, adapters[0]), ids)
+            mid = engine.stats()
+            # Requests for two sets of weights, interleaved: all finish, each weights loaded as needed.
+            mixed = [ref(base), ref(full, weights="full")] * 3
+            outs = await asyncio.gather(*[collect(engine, r, ids) for r in mixed])
+            return first, again, mid, outs, engine.stats()
+        finally:
+            engine.close()
+
+    first, again, mid, outs, stats = asyncio.run(main())
+    assert first == again
+    assert mid["adapter_loads"] == 3 and mid["adapter_evictions"] == 2
+    assert all(o == outs[0] for o in outs)  # same weights (copied), same greedy text
+    assert stats["model_loads"] >= 2 and stats["model_evictions"] >= 1
+    assert list(stats["loaded"]) in (["tiny"], ["full"])
+
+
+def test_forget_drops_an_adapter_whose_files_are_gone(models, tmp_path):
+    base, adapters, _ = models
+    doomed = shutil.copytree(adapters[0], tmp_path / "job" / "final")
+
+    async def main():
+        engine = TorchEngine(threads=1, sweep_s=0.05)
+        try:
+            ids = engine.tokenizer(ref(base)).encode("Hello")
+            await collect(engine, ref(base, doomed), ids)
+            assert str(doomed) in engine.stats()["loaded"]["tiny"]
+            shutil.rmtree(tmp_path / "job")  # deleted by another process: the sweep notices
+            for _ in range(100):
+                if not engine.stats()["loaded"]["tiny"]:
+                    break
+                await asyncio.sleep(0.02)
+            return engine.stats()
+        finally:
+            engine.close()
+
+    stats = asyncio.run(main())
+    assert stats["loaded"]["tiny"] == [] and stats["adapter_evictions"] == 1
+
+
+def test_stop_sequence_is_cut_and_never_streamed(models):
+    base, _, _ = models
+
+    async def main():
+        engine = TorchEngine(threads=1)
+        try:
+            ids = engine.tokenizer(ref(base)).encode("The quick brown fox")
+            _, full = await collect(engine, ref(base), ids)
+            stop = full[4:7]
+            deltas = []
+            async for ev in engine.submit(ref(base), ids, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))):
+                deltas.append((ev.text, ev.finish_reason))
+            return full, stop, deltas
+        finally:
+            engine.close()
+
+    full, stop, deltas = asyncio.run(main())
+    assert "".join(t for t, _ in deltas) == full[:full.index(stop)]
+    assert deltas[-1][1] == "stop"
+
+
+def test_serving_lora_matches_peft(models):
+    """The serving-side LoRA gives PEFT's logits for one adapter, and for a mixed batch each row
+    gets its own adapter (or none)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunehouse.serve import lora
+
+    base, adapters, _ = models
+    ids = torch.tensor([[1, 5, 9, 13, 17]] * 3)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        expected = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), a)(ids).logits
+                    for a in adapters]
+        model, routing = AutoModelForCausalLM.from_pretrained(base), lora.Routing()
+        for i, a in enumerate(adapters):
+            lora.load_adapter(model, routing, a, f"x{i}")
+        routing.current = "x1"
+        assert torch.allclose(model(ids).logits, expected[1], atol=1e-5)
+        routing.current = [("x0", torch.tensor([0])), ("x1", torch.tensor([2]))]
+        mixed = model(ids).logits
+        assert torch.allclose(mixed[0], expected[0][0], atol=1e-5)
+        assert torch.allclose(mixed[1], plain[1], atol=1e-5)
+        assert torch.allclose(mixed[2], expected[1][2], atol=1e-5)
+        lora.remove_adapter(model, "x1")
+        routing.current = "x1"
+        assert torch.allclose(model(ids).logits, plain, atol=1e-6)

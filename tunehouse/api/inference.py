@@ -1,0 +1,87 @@
+"""Inference routes: `/v1/chat/completions`, `/v1/completions` (JSON or `text/event-stream`) and
+`/v1/models`. Parse, authorise, resolve the model, call `serve.completions`, shape."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tunehouse.api import inference_schemas as wire
+from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep, SessionDep
+from tunehouse.api.errors import error_body
+from tunehouse.errors import TunehouseError
+from tunehouse.serve import completions, models
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine: EngineDep, home: HomeDep,
+                           registry: RegistryDep, request: Request):
+    ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
+    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+    if body.stream:
+        return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
+    return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep))
+
+
+@router.post("/completions")
+async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, engine: EngineDep,
+                           home: HomeDep, registry: RegistryDep, request: Request):
+    ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
+    prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
+    if body.stream:
+        return _sse(_text_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
+    return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep))
+
+
+@router.get("/models")
+def list_models(caller: CurrentCaller, session: SessionDep, registry: RegistryDep, request: Request):
+    """Base models and the caller's completed fine-tunes.
+
+    Shape rule: a client whose `User-Agent` starts with `Together/v1` (the together 1.x SDK and
+    CLI) gets the bare JSON array it requires (api-reference §8); every other client (openai SDK,
+    curl, …) gets OpenAI's `{"object": "list", "data": [...]}`. Items are the same in both."""
+    items = models.list_models(session, registry, caller.owner)
+    return items if wire.is_together_v1(request.headers.get("user-agent")) else {"object": "list", "data": items}
+
+
+# -- streaming -----------------------------------------------------------------------------------
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        try:
+            async with aclosing(chunks) as it:
+                async for chunk in it:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+        except TunehouseError as exc:  # a chunk with `error` makes the SDKs raise its message
+            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
+    rid, created, generated, done = wire.new_id("chatcmpl"), int(time.time()), 0, 0
+    for i in range(prep.n):
+        yield wire.chat_role_chunk(rid, created, prep, i)
+    async with aclosing(completions.stream(engine, prep)) as events:
+        async for ev in events:
+            generated, done = generated + 1, done + bool(ev.finish_reason)
+            if ev.text or ev.finish_reason:
+                chunk = wire.chat_chunk(rid, created, prep, ev, v1)
+                yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
+
+
+async def _text_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
+    rid, created, generated, done = wire.new_id("cmpl"), int(time.time()), 0, 0
+    async with aclosing(completions.stream(engine, prep)) as events:
+        async for ev in events:
+            generated, done = generated + 1, done + bool(ev.finish_reason)
+            chunk = wire.completion_chunk(rid, created, prep, ev, v1)  # one per token: v3 reads `token`
+            yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})

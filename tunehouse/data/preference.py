@@ -1,0 +1,132 @@
+"""Preference rows → prompt, chosen and rejected token ids, truncation, pair batches; pure.
+
+A row (api-reference §6.2, preference format):
+
+    {"input": {"messages": [...]},                          the prompt conversation
+     "preferred_output": [{"role": "assistant", "content": ...}],
+     "non_preferred_output": [{"role": "assistant", "content": ...}]}
+
+Tokens: the prompt is the input rendered by the chat template with the generation prompt
+(`…<|im_start|>assistant\\n`); a completion is the assistant content plus the end-of-turn EOS,
+tokenized exactly as SFT tokenizes (and trains) an assistant turn (`tokenize_conversation`).
+
+Truncation policy — each side (prompt + its completion) must fit `max_seq_length`:
+  1. the prompt is cut from the LEFT (its oldest tokens go first) until the longer side fits,
+     but never below min(prompt length, max_seq_length // 2) tokens;
+  2. then a completion still too long is cut from the RIGHT (its end, EOS included, goes).
+A pair that lost any token counts as truncated (the recipe reports how many).
+
+Batches: the two sides of a pair are two segments of ONE row (prompt+chosen, prompt+rejected),
+isolated by the block-diagonal mask of `packing.collate`, so a pair costs one forward pass.
+With packing, several pairs share a row of ≤ 2·max_seq_length tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunehouse.data.packing import Batch, collate, pack
+from tunehouse.data.tokenize import IGNORE, Tokenized, tokenize_conversation
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    """Preferred completion ids (content + EOS unless truncated away)."""
+    rejected: list[int]
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of both sides (the prompt counted twice, as it is run twice)."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    def sides(self) -> list[Tokenized]:
+        """[prompt+chosen, prompt+rejected], labels on the completion tokens only."""
+        skip = [IGNORE] * len(self.prompt)
+        return [Tokenized(self.prompt + c, skip + c) for c in (self.chosen, self.rejected)]
+
+
+def tokenize_pair(row: dict[str, Any], tokenizer, *, max_seq_length: int) -> Pair:
+    """One preference row → a `Pair`, truncated by the policy of the module docstring."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["input"]["messages"]]
+    sides = [_prompt_and_completion(tokenizer, messages, row[key][0]["content"])
+             for key in ("preferred_output", "non_preferred_output")]
+    (prompt, chosen), (other, rejected) = sides
+    if prompt != other:
+        raise ValueError("the chat template renders the prompt differently for the two outputs")
+    return truncate_pair(prompt, chosen, rejected, max_seq_length)
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
+                  max_seq_length: int) -> Pair:
+    """Apply the truncation policy: prompt from the left first (keeping ≥ half the limit or all
+    of it), then each completion from the right."""
+    longest = max(len(chosen), len(rejected))
+    keep = max(max_seq_length - longest, min(len(prompt), max_seq_length // 2))
+    cut_prompt = prompt[max(0, len(prompt) - keep):]
+    room = max_seq_length - len(cut_prompt)
+    pair = Pair(cut_prompt, chosen[:room], rejected[:room])
+    truncated = (len(pair.prompt), len(pair.chosen), len(pair.rejected)) != (
+        len(prompt), len(chosen), len(rejected))
+    return Pair(pair.prompt, pair.chosen, pair.rejected, truncated)
+
+
+def _prompt_and_completion(tokenizer, messages: list[dict], content: str):
+    """Split the SFT tokenisation of messages + answer into (prompt, trained answer tokens).
+
+    The answer's trained span is the last run of labelled tokens (content + EOS); everything
+    before it is the prompt, ending with the assistant header; the untrained newline after EOS
+    is dropped.
+    """
+    ids, labels = tokenize_conversation(tokenizer, messages + [{"role": "assistant",
+                                                                 "content": content}])
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE:
+        start -= 1
+    if start == end or start == 0:
+        raise ValueError("the chat template gives the answer no trained tokens or no prompt")
+    return ids[:start], ids[start:end]
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of pairs ready for one forward pass.
+
+    `segment[i]` says which sequence the i-th trained position (row-major order of
+    `batch.targets != -100`, the order `losses.trained_logits` returns) belongs to:
+    2·k for pair k's chosen side, 2·k + 1 for its rejected side.
+    """
+
+    batch: Batch
+    segment: torch.Tensor        # [N] long
+    chosen_lengths: torch.Tensor   # [P] completion tokens, float
+    rejected_lengths: torch.Tensor  # [P]
+    num_pairs: int
+
+
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype = torch.float32,
+                  *, row_tokens: int | None = None) -> PairBatch:
+    """Rows of pairs: one pair per row, or (row_tokens given) pairs packed into rows of at most
+    row_tokens tokens by `packing.pack`. Pair k keeps index k whatever row it lands in."""
+    groups = pack(pairs, row_tokens) if row_tokens else [[k] for k in range(len(pairs))]
+    batch = collate([[side for k in group for side in pairs[k].sides()] for group in groups],
+                    pad_id, mask_dtype)
+    owner = torch.full(batch.targets.shape, -1, dtype=torch.long)
+    for r, group in enumerate(groups):
+        start = 0
+        for k in group:
+            for s, side in enumerate(pairs[k].sides()):
+                owner[r, start:start + side.num_tokens] = 2 * k + s
+                start += side.num_tokens
+    segment = owner[batch.targets != IGNORE]
+    lengths = torch.bincount(segment, minlength=2 * len(pairs)).float()
+    return PairBatch(batch, segment, lengths[0::2], lengths[1::2], len(pairs))

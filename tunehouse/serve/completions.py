@@ -1,0 +1,111 @@
+"""Chat and text completions over an Engine: build the prompt (the model's own chat template),
+check it fits the context, run n sequences, and collect them or hand their events to a stream.
+
+    prep = prepare(engine, ref, messages=[...], n=1, max_tokens=64, temperature=0.7, stop=("\\n",))
+    choices = await complete(engine, prep)           # or: async for event in stream(engine, prep)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunehouse.errors import InvalidInput, TunehouseError
+from tunehouse.serve.engine import Engine, ModelRef, TokenEvent
+from tunehouse.serve.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 512  # when the request names none (v1 completions send 512 too)
+
+
+class GenerationFailed(TunehouseError):
+    status = 500
+    type = "api_error"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    model: ModelRef
+    tokenizer: Any
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def _text_only(content: Any) -> str:
+    """Message content as a string: list-of-parts content must be text parts (text-only models)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise InvalidInput(f"This model reads text only; a message part of type {part.get('type')!r} "
+                               "cannot be used.", param="messages")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids from the model's own chat template, ending with the assistant turn's header."""
+    msgs = [{**m, "content": _text_only(m.get("content"))} for m in messages]
+    if not msgs:
+        raise InvalidInput("messages is empty: send at least one message.", param="messages")
+    if not tokenizer.chat_template:
+        raise InvalidInput("This model has no chat template; use /v1/completions with a plain prompt.",
+                           param="model")
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,
+            n: int = 1, max_tokens: int | None = None, **sampling) -> Prepared:
+    """Tokenise the prompt and settle max_tokens; a prompt that does not fit is a 400 naming both
+    numbers. `sampling` holds the other SamplingParams fields."""
+    tokenizer = engine.tokenizer(model)
+    ids = chat_prompt(tokenizer, messages) if messages is not None else tokenizer.encode(prompt or "")
+    if not ids:
+        raise InvalidInput("The prompt is empty.", param="prompt")
+    ctx = model.context_length
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ctx - len(ids)))
+    if len(ids) + max_tokens > ctx:
+        raise InvalidInput(
+            f"The prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together {len(ids) + max_tokens}, "
+            f"more than the model's context length of {ctx} tokens. Shorten the prompt or lower max_tokens.",
+            param="max_tokens", code="context_length_exceeded")
+    return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n)
+
+
+async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
+    """The events of all n choices as they come; leaving early (client gone) stops generation."""
+    generation = engine.submit(prep.model, prep.prompt_ids, prep.params, prep.n)
+    try:
+        async for event in generation:
+            if event.error:
+                raise GenerationFailed(f"Generation failed: {event.error}")
+            yield event
+    finally:
+        generation.cancel()
+
+
+async def complete(engine: Engine, prep: Prepared) -> list[Choice]:
+    choices = [Choice(i) for i in range(prep.n)]
+    async for ev in stream(engine, prep):
+        c = choices[ev.index]
+        c.text += ev.text
+        c.token_ids.append(ev.token_id)
+        c.finish_reason = ev.finish_reason or c.finish_reason
+        if ev.logprob is not None:
+            c.logprobs.append(ev.logprob)
+            c.top.append(ev.top or [])
+    return choices

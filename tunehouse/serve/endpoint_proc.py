@@ -1,0 +1,77 @@
+"""A dedicated endpoint's own process: `python -m tunehouse.serve.endpoint_proc --model-dir D
+--name NAME --port-file F`. It loads one model (merged weights) once, serves the chat and text
+completion routes on a free loopback port (written to F once it listens), and is reached only
+through the API server, which authenticates and proxies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from tunehouse.api import errors
+from tunehouse.api import inference_schemas as wire
+from tunehouse.api.inference import _chat_events, _sse, _text_events
+from tunehouse.api.server import serve_in_thread
+from tunehouse.serve import completions
+from tunehouse.serve.engine import ModelRef, TorchEngine
+
+
+def build_app(model_dir: Path, name: str) -> tuple[FastAPI, TorchEngine]:
+    config = json.loads((model_dir / "config.json").read_text())
+    ref = ModelRef(name, name, model_dir, int(config.get("max_position_embeddings") or 2048))
+    engine = TorchEngine()
+    app = FastAPI(title=f"tunehouse endpoint {name}")
+    errors.install(app)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": name}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: wire.ChatRequest, request: Request):
+        prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+        if body.stream:
+            return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
+        return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep))
+
+    @app.post("/v1/completions")
+    async def text(body: wire.CompletionRequest, request: Request):
+        prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
+        if body.stream:
+            return _sse(_text_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
+        return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep))
+
+    return app, engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--port-file", type=Path, required=True)
+    args = ap.parse_args()
+    app, engine = build_app(args.model_dir, args.name)
+    bg = serve_in_thread(app)
+    # One token through the whole path loads the weights: STARTED then means ready to answer fast.
+    httpx.post(f"{bg.url}/v1/completions", json={"model": args.name, "prompt": "Hello", "max_tokens": 1},
+               timeout=600).raise_for_status()
+    tmp = args.port_file.with_suffix(".tmp")
+    tmp.write_text(bg.url.rsplit(":", 1)[1])
+    os.replace(tmp, args.port_file)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    while not stop["now"] and bg.thread.is_alive():
+        bg.thread.join(1.0)
+    bg.stop()
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Dedicated endpoints (api-reference §9, the together 1.x shapes): one model kept loaded, with its
+LoRA folded in (merged weights), in its own process; chat requests that name the endpoint go to it.
+
+    PENDING → STARTING → STARTED → STOPPING → STOPPED   (FAILED when the process will not come up)
+
+The `Supervisor` thread of the API process drives each endpoint towards its desired state
+(STARTED or STOPPED): it spawns `python -m tunehouse.serve.endpoint_proc`, waits for its health
+check, stops it on request or after `inactive_timeout` minutes without a request.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse.errors import InvalidInput, NotFound
+from tunehouse.serve.hardware import hardware_options
+from tunehouse.store.home import Home
+from tunehouse.store.tables import Endpoint, utcnow
+
+STATES = ("PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "FAILED", "ERROR")
+START_TIMEOUT_S = 300
+
+
+def _check_hardware(hardware: str) -> None:
+    ids = [h["id"] for h in hardware_options()]
+    if hardware not in ids:
+        # The v1 CLI lists the options when the message says "invalid hardware provided".
+        raise InvalidInput(f"invalid hardware provided: {hardware!r}; this server has {', '.join(ids)}.",
+                           param="hardware")
+
+
+def _check_replicas(min_r: int, max_r: int) -> None:
+    if not 0 <= min_r <= max_r or max_r < 1:
+        raise InvalidInput(f"autoscaling needs 0 ≤ min_replicas ≤ max_replicas and max_replicas ≥ 1; "
+                           f"got min {min_r}, max {max_r}.", param="autoscaling")
+    if max_r > 1:
+        raise InvalidInput("This server runs one replica per endpoint (max_replicas 1).", param="autoscaling")
+
+
+def create(s: Session, owner: str, *, model: str, hardware: str, min_replicas: int, max_replicas: int,
+           state: str, display_name: str | None, inactive_timeout: int | None) -> Endpoint:
+    _check_hardware(hardware)
+    _check_replicas(min_replicas, max_replicas)
+    if state not in ("STARTED", "STOPPED"):
+        raise InvalidInput(f"state must be STARTED or STOPPED; got {state!r}.", param="state")
+    ep_id = f"endpoint-{uuid.uuid4()}"
+    ep = Endpoint(id=ep_id, owner=owner, name=f"{owner}/{model.rsplit('/', 1)[-1]}-{ep_id[9:17]}",
+                  display_name=display_name, model=model, hardware=hardware, min_replicas=min_replicas,
+                  max_replicas=max_replicas, inactive_timeout=inactive_timeout, state="PENDING", desired=state)
+    s.add(ep)
+    s.flush()
+    return ep
+
+
+def get_owned(s: Session, owner: str, ep_id: str) -> Endpoint:
+    ep = s.get(Endpoint, ep_id)
+    if ep is None or ep.owner != owner:
+        raise NotFound(f"No endpoint with id {ep_id!r}.", param="id", code="endpoint_not_found")
+    return ep
+
+
+def by_name(s: Session, name: str) -> Endpoint | None:
+    return s.scalar(select(Endpoint).where(Endpoint.name == name))
+
+
+def list_owned(s: Session, owner: str) -> list[Endpoint]:
+    return list(s.scalars(select(Endpoint).where(Endpoint.owner == owner).order_by(Endpoint.created_at)))
+
+
+def update(s: Session, ep: Endpoint, *, state: str | None, min_replicas: int | None, max_replicas: int | None,
+           display_name: str | None, inactive_timeout: int | None) -> Endpoint:
+    if min_replicas is not None or max_replicas is not None:
+        lo = ep.min_replicas if min_replicas is None else min_replicas
+        hi = ep.max_replicas if max_replicas is None else max_replicas
+        _check_replicas(lo, hi)
+        ep.min_replicas, ep.max_replicas = lo, hi
+    if display_name is not None:
+        ep.display_name = display_name
+    if inactive_timeout is not None:
+        ep.inactive_timeout = inactive_timeout
+    if state is not None:
+        if state not in ("STARTED", "STOPPED"):
+            raise InvalidInput(f"state must be STARTED or STOPPED; got {state!r}.", param="state")
+        ep.desired = state
+        if state == "STARTED" and ep.state in ("STOPPED", "FAILED", "ERROR"):
+            ep.state, ep.error = "PENDING", None
+    s.flush()
+    return ep
+
+
+def endpoint_object(ep: Endpoint) -> dict:
+    from tunehouse.api.schemas import iso
+
+    return {"object": "endpoint", "id": ep.id, "name": ep.name, "display_name": ep.display_name or ep.name,
+            "model": ep.model, "hardware": ep.hardware, "type": "dedicated", "owner": ep.owner, "state": ep.state,
+            "autoscaling": {"min_replicas": ep.min_replicas, "max_replicas": ep.max_replicas},
+            "inactive_timeout": ep.inactive_timeout, "created_at": iso(ep.created_at), "error": ep.error}
+
+
+class Supervisor:
+    """Keeps endpoint processes in their desired state (a daemon thread of the API process)."""
+
+    def __init__(self, home: Home, resolve_model_dir, poll_s: float = 0.5):
+        self.home, self.resolve_model_dir_fn, self.poll_s = home, resolve_model_dir, poll_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="tunehouse-endpoints", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread:
+            self.thread.join(30)
+        for proc in self.procs.values():
+            _terminate(proc)
+
+    def resolve_model_dir(self, s: Session, owner: str, name: str):
+        return self.resolve_model_dir_fn(s, owner, name)
+
+    def url(self, ep: Endpoint) -> str:
+        return f"http://127.0.0.1:{ep.port}"
+
+    def touch(self, ep_id: str) -> None:
+        with self.home.db.session() as s:
+            ep = s.get(Endpoint, ep_id)
+            if ep is not None:
+                ep.last_used_at = utcnow()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            with self.home.db.session() as s:
+                for ep in list(s.scalars(select(Endpoint))):
+                    self._step(s, ep)
+                known = {ep_id for (ep_id,) in s.execute(select(Endpoint.id))}
+            for ep_id in [k for k in self.procs if k not in known]:  # deleted endpoints
+                _terminate(self.procs.pop(ep_id))
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
+
+    def _step(self, s: Session, ep: Endpoint) -> None:
+        proc = self.procs.get(ep.id)
+        if ep.desired == "STARTED" and ep.inactive_timeout and ep.state == "STARTED":
+            last = ep.last_used_at or ep.updated_at
+            if last is not None and _utc(last) < utcnow() - timedelta(minutes=ep.inactive_timeout):
+                ep.desired = "STOPPED"  # idle too long
+        if ep.desired == "STARTED":
+            if ep.state in ("PENDING", "STOPPED") and proc is None:
+                self._spawn(s, ep)
+            elif ep.state == "STARTING":
+                self._check_started(ep, proc)
+            elif ep.state == "STARTED" and (proc is None or proc.poll() is not None):
+                ep.state, ep.error = "FAILED", "the endpoint process exited"
+                self.procs.pop(ep.id, None)
+        elif ep.state in ("PENDING", "STARTING", "STARTED"):
+            ep.state = "STOPPING"
+        elif ep.state == "STOPPING":
+            if proc is not None:
+                _terminate(self.procs.pop(ep.id))
+            ep.state, ep.port, ep.pid = "STOPPED", None, None
+
+    def _spawn(self, s: Session, ep: Endpoint) -> None:
+        try:
+            model_dir = self.resolve_model_dir(s, ep.owner, ep.model)
+        except Exception as exc:  # the model went away (job deleted): say so on the endpoint
+            ep.state, ep.error = "FAILED", f"cannot load {ep.model}: {exc}"
+            return
+        port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        port_file.unlink(missing_ok=True)
+        log = open(self.home.blobs.path(f"endpoints/{ep.id}.log"), "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc", "--model-dir", str(model_dir),
+                                 "--name", ep.name, "--port-file", str(port_file)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[ep.id] = proc
+        ep.state, ep.pid, ep.error, ep.updated_at = "STARTING", proc.pid, None, utcnow()
+
+    def _check_started(self, ep: Endpoint, proc: subprocess.Popen | None) -> None:
+        if proc is None or proc.poll() is not None:
+            ep.state, ep.error = "FAILED", "the endpoint process exited while starting"
+            self.procs.pop(ep.id, None)
+            return
+        port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
+        if port_file.exists() and port_file.read_text().strip().isdigit():
+            port = int(port_file.read_text())
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    ep.state, ep.port, ep.last_used_at = "STARTED", port, utcnow()
+                    return
+            except httpx.TransportError:
+                pass
+        if _utc(ep.updated_at) < utcnow() - timedelta(seconds=START_TIMEOUT_S):
+            _terminate(self.procs.pop(ep.id))
+            ep.state, ep.error = "FAILED", f"the endpoint did not start within {START_TIMEOUT_S} s"
+
+
+def _utc(dt):
+    from datetime import timezone
+
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def model_dir_for(s: Session, home: Home, registry, owner: str, name: str) -> Path | str:
+    """The weights an endpoint loads for `name`: a registry base model's folder, or a completed
+    fine-tuned job's final weights (its merged/ folder for LoRA: dedicated endpoints serve merged)."""
+    from tunehouse import jobs
+    from tunehouse.store.tables import Job
+
+    try:
+        registry.get(name)
+        return registry.path(name)
+    except NotFound:
+        pass
+    job = s.scalar(select(Job).where(Job.model_output_name == name))
+    if job is None or job.owner != owner:
+        raise NotFound(f"Unknown model {name!r}: use a base model (GET /v1/fine-tunes/models/supported) or "
+                       "the model_output_name of one of your completed jobs.", param="model")
+    if job.status != "completed":
+        raise InvalidInput(f"Model {name!r} is not ready: its job {job.id} is {job.status}.", param="model")
+    final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"][-1]
+    folder = home.blobs.path(final.blob_key)
+    return folder / "merged" if (folder / "merged" / "config.json").exists() else folder
+
+
+def route_for(home: Home, supervisor: Supervisor, owner: str, name: str) -> str | None:
+    """The base URL of the endpoint process serving `name` for `owner`; None when `name` is not
+    an endpoint (the shared engine serves it); 400 while the endpoint is not STARTED."""
+    with home.db.session() as s:
+        ep = by_name(s, name)
+        if ep is None or ep.owner != owner:
+            return None
+        if ep.state != "STARTED" or ep.port is None:
+            raise InvalidInput(f"Endpoint {ep.name} is {ep.state}; start it (PATCH /v1/endpoints/{ep.id} "
+                               '{"state": "STARTED"}) and wait for STARTED.', param="model", code="endpoint_not_ready")
+        ep.last_used_at = utcnow()
+        return supervisor.url(ep)
+
+
+async def proxy(url: str, path: str, body: bytes, headers: dict[str, str]):
+    """Forward a completion request to an endpoint process, streaming the answer through."""
+    from starlette.background import BackgroundTask
+    from starlette.responses import StreamingResponse
+
+    client = httpx.AsyncClient(timeout=None)
+    req = client.build_request("POST", url + path, content=body,
+                               headers={"content-type": "application/json",
+                                        "user-agent": headers.get("user-agent", "")})
+    resp = await client.send(req, stream=True)
+
+    async def close():
+        await resp.aclose()
+        await client.aclose()
+
+    return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code,
+                             media_type=resp.headers.get("content-type"), background=BackgroundTask(close))

@@ -1,0 +1,487 @@
+"""Inference engine: the `Engine` interface the API talks to, and `TorchEngine`, its
+transformers implementation for CPUs and small GPUs (a vLLM engine can implement the same
+interface on GPU machines).
+
+TorchEngine runs one scheduler thread over one running batch:
+
+    submit() ──▶ waiting (FIFO) ──admit──▶ prefill (left-padded) ──merge KV──▶ running batch
+                                                                            │ one forward per step
+    asyncio.Queue per request ◀── text deltas, finish reasons ◀── sample ◀──┘ finished/cancelled rows leave
+
+- Requests on the same weights are decoded together, one forward per step; new arrivals are
+  prefilled and merged into the running batch's KV cache at the next step (left padding +
+  attention mask + explicit position ids), finished or cancelled rows are dropped from it.
+- Admission is strict FIFO: a request for other weights at the head of the queue stops further
+  admissions, the batch drains, and that request's weights run next — nothing starves.
+- A base model is loaded once; LoRA adapters of fine-tuned models are attached to it by name
+  (`serve/lora.py`), rows of one batch may each use a different one, and the least recently used
+  ones are dropped beyond `max_adapters`. Full fine-tunes load as their own weights; loaded
+  weights are LRU-evicted beyond `max_models` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunehouse.serve import lora
+from tunehouse.serve.sampling import SamplingParams, find_stop, held_back, make_generator, next_tokens, top_logprobs
+
+log = logging.getLogger("tunehouse.serve")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What to run: weights (a base model, or a full fine-tune) plus, optionally, a LoRA adapter."""
+
+    name: str  # the name callers use; echoed in responses
+    weights: str  # key of the weights to load
+    weights_path: Path
+    context_length: int
+    adapter_path: Path | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of choice `index`: `text` is the new text to show (possibly "" while a
+    possible stop sequence or an incomplete character is held back)."""
+
+    index: int
+    text: str
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (token id, log-prob), most likely first
+    finish_reason: str | None = None  # "eos" | "stop" | "length" on the last event of a choice
+    error: str | None = None
+
+
+class Generation:
+    """Handle on the n sequences of one request: async-iterate its TokenEvents; `cancel()` (e.g. on
+    client disconnect) stops the generation at the next decoding step."""
+
+    def __init__(self, n: int, on_cancel):
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self._open = n
+        self._on_cancel = on_cancel
+        self.cancelled = False
+
+    def put(self, event: TokenEvent) -> None:  # scheduler thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            self.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._open == 0:
+            raise StopAsyncIteration
+        event = await self.queue.get()
+        if event.finish_reason or event.error:
+            self._open -= 1
+        return event
+
+    def cancel(self) -> None:
+        if not self.cancelled and self._open:
+            self.cancelled = True
+            self._on_cancel()
+
+
+class Engine(ABC):
+    """What the API needs from an inference engine."""
+
+    @abstractmethod
+    def tokenizer(self, model: ModelRef) -> Any:
+        """The model's Hugging Face tokenizer (chat template, prompt encoding, token strings)."""
+
+    @abstractmethod
+    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Generation:
+        """Queue n sequences continuing `prompt_ids` (choice i samples with seed + i); call from
+        a running event loop."""
+
+    @abstractmethod
+    def forget(self, path: Path) -> None:
+        """Drop loaded weights and adapters stored at or under `path` (e.g. a deleted job's folder)."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters: max_batch_size, steps, tokens, cancelled, model_loads, adapter_loads, evictions."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the scheduler; pending requests end with an error event."""
+
+
+# -- TorchEngine ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Seq:
+    gen: Generation
+    index: int
+    model: ModelRef
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    out: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already sent
+    finish: str | None = None
+
+
+class _Loaded:
+    """One set of weights in memory, with its LoRA adapters (adapter path → name)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = str(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the scheduler thread's own (decode)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self.routing = lora.Routing()
+        self.adapters: OrderedDict[str, str] = OrderedDict()
+        self._next_id = 0
+
+    def attach(self, path: Path) -> None:
+        name = f"a{self._next_id}"
+        self._next_id += 1
+        lora.load_adapter(self.model, self.routing, path, name)
+        self.adapters[str(path)] = name
+
+    def detach(self, path: str) -> None:
+        lora.remove_adapter(self.model, self.adapters.pop(path))
+
+    def forward(self, adapters: list[str | None], **kw):
+        """One forward; each row gets its adapter (None: the base alone)."""
+        names = [self.adapters[a] if a else None for a in adapters]
+        if len(set(names)) == 1:
+            self.routing.current = names[0]
+        else:
+            rows: dict[str, list[int]] = {}
+            for i, n in enumerate(names):
+                if n is not None:
+                    rows.setdefault(n, []).append(i)
+            self.routing.current = [(n, torch.tensor(r, device=self.model.device)) for n, r in rows.items()]
+        try:
+            return self.model(**kw)
+        finally:
+            self.routing.current = None
+
+
+class _Batch:
+    """The running batch: sequences in row order, their KV cache, attention mask and last token."""
+
+    def __init__(self, loaded: _Loaded):
+        self.loaded = loaded
+        self.seqs: list[_Seq] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [B, heads, T, dim]
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.last = torch.zeros(0, dtype=torch.long)
+
+    def merge(self, seqs: list[_Seq], kv, mask: torch.Tensor, last: torch.Tensor) -> None:
+        """Append rows (left-padding whichever side is shorter so all rows end at the same column)."""
+        if not self.seqs:
+            self.seqs, self.kv, self.mask, self.last = list(seqs), kv, mask, last
+            return
+        t = max(self.mask.shape[1], mask.shape[1])
+        self.kv = [(torch.cat([_pad_left(k0, t, 2), _pad_left(k1, t, 2)]),
+                    torch.cat([_pad_left(v0, t, 2), _pad_left(v1, t, 2)]))
+                   for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+        self.mask = torch.cat([_pad_left(self.mask, t, 1), _pad_left(mask, t, 1)])
+        self.last = torch.cat([self.last, last])
+        self.seqs += seqs
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows`, then drop the leading columns that are padding in every row."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.seqs = [self.seqs[i] for i in rows]
+        self.mask, self.last = self.mask[idx], self.last[idx]
+        real = self.mask.any(0).nonzero()
+        first = int(real[0]) if len(real) else self.mask.shape[1]
+        self.mask = self.mask[:, first:]
+        self.kv = [(k[idx, :, first:], v[idx, :, first:]) for k, v in self.kv]
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class TorchEngine(Engine):
+    def __init__(self, *, max_batch_size: int = 32, max_models: int = 2, max_adapters: int = 8,
+                 dtype: str = "float32", device: str | None = None, threads: int | None = None,
+                 sweep_s: float = 5.0):
+        self.max_batch_size, self.max_models, self.max_adapters = max_batch_size, max_models, max_adapters
+        self.dtype = getattr(torch, dtype)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Half the cores by default: the embedded worker's training child runs beside us, and
+        # oversubscribed intra-op threads spin. Measured on 2 shared cores, tiny model, 32 tokens:
+        # 2 threads 1.1 s, 1 thread 0.07 s while another process held one core.
+        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._forget: set[str] = set()
+        self._models: OrderedDict[str, _Loaded] = OrderedDict()
+        self._tokenizers: dict[str, Any] = {}
+        self._batch: _Batch | None = None
+        self._closed = False
+        self._sweep_s, self._swept = sweep_s, time.monotonic()
+        self._stats = dict(max_batch_size=0, steps=0, tokens=0, requests=0, cancelled=0, model_loads=0,
+                           adapter_loads=0, adapter_evictions=0, model_evictions=0)
+        self._thread = threading.Thread(target=self._run, name="tunehouse-engine", daemon=True)
+        self._thread.start()
+
+    # -- interface --------------------------------------------------------------------------------
+    def tokenizer(self, model: ModelRef):
+        key = str(model.weights_path)
+        if key not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[key] = AutoTokenizer.from_pretrained(model.weights_path)
+        return self._tokenizers[key]
+
+    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Generation:
+        gen = Generation(n, on_cancel=self._wake)
+        seqs = [_Seq(gen, i, model, list(prompt_ids), params,
+                     make_generator(None if params.seed is None else params.seed + i)) for i in range(n)]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the inference engine is shut down")
+            self._waiting.extend(seqs)
+            self._stats["requests"] += 1
+            self._cv.notify()
+        return gen
+
+    def forget(self, path: Path) -> None:
+        with self._cv:
+            self._forget.add(str(path))
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        with self._cv:
+            loaded = {k: list(m.adapters) for k, m in self._models.items()}
+            return dict(self._stats, loaded=loaded, waiting=len(self._waiting),
+                        running=len(self._batch.seqs) if self._batch else 0)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -- scheduler thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not (self._closed or self._waiting or self._forget or (self._batch and self._batch.seqs)):
+                    if not self._cv.wait(timeout=self._sweep_s):
+                        self._sweep()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            try:
+                self._apply_forget()
+                if admitted:
+                    self._prefill(admitted)
+                if self._batch and self._batch.seqs:
+                    self._step()
+            except Exception as exc:  # a failed load or forward fails its requests, not the server
+                log.exception("inference step failed")
+                failed = (self._batch.seqs if self._batch else []) + admitted
+                self._batch = None
+                for s in failed:
+                    s.gen.put(TokenEvent(s.index, "", -1, error=f"{type(exc).__name__}: {exc}"))
+        pending = list(self._waiting) + (self._batch.seqs if self._batch else [])
+        for s in pending:
+            s.gen.put(TokenEvent(s.index, "", -1, error="the inference engine shut down"))
+
+    def _admit(self) -> list[_Seq]:
+        """Strict FIFO from the head of the queue, while the request runs on the batch's weights."""
+        batch_weights = self._batch.seqs[0].model.weights if self._batch and self._batch.seqs else None
+        room = self.max_batch_size - (len(self._batch.seqs) if self._batch else 0)
+        out: list[_Seq] = []
+        while self._waiting and len(out) < room:
+            head = self._waiting[0]
+            if head.gen.cancelled:
+                self._waiting.popleft()
+                self._stats["cancelled"] += 1
+                continue
+            weights = batch_weights or head.model.weights
+            if head.model.weights != weights:
+                break
+            batch_weights = weights
+            out.append(self._waiting.popleft())
+        return out
+
+    def _sweep(self) -> None:
+        """Forget loaded weights and adapters whose files are gone (called under the lock)."""
+        self._swept = time.monotonic()
+        paths = [p for m in self._models.values() for p in [m.path, *m.adapters]]
+        self._forget |= {p for p in paths if not Path(p).exists()}
+
+    def _apply_forget(self) -> None:
+        with self._cv:
+            if time.monotonic() - self._swept > self._sweep_s:
+                self._sweep()
+            prefixes, self._forget = self._forget, set()
+        if not prefixes:
+            return
+
+        def gone(path: str) -> bool:
+            return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+        busy = [str(s.model.adapter_path or s.model.weights_path) for s in (self._batch.seqs if self._batch else [])]
+        if any(gone(p) for p in busy):  # in flight: its weights are in memory; drop them once it is done
+            with self._cv:
+                self._forget |= prefixes
+            return
+        for key, m in list(self._models.items()):
+            for path in [a for a in m.adapters if gone(a)]:
+                m.detach(path)
+                self._stats["adapter_evictions"] += 1
+            if gone(m.path):
+                del self._models[key]
+                self._stats["model_evictions"] += 1
+        for path in [t for t in self._tokenizers if gone(t)]:
+            del self._tokenizers[path]
+
+    def _load(self, model: ModelRef, adapters: set[Path]) -> _Loaded:
+        """The weights of `model` (LRU across weights), with `adapters` attached (LRU across adapters)."""
+        loaded = self._models.get(model.weights)
+        if loaded is None:
+            loaded = _Loaded(model.weights_path, self.dtype, self.device)
+            self._models[model.weights] = loaded
+            self._stats["model_loads"] += 1
+            busy = self._batch.loaded if self._batch and self._batch.seqs else None
+            for key in [k for k, m in self._models.items() if m is not loaded and m is not busy]:
+                if len(self._models) <= self.max_models:
+                    break
+                del self._models[key]
+                self._stats["model_evictions"] += 1
+        self._models.move_to_end(model.weights)
+        in_use = {str(s.model.adapter_path) for s in (self._batch.seqs if self._batch else [])} | {
+            str(a) for a in adapters}
+        for path in adapters:
+            if str(path) not in loaded.adapters:
+                loaded.attach(path)
+                self._stats["adapter_loads"] += 1
+            loaded.adapters.move_to_end(str(path))
+        for key in [k for k in loaded.adapters if k not in in_use]:
+            if len(loaded.adapters) <= self.max_adapters:
+                break
+            loaded.detach(key)
+            self._stats["adapter_evictions"] += 1
+        return loaded
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        try:
+            loaded = self._load(seqs[0].model, {s.model.adapter_path for s in seqs if s.model.adapter_path})
+        except Exception as exc:  # weights that cannot load fail their own requests only
+            log.exception("loading %s failed", seqs[0].model.name)
+            for s in seqs:
+                s.gen.put(TokenEvent(s.index, "", -1, error=f"cannot load {s.model.name}: {exc}"))
+            return
+        if self._batch is None or not self._batch.seqs or self._batch.loaded is not loaded:
+            self._batch = _Batch(loaded)
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.full((len(seqs), width), loaded.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[i, width - len(s.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = loaded.forward([_adapter(s) for s in seqs], input_ids=ids.to(self.device),
+                             attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+                             use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        tokens = self._sample(loaded, seqs, out.logits[:, -1])
+        keep = [i for i, s in enumerate(seqs) if s.finish is None]
+        if keep:
+            idx = torch.tensor(keep)
+            self._batch.merge([seqs[i] for i in keep], [(k[idx], v[idx]) for k, v in kv], mask[idx], tokens[idx])
+        self._stats["max_batch_size"] = max(self._stats["max_batch_size"], len(self._batch.seqs))
+
+    def _step(self) -> None:
+        from transformers.cache_utils import DynamicCache
+
+        b = self._batch
+        live = [i for i, s in enumerate(b.seqs) if not s.gen.cancelled]
+        if len(live) < len(b.seqs):
+            self._stats["cancelled"] += len({id(s.gen) for s in b.seqs if s.gen.cancelled})
+            b.keep(live)
+            if not live:
+                return
+        b.mask = torch.cat([b.mask, torch.ones(len(b.seqs), 1, dtype=torch.long)], 1)
+        positions = b.mask.sum(-1, keepdim=True) - 1
+        cache = DynamicCache(ddp_cache_data=b.kv)
+        out = b.loaded.forward([_adapter(s) for s in b.seqs], input_ids=b.last[:, None].to(self.device),
+                               attention_mask=b.mask.to(self.device), position_ids=positions.to(self.device),
+                               past_key_values=cache, use_cache=True)
+        b.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        b.last = self._sample(b.loaded, b.seqs, out.logits[:, -1])
+        self._stats["steps"] += 1
+        self._stats["max_batch_size"] = max(self._stats["max_batch_size"], len(b.seqs))
+        b.keep([i for i, s in enumerate(b.seqs) if s.finish is None])
+
+    def _sample(self, loaded: _Loaded, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        """Pick each row's next token, record it and send its event; returns `[B]` token ids (CPU)."""
+        logits = logits.float().cpu()
+        params = [s.params for s in seqs]
+        tokens = next_tokens(logits, params, [s.generator for s in seqs], [s.prompt for s in seqs],
+                             [s.out for s in seqs])
+        k = max((p.logprobs or 0) for p in params)
+        want_lp = any(p.logprobs is not None for p in params)
+        picked, top_ids, top_lps = top_logprobs(logits, tokens, k) if want_lp else (None, None, None)
+        for i, s in enumerate(seqs):
+            lp = top = None
+            if s.params.logprobs is not None:
+                lp = float(picked[i])
+                top = list(zip(top_ids[i, :s.params.logprobs].tolist(), top_lps[i, :s.params.logprobs].tolist()))
+            self._advance(loaded, s, int(tokens[i]), lp, top)
+        self._stats["tokens"] += len(seqs)
+        return tokens
+
+    def _advance(self, loaded: _Loaded, s: _Seq, token: int, lp: float | None, top) -> None:
+        """Append a token, decode, cut at a stop sequence, and send what is safe to show."""
+        s.out.append(token)
+        text = loaded.tokenizer.decode(s.out, skip_special_tokens=True)
+        stops, finish = s.params.stop, None
+        if token in loaded.eos and not s.params.ignore_eos:
+            finish = "eos"
+        elif stops and (cut := find_stop(text, stops)) is not None:
+            text, finish = text[:cut], "stop"
+        elif len(s.out) >= s.params.max_tokens:
+            finish = "length"
+        end = len(text)
+        if finish is None:
+            end -= max(held_back(text, stops), 1 if text.endswith("\ufffd") else 0)
+        delta, s.emitted = text[s.emitted:end], max(s.emitted, end)
+        s.finish = finish
+        s.gen.put(TokenEvent(s.index, delta, token, lp, top, finish))
+
+
+def _adapter(s: _Seq) -> str | None:
+    return str(s.model.adapter_path) if s.model.adapter_path else None

@@ -1,0 +1,79 @@
+"""Which models a caller can run, and where their weights are: every base model in the registry,
+and each of the caller's completed fine-tuning jobs by its `model_output_name`.
+
+- A LoRA job trained directly on a registry base is served as that base + its adapter (the base
+  is loaded once and shared). A LoRA job that started from a parent checkpoint was trained on
+  weights that are not the registry base, so its `merged/` folder is served as a model of its own;
+  so is a full fine-tune's final folder.
+- Another owner's model looks exactly like an unknown one (404), so names do not leak.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse import jobs
+from tunehouse.downloads import MERGED_DIR
+from tunehouse.errors import InvalidInput, NotFound
+from tunehouse.models.registry import Registry
+from tunehouse.serve.engine import ModelRef
+from tunehouse.store.home import Home
+from tunehouse.store.tables import Job
+
+FREE = {"input": 0.0, "output": 0.0, "hourly": 0.0, "base": 0.0, "finetune": 0.0}
+
+
+def _unknown(name: str) -> NotFound:
+    return NotFound(f"The model {name!r} does not exist. List the models you can use with GET /v1/models "
+                    "(`tunehouse models list`); fine-tuned models are named by their job's model_output_name.",
+                    param="model", code="model_not_found")
+
+
+def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -> ModelRef:
+    """The weights (and adapter) behind `name` for `owner`, or a NotFound / InvalidInput that says why."""
+    if name in {m.name for m in registry.list()}:
+        info = registry.get(name)
+        return ModelRef(name, name, Path(registry.path(name)), info.context_length)
+    job = s.scalar(select(Job).where(Job.model_output_name == name))
+    if job is None or job.owner != owner:
+        raise _unknown(name)
+    if job.status != "completed":
+        raise InvalidInput(f"The model {name!r} is not ready: its fine-tuning job {job.id} is {job.status}. "
+                           "It can be used once the job has completed.", param="model", code="model_not_ready")
+    final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"]
+    folder = home.blobs.path(final[0].blob_key) if final else None
+    if folder is None or not folder.is_dir():
+        raise _unknown(name)
+    base = registry.get(job.model)
+    lora, parent = job.config["train"]["lora"], job.config.get("extra", {}).get("parent")
+    if lora and not parent:
+        return ModelRef(name, base.name, Path(registry.path(base.name)), base.context_length, adapter_path=folder)
+    weights = folder / MERGED_DIR if lora else folder
+    return ModelRef(name, name, weights, base.context_length)
+
+
+def resolve_for(home: Home, registry: Registry, owner: str, name: str) -> ModelRef:
+    """`resolve` in its own session (the routes call it in a worker thread: the first use of the
+    default model converts it)."""
+    with home.db.session() as s:
+        return resolve(s, home, registry, owner, name)
+
+
+def list_models(s: Session, registry: Registry, owner: str) -> list[dict]:
+    """Model objects for `/v1/models`: fields both the openai SDK (`owned_by`, `created`) and the
+    together 1.x SDK (`pricing`, `type`, `context_length`) read."""
+    out = [_model_object(m.name, "tunehouse", 0, m.context_length) for m in registry.list()]
+    context = {m.name: m.context_length for m in registry.list()}
+    for job in jobs.list_owned(s, owner):
+        if job.status == "completed" and job.model_output_name:
+            created = int(job.created_at.timestamp()) if job.created_at else 0
+            out.append(_model_object(job.model_output_name, owner, created, context.get(job.model)))
+    return out
+
+
+def _model_object(name: str, owner: str, created: int, context_length: int | None) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": owner, "type": "chat",
+            "display_name": name, "organization": owner, "context_length": context_length, "pricing": FREE}
