@@ -16,7 +16,7 @@ from tunehouse.api import inference_schemas as wire
 from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep, SessionDep
 from tunehouse.api.errors import error_body
 from tunehouse.errors import TunehouseError
-from tunehouse.serve import completions, models
+from tunehouse.serve import completions, endpoints, models
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -24,6 +24,8 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 @router.post("/chat/completions")
 async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine: EngineDep, home: HomeDep,
                            registry: RegistryDep, request: Request):
+    if url := await _endpoint(request, home, caller.owner, body.model):
+        return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
     if body.stream:
@@ -34,6 +36,8 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
 @router.post("/completions")
 async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, engine: EngineDep,
                            home: HomeDep, registry: RegistryDep, request: Request):
+    if url := await _endpoint(request, home, caller.owner, body.model):
+        return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
     if body.stream:
@@ -50,6 +54,11 @@ def list_models(caller: CurrentCaller, session: SessionDep, registry: RegistryDe
     curl, …) gets OpenAI's `{"object": "list", "data": [...]}`. Items are the same in both."""
     items = models.list_models(session, registry, caller.owner)
     return items if wire.is_together_v1(request.headers.get("user-agent")) else {"object": "list", "data": items}
+
+
+async def _endpoint(request: Request, home, owner: str, model: str) -> str | None:
+    """A model name that is one of the caller's dedicated endpoints is served by its own process."""
+    return await run_in_threadpool(endpoints.route_for, home, request.app.state.supervisor, owner, model)
 
 
 # -- streaming -----------------------------------------------------------------------------------
