@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from tunehouse.api.server import serve_in_thread
 from tunehouse.evaluate.compare import (
@@ -72,6 +73,8 @@ def fake_chat_server(echo: bool = True):
     async def chat(request: Request):
         body = await request.json()
         assert request.headers["authorization"] == "Bearer k"
+        if body["model"] not in ("oracle", "chatty"):
+            return JSONResponse({"error": {"message": f"model {body['model']} not found"}}, status_code=404)
         if body.get("echo"):
             if not echo:
                 return {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}}]}
@@ -84,11 +87,8 @@ def fake_chat_server(echo: bool = True):
         question = re.split(r"\n\n", body["messages"][-1]["content"])[-1]
         if body["model"] == "oracle":
             content = f"The {gold[question]}."
-        elif body["model"] == "chatty":
-            content = "I think the answer is Tom, as the story says."
         else:
-            from fastapi.responses import JSONResponse
-            return JSONResponse({"error": {"message": f"model {body['model']} not found"}}, status_code=404)
+            content = "I think the answer is Tom, as the story says."
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
     return serve_in_thread(app)
@@ -151,3 +151,27 @@ def test_read_conversations_refuses_other_formats(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(CompareError, match="no assistant turn"):
         read_conversations(bad)
+
+
+def test_eval_command(held_out, tmp_path):
+    """`tunehouse eval` prints the table (or JSON) and writes eval.json and eval.svg."""
+    from typer.testing import CliRunner
+
+    from tunehouse.cli import app
+
+    bg = fake_chat_server()
+    try:
+        args = ["eval", "--model", "chatty", "--model", "oracle", "--file", str(held_out), "--base-url", bg.url,
+                "--api-key", "k", "--max-tokens", "7", "--concurrency", "2", "--out", str(tmp_path / "o")]
+        as_json = CliRunner().invoke(app, args + ["--json"])
+        as_table = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+        missing = CliRunner().invoke(app, ["eval", "--model", "nope", "--file", str(held_out), "--base-url", bg.url,
+                                           "--api-key", "k"])
+    finally:
+        bg.stop()
+    assert as_json.exit_code == 0, as_json.output
+    out = json.loads(as_json.stdout)
+    assert [(m["model"], m["exact_match"]) for m in out["models"]] == [("chatty", 0.0), ("oracle", 1.0)]
+    assert (tmp_path / "o" / "eval.json").is_file() and (tmp_path / "o" / "eval.svg").is_file()
+    assert as_table.exit_code == 0 and "oracle" in as_table.stdout and "1.000" in as_table.stdout
+    assert missing.exit_code == 1 and "model nope not found" in missing.output

@@ -51,6 +51,26 @@ def test_small_quickstart_end_to_end(tmp_path):
     assert summary["dpo_model"].startswith("admin/tiny-llama-coqa-dpo-")
 
 
+def test_small_quickstart_on_a_coqa_file(tmp_path):
+    """`--coqa FILE`: the stories of a CoQA JSON file instead of the generated ones (the last
+    tenth, here one story of three, held out)."""
+    story = "{who} keeps a {colour} boat in the harbour of {town}. Every morning {who} sails to the lighthouse."
+    data = {"data": [{"story": story.format(who=w, colour=c, town=t),
+                      "questions": [{"input_text": "Who keeps a boat?", "turn_id": 1},
+                                    {"input_text": "What colour is it?", "turn_id": 2},
+                                    {"input_text": "Where is the harbour?", "turn_id": 3}],
+                      "answers": [{"input_text": w, "turn_id": 1}, {"input_text": c, "turn_id": 2},
+                                  {"input_text": t, "turn_id": 3}]}
+                     for w, c, t in [("Ana", "red", "Vigo"), ("Ben", "blue", "Cork"), ("Eva", "green", "Bari")]]}
+    path = tmp_path / "coqa.json"
+    path.write_text(json.dumps(data))
+    proc, _ = run_quickstart(tmp_path / "home", "--small", "--coqa", str(path), timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"From {path} (3 stories): 2 training and 1 held-out stories" in proc.stdout.replace("\n", " ")
+    result = json.loads((tmp_path / "home" / "quickstart" / "eval" / "eval.json").read_text())
+    assert [t["gold"] for t in result["turns"]] == ["Eva", "green"]  # held_out_turns = 2
+
+
 @pytest.mark.slow
 def test_real_quickstart_beats_the_together_guide_uplift(tmp_path):
     proc, seconds = run_quickstart(tmp_path / "home", timeout=1500)

@@ -697,3 +697,35 @@ def _stream_reply(client: Client, body: dict) -> str:
                           "Start it with `tunehouse serve` or pass --base-url.") from None
     sys.stdout.write("\n")
     return "".join(reply)
+
+
+# -- eval ----------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_models(model: Annotated[list[str], typer.Option("--model", help="A model to compare; repeat the flag "
+                                                         "for each (the first is the baseline).")],
+                file: Annotated[Path, typer.Option("--file", help="Held-out chat JSONL; every assistant turn "
+                                                   "is asked with the gold history before it.")],
+                out: Annotated[Path, typer.Option("--out", help="Folder for eval.json and eval.svg.")] = Path("eval"),
+                base_url: BaseUrl = None, api_key: ApiKey = None,
+                max_tokens: Annotated[int, typer.Option(min=1, help="Answer length cap, tokens.")] = 32,
+                concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+                json_out: JsonOut = False):
+    """Compare models on a held-out chat file through /v1/chat/completions (any compatible server):
+    exact match and token F1 of greedy answers, validation loss and perplexity; writes eval.json
+    and an SVG bar chart."""
+    from tunehouse.evaluate import compare
+
+    client = _client(base_url, api_key)  # resolves the URL and key as every other command does
+    client.close()
+    try:
+        result = compare.compare(model, file, base_url=client.base_url, api_key=client.api_key,
+                                 max_tokens=max_tokens, concurrency=concurrency, console=None if json_out else err)
+    except compare.CompareError as exc:
+        err.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(1)
+    json_path, svg_path = compare.write_outputs(result, out)
+    if json_out:
+        print(json.dumps({"models": result["models"], "json": str(json_path), "svg": str(svg_path)}, indent=2))
+        return
+    console.print(compare.results_table(result))
+    console.print(f"Wrote {json_path} and {svg_path}")

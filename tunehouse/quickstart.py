@@ -49,7 +49,7 @@ class Plan:
     held_out_turns: int
     dpo_stories: int  # training stories turned into preference pairs (one pair per turn)
     dpo_valid_stories: int  # held-out stories for the DPO job's validation (accuracy, KL)
-    sft: dict  # the SFT job's hyperparameters (wire names)
+    sft: dict  # the SFT job's hyperparameters (wire names; lora_r/lora_alpha go into training_type)
     dpo: dict  # the DPO job's hyperparameters (wire names)
     max_tokens: int  # answer length cap when evaluating
     bf16: bool  # TUNEHOUSE_BF16=1 for the training child (bf16 autocast on CPUs that have it)
@@ -58,20 +58,19 @@ class Plan:
 # Measured on the 2-core CPU (see the README): ~10k training tokens for SFT, ~0.3 s per held-out turn.
 FULL = Plan(
     model="HuggingFaceTB/SmolLM2-135M-Instruct",
-    train_stories=64, train_turns=5, held_out_stories=24, held_out_turns=4,
-    dpo_stories=6, dpo_valid_stories=2,
-    sft=dict(n_epochs=1, learning_rate=2e-3, batch_size=2, max_seq_length=512, warmup_ratio=0.1,
-             min_lr_ratio=0.1, lora=True, lora_r=8, lora_alpha=16, n_checkpoints=1),
-    dpo=dict(n_epochs=1, learning_rate=5e-4, batch_size=6, max_seq_length=256, warmup_ratio=0.1,
-             n_checkpoints=1, n_evals=1),
+    train_stories=64, train_turns=5, held_out_stories=16, held_out_turns=4,
+    dpo_stories=4, dpo_valid_stories=2,
+    sft=dict(n_epochs=1, learning_rate=2e-3, batch_size=2, max_seq_length=512, min_lr_ratio=0.1,
+             lora_r=8, lora_alpha=16, n_checkpoints=1),
+    dpo=dict(n_epochs=1, learning_rate=5e-4, batch_size=5, max_seq_length=256, n_checkpoints=1, n_evals=1),
     max_tokens=32, bf16=True,
 )
 SMALL = Plan(
     model="tunehouse/tiny-llama",
     train_stories=8, train_turns=3, held_out_stories=3, held_out_turns=2,
     dpo_stories=2, dpo_valid_stories=1,
-    sft=dict(n_epochs=1, learning_rate=3e-3, batch_size=4, max_seq_length=256, lora=True, n_checkpoints=1),
-    dpo=dict(n_epochs=1, learning_rate=1e-3, batch_size=4, max_seq_length=256, n_checkpoints=1, n_evals=1),
+    sft=dict(n_epochs=1, learning_rate=3e-3, batch_size=4, max_seq_length=512, n_checkpoints=1),
+    dpo=dict(n_epochs=1, learning_rate=1e-3, batch_size=4, max_seq_length=512, n_checkpoints=1, n_evals=1),
     max_tokens=8, bf16=False,
 )
 
@@ -91,6 +90,8 @@ def run(settings: Settings, *, small: bool = False, model: str | None = None, co
     from tunehouse.store.home import ensure_admin_key, open_home, read_key_file
 
     plan = replace(SMALL if small else FULL, **({"model": model} if model else {}))
+    if coqa_file:  # real CoQA stories run to ~400 tokens
+        plan = replace(plan, sft=plan.sft | {"max_seq_length": 1024}, dpo=plan.dpo | {"max_seq_length": 768})
     if plan.bf16:
         os.environ.setdefault("TUNEHOUSE_BF16", "1")  # read by the training child the worker starts
     # The embedded server loads models in this process: keep its loading bars and notices off the page.
@@ -105,19 +106,30 @@ def run(settings: Settings, *, small: bool = False, model: str | None = None, co
     console.rule("[bold]tunehouse quick-start")
     console.print(f"Server {bg.url}   home {settings.home}   base model {plan.model}")
     client = Client(bg.url, key)
+    stages, clock = {}, time.monotonic()
+
+    def lap(name: str) -> None:  # seconds per stage, for summary.json
+        nonlocal clock
+        stages[name], clock = round(time.monotonic() - clock, 1), time.monotonic()
+
     try:
         files = build_dataset(work, plan, coqa_file)
         check_dataset(files, work)
         ids = upload(client, files)
+        lap("data")
         sft = fine_tune(client, ids, plan)
+        lap("sft")
         result = evaluate(bg.url, key, plan, sft, files, work)
+        lap("eval")
         dpo = preference_tune(client, ids, sft, plan)
+        lap("dpo")
         chat_with_it(dpo, settings)
     finally:
         client.close()
         bg.stop()
-    summary = {"plan": plan.__dict__, "seconds": round(time.monotonic() - t0, 1), "sft_job": sft["id"],
-               "sft_model": sft["model_output_name"], "dpo_job": dpo["id"], "dpo_model": dpo["model_output_name"],
+    summary = {"plan": plan.__dict__, "seconds": round(time.monotonic() - t0, 1), "stages": stages,
+               "sft_job": sft["id"], "sft_model": sft["model_output_name"],
+               "dpo_job": dpo["id"], "dpo_model": dpo["model_output_name"],
                "eval": {r["label"]: {k: r[k] for k in ("exact_match", "f1", "valid_loss", "perplexity", "n_turns")}
                         for r in result["models"]},
                "dpo_metrics": dpo["metrics"]}
@@ -131,7 +143,9 @@ def build_dataset(work: Path, plan: Plan, coqa_file: Path | None) -> Files:
     if coqa_file:
         stories = coqa.read_coqa(coqa_file)
         cut = max(1, len(stories) // 10)  # the last tenth is held out
-        train, held = stories[:-cut][:plan.train_stories], stories[-cut:][:plan.held_out_stories]
+        # CoQA stories are ~5x longer than the generated ones: the same number of turns per story
+        train = [coqa.Story(s.text, s.turns[:plan.train_turns]) for s in stories[:-cut][:plan.train_stories]]
+        held = [coqa.Story(s.text, s.turns[:plan.held_out_turns]) for s in stories[-cut:][:plan.held_out_stories]]
         source = f"{coqa_file} ({len(stories)} stories)"
     else:
         train = coqa.generate(plan.train_stories, "train", turns=plan.train_turns)
@@ -232,7 +246,7 @@ def chat_with_it(job: dict, settings: Settings) -> None:
     name = job["model_output_name"]
     console.print(f"Start the server:  tunehouse serve --home {settings.home}\n"
                   f"Chat in the terminal:  tunehouse chat {name}\n"
-                  "Or with the openai SDK:")
+                  "Or with the openai SDK:", soft_wrap=True)
     story = "Ana keeps a green parrot called Kiwi. Kiwi is 3 years old."
     console.print(f'''from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=open("{settings.admin_key_path}").read().strip())
@@ -248,7 +262,7 @@ def _lora(hyper: dict) -> dict:
 
 
 def _hyper(hyper: dict) -> dict:
-    return {k: v for k, v in hyper.items() if k not in ("lora", "lora_r", "lora_alpha")}
+    return {k: v for k, v in hyper.items() if k not in ("lora_r", "lora_alpha")}
 
 
 def follow(client: Client, job_id: str, label: str, poll_s: float = 1.0) -> dict:

@@ -327,7 +327,7 @@ class TorchEngine(Engine):
             head = self._waiting[0]
             if head.gen.cancelled:
                 self._waiting.popleft()
-                self._stats["cancelled"] += 1
+                self._stats["cancelled"] += head.index == 0  # counted per request
                 continue
             weights = batch_weights or head.model.weights
             if head.model.weights != weights:

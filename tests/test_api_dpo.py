@@ -1,0 +1,104 @@
+"""Preference fine-tuning through the API: the together 3.x SDK and CLI run DPO jobs (and an
+SFT → DPO chain) on the tiny model to completed, with the DPO metrics on /metrics and the events;
+create-time rules for the DPO fields and the file's format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import httpx
+import pytest
+import together
+from together import Together
+
+from conftest import _serve, bin_path, sdk_env
+from jobs_support import wait_for, write_chat
+from tunehouse.settings import Settings
+
+TINY = "tunehouse/tiny-llama"
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+
+
+def write_pairs(path, n: int):
+    with open(path, "w") as fh:
+        for i in range(n):
+            good, bad = WORDS[i % 10], WORDS[(i + 3) % 10]
+            fh.write(json.dumps({"input": {"messages": [{"role": "user", "content": f"Say {good}."}]},
+                                 "preferred_output": [{"role": "assistant", "content": good}],
+                                 "non_preferred_output": [{"role": "assistant", "content": bad}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_cache):
+    live, bg = _serve(Settings(home=tmp_path_factory.mktemp("dpo") / "home", model_cache=model_cache,
+                               embedded_worker=True))
+    yield live
+    bg.stop()
+
+
+def test_sft_then_dpo_chain_with_metrics(server, tmp_path):
+    c = Together(base_url=server.url, api_key=server.key, max_retries=0)
+    chat = c.files.upload(write_chat(tmp_path / "sft.jsonl", 16))
+    pairs = c.files.upload(write_pairs(tmp_path / "pairs.jsonl", 16), check=False)
+    assert pairs.processing_status == "COMPLETED"
+
+    sft = c.fine_tuning.create(training_file=chat.id, model=TINY, lora=True, n_epochs=1, learning_rate=1e-3,
+                               batch_size=4)
+    assert wait_for(c, sft.id).status == "completed"
+    dpo = c.fine_tuning.create(training_file=pairs.id, validation_file=pairs.id, n_evals=2, from_checkpoint=sft.id,
+                               training_method="dpo", dpo_beta=0.2, rpo_alpha=0.5, n_epochs=2, learning_rate=1e-3,
+                               batch_size=4)
+    job = c.fine_tuning.retrieve(dpo.id)
+    assert job.training_method.method == "dpo" and job.training_method.dpo_beta == 0.2
+    done = wait_for(c, dpo.id)
+    assert done.status == "completed", [e.message for e in c.fine_tuning.list_events(dpo.id).data]
+    rows = c.fine_tuning.list_metrics(dpo.id).metrics
+    keys = set().union(*rows)
+    for k in ("train_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected", "kl/estimate", "kl", "valid/rewards/accuracies"):
+        assert k in keys, sorted(keys)
+    assert all(r["train/global_step"] >= 0 for r in rows)
+    messages = [e.message for e in c.fine_tuning.list_events(dpo.id).data]
+    assert "Continuing the LoRA adapter" in " ".join(messages) and "Job finished" in messages
+
+
+def test_dpo_create_rules(server, tmp_path):
+    c = Together(base_url=server.url, api_key=server.key, max_retries=0)
+    chat = c.files.upload(write_chat(tmp_path / "c.jsonl", 4))
+    pairs = c.files.upload(write_pairs(tmp_path / "p.jsonl", 4), check=False)
+    with pytest.raises(together.BadRequestError) as exc:
+        c.fine_tuning.create(training_file=chat.id, model=TINY, training_method="dpo")
+    assert "preference dataset" in exc.value.body["error"]["message"]
+    with pytest.raises(together.BadRequestError) as exc:
+        c.fine_tuning.create(training_file=pairs.id, model=TINY)
+    assert "training_method dpo" in exc.value.body["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {server.key}"},
+                   json={"training_file": pairs.id, "model": TINY, "training_method": {
+                       "method": "dpo", "dpo_beta": -1, "rpo_alpha": -2, "simpo_gamma": -3}})
+    msg = r.json()["error"]["message"]  # the SDK checks these too; other clients do not
+    assert r.status_code == 400 and "dpo_beta" in msg and "rpo_alpha" in msg and "simpo_gamma" in msg
+    r = httpx.post(f"{server.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {server.key}"},
+                   json={"training_file": pairs.id, "model": TINY, "learning_rate": 1e-3, "train_on_inputs": True,
+                         "training_method": {"method": "dpo", "dpo_beta": 2.0, "simpo_gamma": 0.5}})
+    assert r.status_code == 200, r.text
+    job = c.fine_tuning.retrieve(r.json()["id"])
+    warnings = [e.message for e in c.fine_tuning.list_events(job.id).data if e.type == "WARNING"]
+    assert any("dpo_beta 2.0" in w for w in warnings) and any("train_on_inputs is ignored" in w for w in warnings)
+    got = c.fine_tuning.retrieve(job.id).training_method
+    assert got.simpo_gamma == 0.5 and got.dpo_reference_free is True  # SimPO forces reference-free
+    assert wait_for(c, job.id).status == "completed"
+
+
+def test_v3_cli_dpo_job(server, tmp_path):
+    data = write_pairs(tmp_path / "cli_pairs.jsonl", 8)
+    out = subprocess.run([bin_path("together"), "ft", "create", "--training-file", str(data), "--model", TINY,
+                          "--lora", "-y", "--training-method", "dpo", "--dpo-beta", "0.2",
+                          "--dpo-normalize-logratios-by-length", "--learning-rate", "0.001"],
+                         capture_output=True, text=True, env=sdk_env(server), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    job_id = next(w.strip(".,:'\"") for w in out.stdout.split() if w.strip(".,:'\"").startswith("ft-"))
+    c = Together(base_url=server.url, api_key=server.key, max_retries=0)
+    done = wait_for(c, job_id)
+    assert done.status == "completed" and done.training_method.dpo_normalize_logratios_by_length is True
