@@ -120,8 +120,8 @@ ROWS = [({"role": "user", "content": "What colour is the sky?"}, "Blue.", "The s
 @pytest.fixture(scope="module")
 def tiny_pairs(tiny_model_dir, tiny_tokenizer):  # noqa: F811
     """Policy (the tiny model, perturbed), reference (the tiny model), three pairs of unequal
-    completion lengths, and our per-sequence log-prob sums from the packed, one-row-per-pair
-    path (collate_pairs → trained_logits → segment_logps)."""
+    completion lengths, and our per-sequence log-prob sums from the packed
+    path (collate_pairs → trained_logits → segment_logps), sides packed into rows."""
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -58,8 +58,8 @@ class Plan:
 # Measured on the 2-core CPU (see the README): ~10k training tokens for SFT, ~0.3 s per held-out turn.
 FULL = Plan(
     model="HuggingFaceTB/SmolLM2-135M-Instruct",
-    train_stories=64, train_turns=5, held_out_stories=16, held_out_turns=4,
-    dpo_stories=4, dpo_valid_stories=2,
+    train_stories=48, train_turns=5, held_out_stories=16, held_out_turns=4,
+    dpo_stories=3, dpo_valid_stories=2,
     sft=dict(n_epochs=1, learning_rate=2e-3, batch_size=2, max_seq_length=512, min_lr_ratio=0.1,
              lora_r=8, lora_alpha=16, n_checkpoints=1),
     dpo=dict(n_epochs=1, learning_rate=5e-4, batch_size=5, max_seq_length=256, n_checkpoints=1, n_evals=1),

@@ -16,9 +16,11 @@ Truncation policy — each side (prompt + its completion) must fit `max_seq_leng
   2. then a completion still too long is cut from the RIGHT (its end, EOS included, goes).
 A pair that lost any token counts as truncated (the recipe reports how many).
 
-Batches: the two sides of a pair are two segments of ONE row (prompt+chosen, prompt+rejected),
-isolated by the block-diagonal mask of `packing.collate`, so a pair costs one forward pass.
-With packing, several pairs share a row of ≤ 2·max_seq_length tokens.
+Batches: all sides of a micro-batch's pairs (prompt+chosen, prompt+rejected) go through ONE
+forward pass: one side per row, or packed several to a row of ≤ max_seq_length tokens, each side
+a segment of the block-diagonal mask of `packing.collate` (position ids alone do not isolate
+segments, DESIGN.md). Rows stay ≤ max_seq_length, so attention costs what it costs in SFT;
+putting a pair's two sides in one row would double its length and quadruple attention.
 """
 
 from __future__ import annotations
@@ -115,18 +117,19 @@ class PairBatch:
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype = torch.float32,
                   *, row_tokens: int | None = None) -> PairBatch:
-    """Rows of pairs: one pair per row, or (row_tokens given) pairs packed into rows of at most
-    row_tokens tokens by `packing.pack`. Pair k keeps index k whatever row it lands in."""
-    groups = pack(pairs, row_tokens) if row_tokens else [[k] for k in range(len(pairs))]
-    batch = collate([[side for k in group for side in pairs[k].sides()] for group in groups],
-                    pad_id, mask_dtype)
+    """The 2·P sides of P pairs as one batch (one forward pass): one side per row, right-padded
+    (concatenated along the batch), or (row_tokens given) sides packed by `packing.pack` into
+    rows of at most row_tokens tokens, each side its own segment. Side 2k+s stays sequence 2k+s
+    whatever row it lands in."""
+    sides = [side for pair in pairs for side in pair.sides()]
+    groups = pack(sides, row_tokens) if row_tokens else [[j] for j in range(len(sides))]
+    batch = collate([[sides[j] for j in group] for group in groups], pad_id, mask_dtype)
     owner = torch.full(batch.targets.shape, -1, dtype=torch.long)
     for r, group in enumerate(groups):
         start = 0
-        for k in group:
-            for s, side in enumerate(pairs[k].sides()):
-                owner[r, start:start + side.num_tokens] = 2 * k + s
-                start += side.num_tokens
+        for j in group:
+            owner[r, start:start + sides[j].num_tokens] = j
+            start += sides[j].num_tokens
     segment = owner[batch.targets != IGNORE]
-    lengths = torch.bincount(segment, minlength=2 * len(pairs)).float()
+    lengths = torch.bincount(segment, minlength=len(sides)).float()
     return PairBatch(batch, segment, lengths[0::2], lengths[1::2], len(pairs))

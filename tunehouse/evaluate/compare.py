@@ -250,7 +250,11 @@ def svg_chart(result: dict) -> str:
     models, metrics = result["models"], [("exact_match", "Exact match"), ("f1", "Token F1")]
     bar, gap, left, top, height = 46, 36, 50, 40, 220
     group = len(models) * bar + gap
-    width = left + len(metrics) * group + 20
+    legends = [f"{m['label']} ({m['n_turns']} turns"
+               + (f", valid loss {m['valid_loss']:.3f}" if m.get("valid_loss") is not None else "") + ")"
+               for m in models]
+    chart_w = left + len(metrics) * group + 20
+    width = max(chart_w, left + 20 + 7 * max(len(t) for t in legends) + 10)  # ~7 px a character at 12 px
     legend_h = 22 * len(models)
     total_h = top + height + 40 + legend_h
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
@@ -259,7 +263,7 @@ def svg_chart(result: dict) -> str:
            f'<text x="{left}" y="22" font-size="14" font-weight="bold">{_esc(Path(result["file"]).name)}</text>']
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         y = top + height * (1 - tick)
-        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#e5e5e5"/>')
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{chart_w - 10}" y2="{y:.1f}" stroke="#e5e5e5"/>')
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{tick:g}</text>')
     for g, (key, name) in enumerate(metrics):
         x0 = left + gap / 2 + g * group
@@ -272,11 +276,10 @@ def svg_chart(result: dict) -> str:
                        f'{value:.2f}</text>')
         out.append(f'<text x="{x0 + len(models) * bar / 2:.1f}" y="{top + height + 18}" text-anchor="middle" '
                    f'font-weight="bold">{name}</text>')
-    for i, m in enumerate(models):
+    for i, text in enumerate(legends):
         y = top + height + 36 + 22 * i
         out.append(f'<rect x="{left}" y="{y}" width="14" height="14" fill="{COLOURS[i % len(COLOURS)]}"/>')
-        extra = f", valid loss {m['valid_loss']:.3f}" if m.get("valid_loss") is not None else ""
-        out.append(f'<text x="{left + 20}" y="{y + 11}">{_esc(m["label"])} ({m["n_turns"]} turns{extra})</text>')
+        out.append(f'<text x="{left + 20}" y="{y + 11}">{_esc(text)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

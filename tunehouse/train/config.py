@@ -168,7 +168,7 @@ class DPOConfig(_ConfigMethods):
     max_seq_length: int = 2048
     """Longest side of a pair in tokens (prompt + one completion), ≥ 8; longer pairs are truncated. Default 2048."""
     packing: bool = True
-    """Pack several pairs per row (each side its own segment of a block-diagonal mask); False = one pair per row. Default True."""
+    """Pack the sides of a micro-batch's pairs into rows of ≤ max_seq_length tokens (block-diagonal mask); False = one side per row. Default True."""
     random_seed: int = 42
     """Seed for initialisation, data order and dropout, ≥ 0. Default 42."""
     wandb_api_key: str | None = None

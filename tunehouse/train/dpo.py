@@ -7,7 +7,7 @@ setup → reference log-probs → loop → checkpoints → final save/merge. Sam
 Batch vocabulary: `batch_size` preference pairs per optimizer step, split into
 `gradient_accumulation_steps` micro-batches. A step's loss is the mean of the per-pair losses over
 all its pairs (pair-weighted), so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients. Both
-sides of a pair run in one forward pass (two segments of one row, data/preference.py) and the LM
+sides of every pair of a micro-batch run in one forward pass (data/preference.py) and the LM
 head runs only at completion positions (`trained_logits`).
 
 The reference is the initial policy (step 0):
@@ -427,7 +427,7 @@ def _pairs(path: Path, tokenizer, cfg: DPOConfig, reporter: Reporter, what: str)
 
 
 def _collate(run: _Run, pairs: list[Pair]) -> PairBatch:
-    row_tokens = 2 * run.cfg.max_seq_length if run.cfg.packing else None
+    row_tokens = run.cfg.max_seq_length if run.cfg.packing else None
     return collate_pairs(pairs, run.pad_id, mask_dtype(run.autocast), row_tokens=row_tokens)
 
 

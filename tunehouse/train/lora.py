@@ -86,33 +86,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def merge_adapter_folder(base_path: Path, adapter_dir: Path, dest: Path) -> Path:
-    """Write base + adapter, merged, as a plain model folder (weights + tokenizer) at `dest`,
-    atomically. Used to continue from a parent LoRA checkpoint with another shape or full."""
-    import os
-    import shutil
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    merged = merge(load_lora(base, adapter_dir, trainable=False))
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def merge_adapter_folder(base_path: Path, adapter_dir: Path, dest: Path) -> Path:
     """Write base + adapter, merged, as a plain model folder at `dest` (atomically); return it.
 
     The tokenizer is taken from the adapter folder when it carries one (tunehouse checkpoints
