@@ -240,6 +240,7 @@ class TorchEngine(Engine):
         self._forget: set[str] = set()
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
+        self._tokenizer_lock = threading.Lock()
         self._batch: _Batch | None = None
         self._closed = False
         self._sweep_s, self._swept = sweep_s, time.monotonic()
@@ -251,11 +252,14 @@ class TorchEngine(Engine):
     # -- interface --------------------------------------------------------------------------------
     def tokenizer(self, model: ModelRef):
         key = str(model.weights_path)
-        if key not in self._tokenizers:
-            from transformers import AutoTokenizer
+        # One loader at a time: concurrent first requests raced in transformers' lazy import
+        # ("cannot import name 'AutoTokenizer'") and would load the same tokenizer twice.
+        with self._tokenizer_lock:
+            if key not in self._tokenizers:
+                from transformers import AutoTokenizer
 
-            self._tokenizers[key] = AutoTokenizer.from_pretrained(model.weights_path)
-        return self._tokenizers[key]
+                self._tokenizers[key] = AutoTokenizer.from_pretrained(model.weights_path)
+            return self._tokenizers[key]
 
     def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Generation:
         gen = Generation(n, on_cancel=self._wake)
