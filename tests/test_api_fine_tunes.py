@@ -147,7 +147,7 @@ def _wait_checkpoint(live, job_id: str, timeout: float = 120) -> int:
 
 def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
-    job = _long_job(c, tmp_path)
+    job = _long_job(c, tmp_path, rows=100)  # long enough that the cancel lands mid-training
     _wait_checkpoint(live_worker, job.id)
     assert c.fine_tuning.cancel(job.id).status == "cancel_requested"
     done = wait_for(c, job.id)
