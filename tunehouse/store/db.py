@@ -27,7 +27,9 @@ class Database:
 
     def __init__(self, url: str):
         self.url = url
-        kwargs: dict = {}
+        # Room for every request thread (anyio's pool has 40) to hold a session while a helper it
+        # calls opens another: a pool of 5+10 starved 50 concurrent chat requests (30 s timeouts).
+        kwargs: dict = {"pool_size": 20, "max_overflow": 80}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         self.engine: Engine = create_engine(url, **kwargs)
