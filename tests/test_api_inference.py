@@ -266,3 +266,51 @@ def test_chat_cli_streams_and_keeps_the_conversation(server):
     bad = subprocess.run([sys.executable, "-m", "tunehouse", "chat", "acme/nope", "--base-url", server.url,
                           "--api-key", server.key], input="hi\n", capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_echo_returns_prompt_logprobs_and_eval_reports_validation_loss(server, tmp_path):
+    """`echo: true, logprobs: 1, max_tokens: 0` (Together's prompt log-probs): the token pieces
+    spell the rendered prompt exactly, each log-prob equals PEFT's log-softmax on the same ids, and
+    `compare` turns them into a validation loss that is lower for the fine-tune on its own data."""
+    import math
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunehouse.evaluate.compare import compare
+
+    conv = [{"role": "user", "content": "Say red then blue."}, {"role": "assistant", "content": "red blue"}]
+    r = tg(server).chat.completions.create(model=server.tuned, messages=conv, max_tokens=0, echo=True, logprobs=1)
+    assert r.choices[0].message.content == "" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 0
+    part = r.prompt[0]
+    tokens, values = part.logprobs.tokens, part.logprobs.token_logprobs
+    assert "".join(tokens) == part.text and "red blue" in part.text and values[0] is None
+
+    ref = _ref(server, server.tuned)
+    ids = AutoTokenizer.from_pretrained(ref.weights_path).encode(part.text, add_special_tokens=False)
+    assert len(ids) == len(values) == r.usage.prompt_tokens
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref.weights_path), ref.adapter_path)
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert values[1:] == pytest.approx([float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)], abs=1e-4)
+
+    # Streamed, the prompt rides on the first chunk; text completions echo and still generate.
+    chunks = list(tg(server).chat.completions.create(model=TINY, messages=conv, max_tokens=0, echo=True,
+                                                     logprobs=1, stream=True))
+    assert chunks[0].prompt[0]["text"] == part.text  # not in the chunk type: an extra field and chunks[-1].choices[0].finish_reason == "length"
+    done = oai(server).completions.create(model=TINY, prompt="red blue green", max_tokens=3, temperature=0,
+                                          echo=True, logprobs=1)
+    prompt = done.model_extra["prompt"][0]
+    assert prompt["text"] == "red blue green" and "".join(prompt["logprobs"]["tokens"]) == "red blue green"
+    assert done.choices[0].text and done.usage.completion_tokens == 3
+
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        oai(server).chat.completions.create(model=TINY, messages=conv, max_tokens=0)
+
+    held_out = write_chat(tmp_path / "valid.jsonl", 6)
+    result = compare([TINY, server.tuned], held_out, base_url=server.url, api_key=server.key, max_tokens=4)
+    base, tuned = result["models"]
+    assert tuned["valid_loss"] < base["valid_loss"]
+    assert tuned["perplexity"] == pytest.approx(math.exp(tuned["valid_loss"]))

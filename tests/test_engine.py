@@ -162,3 +162,42 @@ def test_serving_lora_matches_peft(models):
         lora.remove_adapter(model, "x1")
         routing.current = "x1"
         assert torch.allclose(model(ids).logits, plain, atol=1e-6)
+
+
+def test_prompt_scores_equal_peft_log_softmax_in_mixed_batches(models):
+    """Scoring (echo) gives log p(token | earlier tokens) equal to a PEFT model's log-softmax, for
+    rows of different lengths and adapters scored in one forward, with the top-k alternatives."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapters, _ = models
+    rows = [[1, 5, 9, 13, 17, 21, 2], [1, 7, 3], [1, 30, 31, 32, 33]]
+    refs = [ref(base), ref(base, adapters[0]), ref(base, adapters[1])]
+
+    def expected(adapter, ids):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter)
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return [None] + [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)], lp
+
+    async def main():
+        engine = TorchEngine(threads=1)
+        try:
+            scored = await asyncio.gather(*[engine.score(r, ids, top=3) for r, ids in zip(refs, rows)])
+            return scored, engine.stats()
+        finally:
+            engine.close()
+
+    scored, stats = asyncio.run(main())
+    assert stats["scored"] == 3 and stats["scored_tokens"] == sum(map(len, rows))
+    assert stats["score_forwards"] <= 2  # queued together: scored in one forward (two if the first ran alone)
+    for r, ids, got in zip(refs, rows, scored):
+        want, lp = expected(r.adapter_path, ids)
+        assert got.logprobs[0] is None and len(got.logprobs) == len(ids)
+        assert got.logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+        values, top_ids = lp[1].topk(3)  # token 2 is predicted at position 1
+        assert [i for i, _ in got.top[2]] == top_ids.tolist()
+        assert [v for _, v in got.top[2]] == pytest.approx(values.tolist(), abs=1e-4)

@@ -45,6 +45,7 @@ def test_small_quickstart_end_to_end(tmp_path):
     result = json.loads((work / "eval" / "eval.json").read_text())
     assert [m["label"] for m in result["models"]] == ["base", "fine-tuned"]
     assert all(m["n_turns"] == 6 for m in result["models"])
+    assert all(m["valid_loss"] > 0 and m["perplexity"] > 1 for m in result["models"])  # from echo log-probs
     assert ET.parse(work / "eval" / "eval.svg").getroot().tag.endswith("svg")
     summary = json.loads((work / "summary.json").read_text())
     assert summary["dpo_metrics"]["rewards/accuracies"] is not None
@@ -77,6 +78,8 @@ def test_real_quickstart_beats_the_together_guide_uplift(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     base, tuned = json.loads((tmp_path / "home" / "quickstart" / "eval" / "eval.json").read_text())["models"]
     print(f"quick-start {seconds:.0f} s; base EM {base['exact_match']:.3f} F1 {base['f1']:.3f}; "
-          f"fine-tuned EM {tuned['exact_match']:.3f} F1 {tuned['f1']:.3f}")
+          f"fine-tuned EM {tuned['exact_match']:.3f} F1 {tuned['f1']:.3f}; valid loss "
+          f"{base['valid_loss']:.3f} -> {tuned['valid_loss']:.3f}")
     assert tuned["exact_match"] - base["exact_match"] >= 0.31
     assert tuned["f1"] - base["f1"] >= 0.23
+    assert tuned["valid_loss"] < base["valid_loss"]

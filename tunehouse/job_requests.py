@@ -93,7 +93,7 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
     limits = None
     if base:
         try:
-            limits = registry.limits(base)
+            limits = registry.limits(base, s)
         except TunehouseError as exc:
             bad("model", exc.message)
 

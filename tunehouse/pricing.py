@@ -23,7 +23,7 @@ def count_tokens(s: Session, files: FileService, registry: Registry, f: File, mo
     from tunehouse.data.tokenize import tokenize_row
     from tunehouse.train.sft import read_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(registry.path(model))
+    tokenizer = AutoTokenizer.from_pretrained(registry.path(model, s))
     total = 0
     for row in read_rows(files.content_path(f)):
         if "input" in row and "preferred_output" in row:  # preference pair: prompt + both answers
@@ -46,7 +46,7 @@ def estimate(s: Session, owner: str, body: PriceEstimate, files: FileService, re
                                if body.from_checkpoint else None)
         if not model or not body.training_file:
             return answer
-        registry.get(model)
+        registry.get(model, s)
         train = files.get(s, owner, body.training_file)
         answer["estimated_train_token_count"] = count_tokens(s, files, registry, train, model) * max(body.n_epochs, 1)
         if body.validation_file:

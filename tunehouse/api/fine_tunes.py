@@ -20,11 +20,11 @@ router = APIRouter(prefix="/v1", tags=["fine-tuning"])
 def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, registry: RegistryDep):
     """A base model's limits; for `from_checkpoint` jobs the SDKs send the job id or output name."""
     try:
-        return registry.limits(model_name)
+        return registry.limits(model_name, session)
     except NotFound:
         if not (model_name.startswith("ft-") or "/" in model_name):
             raise
-    return registry.limits(resolve_parent(session, caller.owner, model_name).job.model)
+    return registry.limits(resolve_parent(session, caller.owner, model_name).job.model, session)
 
 
 @router.get("/fine-tunes/models/supported")

@@ -30,7 +30,8 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
     prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
     if body.stream:
         return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-    return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep))
+    prompt = await completions.echo(engine, prep) if prep.echo else None
+    return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep), prompt)
 
 
 @router.post("/completions")
@@ -42,7 +43,8 @@ async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, 
     prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
     if body.stream:
         return _sse(_text_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-    return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep))
+    prompt = await completions.echo(engine, prep) if prep.echo else None
+    return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep), prompt)
 
 
 @router.get("/models")
@@ -77,8 +79,14 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
     rid, created, generated, done = wire.new_id("chatcmpl"), int(time.time()), 0, 0
+    prompt = await completions.echo(engine, prep) if prep.echo else None
     for i in range(prep.n):
-        yield wire.chat_role_chunk(rid, created, prep, i)
+        yield wire.chat_role_chunk(rid, created, prep, i, prompt)
+    if not prep.generates:
+        for i in range(prep.n):
+            yield wire.finish_chunk(rid, created, prep, i, chat=True) | (
+                {"usage": wire.usage(len(prep.prompt_ids), 0)} if i == prep.n - 1 else {})
+        return
     async with aclosing(completions.stream(engine, prep)) as events:
         async for ev in events:
             generated, done = generated + 1, done + bool(ev.finish_reason)
@@ -89,6 +97,13 @@ async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIte
 
 async def _text_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
     rid, created, generated, done = wire.new_id("cmpl"), int(time.time()), 0, 0
+    if prep.echo:  # the prompt rides on a first, empty chunk
+        yield wire.prompt_chunk(rid, created, prep, await completions.echo(engine, prep))
+    if not prep.generates:
+        for i in range(prep.n):
+            yield wire.finish_chunk(rid, created, prep, i, chat=False) | (
+                {"usage": wire.usage(len(prep.prompt_ids), 0)} if i == prep.n - 1 else {})
+        return
     async with aclosing(completions.stream(engine, prep)) as events:
         async for ev in events:
             generated, done = generated + 1, done + bool(ev.finish_reason)

@@ -30,7 +30,8 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most; default min(512, room left).")
+    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate at most; default min(512, room "
+                                   "left). 0 (with echo) only scores the prompt.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0 = off.")
@@ -44,6 +45,8 @@ class SamplingRequest(BaseModel):
     stream: bool | None = False
     logprobs: bool | int | None = Field(None, description="bool (OpenAI chat) or the number of top log-probs.")
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = Field(False, description="Answer with the prompt (`prompt[0].text`) and, with logprobs, "
+                                                 "each prompt token's log-prob (`prompt[0].logprobs`).")
 
     def options(self) -> dict:
         """Keyword arguments for `completions.prepare`."""
@@ -53,7 +56,7 @@ class SamplingRequest(BaseModel):
                     top_p=self.top_p or 1.0, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
                     repetition_penalty=self.repetition_penalty or 1.0,
                     presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-                    logprobs=self.top_k_logprobs())
+                    logprobs=self.top_k_logprobs(), echo=bool(self.echo))
 
     def top_k_logprobs(self) -> int | None:
         if self.logprobs is True:
@@ -109,19 +112,21 @@ def text_logprobs(tokenizer, c: Choice) -> dict:
     return {"tokens": tokens, "token_logprobs": c.logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_response(rid: str, prep: Prepared, choices: list[Choice]) -> dict:
+def chat_response(rid: str, prep: Prepared, choices: list[Choice], prompt: dict | None = None) -> dict:
+    """`prompt` is `completions.echo`'s part when the request asked for echo."""
     want = prep.params.logprobs is not None
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": prep.model.name,
-            "prompt": [],
+            "prompt": [prompt] if prompt else [],
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                          "finish_reason": c.finish_reason,
                          "logprobs": chat_logprobs(prep.tokenizer, c) if want else None} for c in choices],
             "usage": usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))}
 
 
-def completion_response(rid: str, prep: Prepared, choices: list[Choice]) -> dict:
+def completion_response(rid: str, prep: Prepared, choices: list[Choice], prompt: dict | None = None) -> dict:
     want = prep.params.logprobs is not None
     return {"id": rid, "object": "text.completion", "created": int(time.time()), "model": prep.model.name,
+            **({"prompt": [prompt]} if prompt else {}),
             "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                          "logprobs": text_logprobs(prep.tokenizer, c) if want else None} for c in choices],
             "usage": usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))}
@@ -136,9 +141,29 @@ def _stream_logprobs(prep: Prepared, ev: TokenEvent, chat: bool, v1: bool):
     return chat_logprobs(prep.tokenizer, c) if chat else text_logprobs(prep.tokenizer, c)
 
 
-def chat_role_chunk(rid: str, created: int, prep: Prepared, index: int) -> dict:
+def chat_role_chunk(rid: str, created: int, prep: Prepared, index: int, prompt: dict | None = None) -> dict:
+    """The first chunk of choice `index`: its role (and, with echo, the prompt on choice 0's)."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": prep.model.name,
+            **({"prompt": [prompt]} if prompt and index == 0 else {}),
             "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+
+def prompt_chunk(rid: str, created: int, prep: Prepared, prompt: dict) -> dict:
+    """A text stream's first chunk when echo was asked: no text yet, the prompt part."""
+    return {"id": rid, "object": "completion.chunk", "created": created, "model": prep.model.name,
+            "prompt": [prompt],
+            "choices": [{"index": 0, "text": "", "delta": {"content": ""}, "finish_reason": None}]}
+
+
+def finish_chunk(rid: str, created: int, prep: Prepared, index: int, chat: bool) -> dict:
+    """A choice that generates nothing (max_tokens 0): its end, finish_reason `length`."""
+    if chat:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": "length"}
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": prep.model.name,
+                "choices": [choice]}
+    choice = {"index": index, "text": "", "delta": {"content": ""}, "finish_reason": "length"}
+    return {"id": rid, "object": "completion.chunk", "created": created, "model": prep.model.name,
+            "choices": [choice]}
 
 
 def chat_chunk(rid: str, created: int, prep: Prepared, ev: TokenEvent, v1: bool) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.models.default import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
@@ -38,22 +39,28 @@ class ModelInfo:
 
 
 class Registry:
+    """Lookups take the caller's session when it has one (`s`): a request thread that holds one
+    session and opens a second would need two pooled connections at once."""
+
     def __init__(self, home: Home):
         self.home = home
         # converted/built models live under <cache>/models
         self.cache = (home.settings.model_cache or home.settings.home).expanduser()
 
-    def list(self) -> list[ModelInfo]:
+    def list(self, s: Session | None = None) -> list[ModelInfo]:
         out = [ModelInfo(n, "builtin", c) for n, c in BUILTIN_CONTEXT.items()]
-        with self.home.db.session() as s:
-            rows = list(s.scalars(select(ModelRow).order_by(ModelRow.name)))
+        if s is None:
+            with self.home.db.session() as own:
+                return self.list(own)
+        rows = list(s.scalars(select(ModelRow).order_by(ModelRow.name)))
         return out + [ModelInfo(r.name, r.source, _context_of(r.source)) for r in rows]
 
-    def get(self, name: str) -> ModelInfo:
-        for m in self.list():
+    def get(self, name: str, s: Session | None = None) -> ModelInfo:
+        known = self.list(s)
+        for m in known:
             if m.name == name:
                 return m
-        raise NotFound(f"Unknown model {name!r}. Supported: {', '.join(m.name for m in self.list())}. "
+        raise NotFound(f"Unknown model {name!r}. Supported: {', '.join(m.name for m in known)}. "
                        "Add one with `tunehouse models add NAME PATH_OR_HUB_ID`.", param="model",
                        code="model_not_found")
 
@@ -69,18 +76,18 @@ class Registry:
             s.merge(ModelRow(name=name, source=source))
         return ModelInfo(name, source, _context_of(source))
 
-    def path(self, name: str) -> Path | str:
+    def path(self, name: str, s: Session | None = None) -> Path | str:
         """A loadable location (local folder, materialised on first use, or hub id)."""
-        info = self.get(name)
+        info = self.get(name, s)
         if info.name == DEFAULT_MODEL_NAME:
             return ensure_default_model(self.cache)
         if info.name == TINY_MODEL_NAME:
             return build_tiny_model(self.cache / "models" / "tunehouse--tiny-llama")
         return info.source
 
-    def limits(self, name: str) -> dict:
+    def limits(self, name: str, s: Session | None = None) -> dict:
         """The `models/limits` answer (api-reference §5.3): every key v1 requires, v3's `default_rank`."""
-        info = self.get(name)
+        info = self.get(name, s)
         ctx = info.context_length
         return {
             "model_name": info.name,

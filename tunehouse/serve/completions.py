@@ -3,6 +3,7 @@ check it fits the context, run n sequences, and collect them or hand their event
 
     prep = prepare(engine, ref, messages=[...], n=1, max_tokens=64, temperature=0.7, stop=("\\n",))
     choices = await complete(engine, prep)           # or: async for event in stream(engine, prep)
+    part = await echo(engine, prep)                  # the prompt with its log-probs (`echo: true`)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from tunehouse.errors import InvalidInput, TunehouseError
 from tunehouse.serve.engine import Engine, ModelRef, TokenEvent
 from tunehouse.serve.sampling import SamplingParams
+from tunehouse.serve.scoring import Scored
 
 DEFAULT_MAX_TOKENS = 512  # when the request names none (v1 completions send 512 too)
 
@@ -30,6 +32,12 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     n: int
+    prompt_text: str = ""  # the prompt as the model reads it (chat: the rendered template)
+    echo: bool = False  # answer with the prompt and, with logprobs, its log-probs
+
+    @property
+    def generates(self) -> bool:
+        return self.params.max_tokens > 0
 
 
 @dataclass
@@ -55,26 +63,34 @@ def _text_only(content: Any) -> str:
     return "".join(parts)
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids from the model's own chat template, ending with the assistant turn's header."""
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt from the model's own chat template, ending with the assistant turn's header."""
     msgs = [{**m, "content": _text_only(m.get("content"))} for m in messages]
     if not msgs:
         raise InvalidInput("messages is empty: send at least one message.", param="messages")
     if not tokenizer.chat_template:
         raise InvalidInput("This model has no chat template; use /v1/completions with a plain prompt.",
                            param="model")
-    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,
-            n: int = 1, max_tokens: int | None = None, **sampling) -> Prepared:
+            n: int = 1, max_tokens: int | None = None, echo: bool = False, **sampling) -> Prepared:
     """Tokenise the prompt and settle max_tokens; a prompt that does not fit is a 400 naming both
-    numbers. `sampling` holds the other SamplingParams fields."""
+    numbers. `sampling` holds the other SamplingParams fields. max_tokens 0 (only with echo)
+    generates nothing: the answer is the prompt's log-probs alone."""
     tokenizer = engine.tokenizer(model)
-    ids = chat_prompt(tokenizer, messages) if messages is not None else tokenizer.encode(prompt or "")
+    if messages is not None:
+        text = chat_prompt(tokenizer, messages)
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+    else:
+        text = prompt or ""
+        ids = tokenizer.encode(text)
     if not ids:
         raise InvalidInput("The prompt is empty.", param="prompt")
+    if max_tokens == 0 and not echo:
+        raise InvalidInput("max_tokens 0 generates nothing: give max_tokens ≥ 1, or echo: true with logprobs "
+                           "to score the prompt alone.", param="max_tokens")
     ctx = model.context_length
     if max_tokens is None:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ctx - len(ids)))
@@ -83,7 +99,48 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
             f"The prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together {len(ids) + max_tokens}, "
             f"more than the model's context length of {ctx} tokens. Shorten the prompt or lower max_tokens.",
             param="max_tokens", code="context_length_exceeded")
-    return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n)
+    return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo)
+
+
+def token_pieces(tokenizer, text: str, ids: list[int]) -> list[str]:
+    """The characters of `text` each token of `ids` covers; they concatenate to `text` exactly
+    (a character split over several byte-level tokens goes to its first), so a client can map
+    prompt log-probs back onto the text. Falls back to per-token decoding when the tokenizer
+    gives no offsets or they do not match `ids`."""
+    enc = None
+    for special in (False, True):  # chat prompts were encoded without added specials, text prompts with
+        try:
+            attempt = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer: no offsets
+            break
+        if list(attempt["input_ids"]) == list(ids):
+            enc = attempt
+            break
+    if enc is None:
+        return [tokenizer.decode([i]) for i in ids]
+    starts, at = [], 0
+    for begin, _ in enc["offset_mapping"]:
+        at = max(at, begin)  # special tokens report (0, 0); keep the starts non-decreasing
+        starts.append(at)
+    ends = starts[1:] + [len(text)]
+    return [text[a:b] for a, b in zip(starts, ends)]
+
+
+async def echo(engine: Engine, prep: Prepared) -> dict:
+    """Together's `prompt[0]`: the prompt text and, when logprobs were asked, each prompt token's
+    log-prob (None for the first: nothing precedes it) and top alternatives."""
+    if prep.params.logprobs is None:
+        return {"text": prep.prompt_text}
+    k = prep.params.logprobs
+    try:
+        scored: Scored = await engine.score(prep.model, prep.prompt_ids, k)
+    except Exception as exc:
+        raise GenerationFailed(f"Scoring the prompt failed: {exc}") from exc
+    logprobs = {"tokens": token_pieces(prep.tokenizer, prep.prompt_text, prep.prompt_ids),
+                "token_logprobs": scored.logprobs, "token_ids": list(prep.prompt_ids)}
+    if k:
+        logprobs["top_logprobs"] = [{prep.tokenizer.decode([i]): v for i, v in row} or None for row in scored.top]
+    return {"text": prep.prompt_text, "logprobs": logprobs}
 
 
 async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
@@ -99,6 +156,8 @@ async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
 
 
 async def complete(engine: Engine, prep: Prepared) -> list[Choice]:
+    if not prep.generates:
+        return [Choice(i, finish_reason="length") for i in range(prep.n)]
     choices = [Choice(i) for i in range(prep.n)]
     async for ev in stream(engine, prep):
         c = choices[ev.index]

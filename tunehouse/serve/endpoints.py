@@ -231,8 +231,7 @@ def model_dir_for(s: Session, home: Home, registry, owner: str, name: str) -> Pa
     from tunehouse.store.tables import Job
 
     try:
-        registry.get(name)
-        return registry.path(name)
+        return registry.path(name, s)
     except NotFound:
         pass
     job = s.scalar(select(Job).where(Job.model_output_name == name))

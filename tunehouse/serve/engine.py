@@ -8,6 +8,8 @@ TorchEngine runs one scheduler thread over one running batch:
                                                                             │ one forward per step
     asyncio.Queue per request ◀── text deltas, finish reasons ◀── sample ◀──┘ finished/cancelled rows leave
 
+- Scoring requests (prompt log-probs, `echo`) wait in their own queue and run between decoding
+  steps, several per forward up to a token budget, on whatever weights they name.
 - Requests on the same weights are decoded together, one forward per step; new arrivals are
   prefilled and merged into the running batch's KV cache at the next step (left padding +
   attention mask + explicit position ids), finished or cancelled rows are dropped from it.
@@ -28,13 +30,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunehouse.serve import lora
+from tunehouse.serve import lora, scoring
 from tunehouse.serve.sampling import SamplingParams, find_stop, held_back, make_generator, next_tokens, top_logprobs
 
 log = logging.getLogger("tunehouse.serve")
@@ -112,6 +115,11 @@ class Engine(ABC):
         a running event loop."""
 
     @abstractmethod
+    def score(self, model: ModelRef, token_ids: list[int], top: int = 0) -> asyncio.Future[scoring.Scored]:
+        """Log-prob of every token of `token_ids` given those before it (and the `top` most likely
+        tokens at each position), without generating; call from a running event loop."""
+
+    @abstractmethod
     def forget(self, path: Path) -> None:
         """Drop loaded weights and adapters stored at or under `path` (e.g. a deleted job's folder)."""
 
@@ -136,6 +144,24 @@ class _Seq:
     out: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded text already sent
     finish: str | None = None
+
+
+@dataclass(eq=False)
+class _ScoreJob:
+    model: ModelRef
+    ids: list[int]
+    top: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def resolve(self, result: scoring.Scored | None = None, error: Exception | None = None) -> None:
+        def settle():
+            if not self.future.done():
+                self.future.set_exception(error) if error else self.future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
 
 
 class _Loaded:
@@ -164,8 +190,9 @@ class _Loaded:
     def detach(self, path: str) -> None:
         lora.remove_adapter(self.model, self.adapters.pop(path))
 
-    def forward(self, adapters: list[str | None], **kw):
-        """One forward; each row gets its adapter (None: the base alone)."""
+    @contextmanager
+    def routed(self, adapters: list[str | None]):
+        """Within the block, each batch row runs with its adapter (None: the base alone)."""
         names = [self.adapters[a] if a else None for a in adapters]
         if len(set(names)) == 1:
             self.routing.current = names[0]
@@ -176,9 +203,17 @@ class _Loaded:
                     rows.setdefault(n, []).append(i)
             self.routing.current = [(n, torch.tensor(r, device=self.model.device)) for n, r in rows.items()]
         try:
-            return self.model(**kw)
+            yield
         finally:
             self.routing.current = None
+
+    def forward(self, adapters: list[str | None], **kw):
+        with self.routed(adapters):
+            return self.model(**kw)
+
+    def score(self, adapters: list[str | None], rows: list[list[int]], top: int) -> list[scoring.Scored]:
+        with self.routed(adapters):
+            return scoring.score(self.model, rows, top=top, pad_id=self.tokenizer.pad_token_id or 0)
 
 
 class _Batch:
@@ -227,8 +262,9 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class TorchEngine(Engine):
     def __init__(self, *, max_batch_size: int = 32, max_models: int = 2, max_adapters: int = 8,
                  dtype: str = "float32", device: str | None = None, threads: int | None = None,
-                 sweep_s: float = 5.0):
+                 sweep_s: float = 5.0, score_tokens: int = 4096):
         self.max_batch_size, self.max_models, self.max_adapters = max_batch_size, max_models, max_adapters
+        self.score_tokens = score_tokens  # padded tokens per scoring forward
         self.dtype = getattr(torch, dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # Half the cores by default: the embedded worker's training child runs beside us, and
@@ -237,6 +273,7 @@ class TorchEngine(Engine):
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self._cv = threading.Condition()
         self._waiting: deque[_Seq] = deque()
+        self._scoring: deque[_ScoreJob] = deque()
         self._forget: set[str] = set()
         self._models: OrderedDict[str, _Loaded] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
@@ -245,7 +282,8 @@ class TorchEngine(Engine):
         self._closed = False
         self._sweep_s, self._swept = sweep_s, time.monotonic()
         self._stats = dict(max_batch_size=0, steps=0, tokens=0, requests=0, cancelled=0, model_loads=0,
-                           adapter_loads=0, adapter_evictions=0, model_evictions=0)
+                           adapter_loads=0, adapter_evictions=0, model_evictions=0,
+                           scored=0, scored_tokens=0, score_forwards=0)
         self._thread = threading.Thread(target=self._run, name="tunehouse-engine", daemon=True)
         self._thread.start()
 
@@ -273,6 +311,16 @@ class TorchEngine(Engine):
             self._cv.notify()
         return gen
 
+    def score(self, model: ModelRef, token_ids: list[int], top: int = 0) -> asyncio.Future[scoring.Scored]:
+        loop = asyncio.get_running_loop()
+        job = _ScoreJob(model, list(token_ids), top, loop.create_future(), loop)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the inference engine is shut down")
+            self._scoring.append(job)
+            self._cv.notify()
+        return job.future
+
     def forget(self, path: Path) -> None:
         with self._cv:
             self._forget.add(str(path))
@@ -281,7 +329,7 @@ class TorchEngine(Engine):
     def stats(self) -> dict:
         with self._cv:
             loaded = {k: list(m.adapters) for k, m in self._models.items()}
-            return dict(self._stats, loaded=loaded, waiting=len(self._waiting),
+            return dict(self._stats, loaded=loaded, waiting=len(self._waiting), scoring=len(self._scoring),
                         running=len(self._batch.seqs) if self._batch else 0)
 
     def close(self) -> None:
@@ -300,14 +348,18 @@ class TorchEngine(Engine):
         torch.set_num_threads(self.threads)
         while True:
             with self._cv:
-                while not (self._closed or self._waiting or self._forget or (self._batch and self._batch.seqs)):
+                while not (self._closed or self._waiting or self._scoring or self._forget
+                           or (self._batch and self._batch.seqs)):
                     if not self._cv.wait(timeout=self._sweep_s):
                         self._sweep()
                 if self._closed:
                     break
                 admitted = self._admit()
+                scores = self._take_scores()
             try:
                 self._apply_forget()
+                if scores:
+                    self._score(scores)
                 if admitted:
                     self._prefill(admitted)
                 if self._batch and self._batch.seqs:
@@ -321,6 +373,8 @@ class TorchEngine(Engine):
         pending = list(self._waiting) + (self._batch.seqs if self._batch else [])
         for s in pending:
             s.gen.put(TokenEvent(s.index, "", -1, error="the inference engine shut down"))
+        for job in self._scoring:
+            job.resolve(error=RuntimeError("the inference engine shut down"))
 
     def _admit(self) -> list[_Seq]:
         """Strict FIFO from the head of the queue, while the request runs on the batch's weights."""
@@ -339,6 +393,37 @@ class TorchEngine(Engine):
             batch_weights = weights
             out.append(self._waiting.popleft())
         return out
+
+    def _take_scores(self) -> list[_ScoreJob]:
+        """Scoring jobs for one forward (called under the lock): FIFO from the head, same weights,
+        until the padded batch would pass `score_tokens` (the first job always goes)."""
+        out: list[_ScoreJob] = []
+        while self._scoring:
+            head = self._scoring[0]
+            if head.future.cancelled():
+                self._scoring.popleft()
+                continue
+            width = max([len(head.ids), *(len(j.ids) for j in out)])
+            if out and (head.model.weights != out[0].model.weights or width * (len(out) + 1) > self.score_tokens):
+                break
+            out.append(self._scoring.popleft())
+        return out
+
+    def _score(self, jobs: list[_ScoreJob]) -> None:
+        try:
+            loaded = self._load(jobs[0].model, {j.model.adapter_path for j in jobs if j.model.adapter_path})
+            results = loaded.score([str(j.model.adapter_path) if j.model.adapter_path else None for j in jobs],
+                                   [j.ids for j in jobs], max(j.top for j in jobs))
+        except Exception as exc:  # fails these requests only
+            log.exception("scoring on %s failed", jobs[0].model.name)
+            for j in jobs:
+                j.resolve(error=exc)
+            return
+        for j, r in zip(jobs, results):
+            j.resolve(scoring.Scored(r.logprobs, [t[:j.top] for t in r.top] if j.top else []))
+        self._stats["scored"] += len(jobs)
+        self._stats["score_forwards"] += 1
+        self._stats["scored_tokens"] += sum(len(j.ids) for j in jobs)
 
     def _sweep(self) -> None:
         """Forget loaded weights and adapters whose files are gone (called under the lock)."""

@@ -34,9 +34,9 @@ def _unknown(name: str) -> NotFound:
 
 def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -> ModelRef:
     """The weights (and adapter) behind `name` for `owner`, or a NotFound / InvalidInput that says why."""
-    if name in {m.name for m in registry.list()}:
-        info = registry.get(name)
-        return ModelRef(name, name, Path(registry.path(name)), info.context_length)
+    bases = {m.name: m for m in registry.list(s)}
+    if name in bases:
+        return ModelRef(name, name, Path(registry.path(name, s)), bases[name].context_length)
     job = s.scalar(select(Job).where(Job.model_output_name == name))
     if job is None or job.owner != owner:
         raise _unknown(name)
@@ -47,10 +47,10 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
     folder = home.blobs.path(final[0].blob_key) if final else None
     if folder is None or not folder.is_dir():
         raise _unknown(name)
-    base = registry.get(job.model)
+    base = bases.get(job.model) or registry.get(job.model, s)
     lora, parent = job.config["train"]["lora"], job.config.get("extra", {}).get("parent")
     if lora and not parent:
-        return ModelRef(name, base.name, Path(registry.path(base.name)), base.context_length, adapter_path=folder)
+        return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder)
     weights = folder / MERGED_DIR if lora else folder
     return ModelRef(name, name, weights, base.context_length)
 
@@ -65,8 +65,9 @@ def resolve_for(home: Home, registry: Registry, owner: str, name: str) -> ModelR
 def list_models(s: Session, registry: Registry, owner: str) -> list[dict]:
     """Model objects for `/v1/models`: fields both the openai SDK (`owned_by`, `created`) and the
     together 1.x SDK (`pricing`, `type`, `context_length`) read."""
-    out = [_model_object(m.name, "tunehouse", 0, m.context_length) for m in registry.list()]
-    context = {m.name: m.context_length for m in registry.list()}
+    bases = registry.list(s)
+    out = [_model_object(m.name, "tunehouse", 0, m.context_length) for m in bases]
+    context = {m.name: m.context_length for m in bases}
     for job in jobs.list_owned(s, owner):
         if job.status == "completed" and job.model_output_name:
             created = int(job.created_at.timestamp()) if job.created_at else 0
