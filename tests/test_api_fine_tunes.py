@@ -181,7 +181,7 @@ def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
     events = c.fine_tuning.list_events(job.id).data
     restarted = [e for e in events if e.type == "JOB_RESTARTED"]
     assert len(restarted) == 1 and "signal 9" in restarted[0].message
-    assert any(f"Resuming from the checkpoint at step" in e.message for e in events)
+    assert any("Resuming from the checkpoint at step" in e.message for e in events)
     rows = [r for r in c.fine_tuning.list_metrics(job.id).metrics if "train_loss" in r]
     assert rows[-1]["train/global_step"] == done.total_steps
     assert step < done.total_steps
@@ -213,3 +213,39 @@ def _serve_again(settings, old):
     app = create_app(settings)
     bg = serve_in_thread(app)
     return Live(bg.url, old.key, old.other_key, settings, app), bg
+
+
+def test_early_stopping_through_the_sdk(live_worker, tmp_path):
+    """The v3 SDK's early-stopping fields: refused without a validation file or with too few
+    evaluations; with validation answers that contradict the training ones, the job stops early,
+    completes, and says at which step and from which evaluation its weights are."""
+    import json
+
+    c = sdk(live_worker)
+    train = c.files.upload(write_chat(tmp_path / "train.jsonl", 16))
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for row in rows:  # "red blue" → "blue red": what training teaches makes these answers less likely
+        row["messages"][1]["content"] = " ".join(reversed(row["messages"][1]["content"].split()))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    val = c.files.upload(tmp_path / "val.jsonl")
+    kw = dict(training_file=train.id, model=TINY, lora=True, n_epochs=6, batch_size=2, learning_rate=1e-2,
+              packing=False)
+    # The SDK checks these itself; the server refuses them too, for every other client.
+    for body, field in (({"n_evals": 0}, "validation_file"), ({"validation_file": val.id, "n_evals": 3}, "n_evals")):
+        r = httpx.post(f"{live_worker.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {live_worker.key}"},
+                       json={"training_file": train.id, "model": TINY, "early_stopping_enabled": True, **body})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+    job = c.fine_tuning.create(**kw, validation_file=val.id, n_evals=16, early_stopping_enabled=True,
+                               early_stopping_patience=2, early_stopping_warmup_evals=1)
+    done = wait_for(c, job.id)
+    assert done.status == "completed"
+    raw = httpx.get(f"{live_worker.url}/v1/fine-tunes/{job.id}",
+                    headers={"Authorization": f"Bearer {live_worker.key}"}).json()
+    assert raw["early_stopping_enabled"] is True and raw["early_stopped"] is True
+    assert raw["steps_completed"] < raw["total_steps"] == 48
+    assert 0 < raw["early_stopping_best_step"] < raw["steps_completed"]
+    stop = [e for e in c.fine_tuning.list_events(job.id).data if "stopped early" in e.message]
+    assert len(stop) == 1 and stop[0].type == "TRAINING_COMPLETE"
+    final = [cp for cp in c.fine_tuning.list_checkpoints(job.id).data if cp.checkpoint_type == "Final"]
+    assert final[0].step == raw["early_stopping_best_step"]

@@ -3,9 +3,7 @@ venv) and the v3 and v1 CLIs, against one live server with its worker."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-from pathlib import Path
 
 import pytest
 from together import Together

@@ -12,8 +12,7 @@ from tunehouse.train.config import SFTConfig
 WIRE_TO_CONFIG = {"lr_scheduler_type": "lr_scheduler_type", "min_lr_ratio": "min_lr_ratio",
                   "num_cycles": "scheduler_num_cycles", "type": "lora", "wandb_key": "wandb_api_key"}
 NOT_TRAINING = {"from_checkpoint", "from_hf_model", "hf_model_revision", "hf_api_token", "hf_output_repo_name",
-                "suffix", "multimodal_params", "early_stopping_enabled", "early_stopping_patience",
-                "early_stopping_min_delta", "early_stopping_warmup_evals", "method", "dpo_beta",
+                "suffix", "multimodal_params", "method", "dpo_beta",
                 "dpo_normalize_logratios_by_length", "dpo_reference_free", "rpo_alpha", "simpo_gamma"}
 
 

@@ -313,3 +313,25 @@ def test_config_fields_track_sft_and_simpo_forces_its_flags():
     with pytest.raises(ValueError, match="unknown field"):
         DPOConfig.from_dict({**cfg.to_dict(), "train_on_inputs": True})
     assert json.loads(json.dumps(cfg.to_dict()))["simpo_gamma"] == 0.5
+
+
+def test_early_stopping_on_reversed_validation_pairs(tmp_path, tiny_model_dir, say_file):
+    """Validation pairs with the preference reversed: their DPO loss rises as the policy learns
+    the training preference, so the run stops early with the best evaluation's weights (the
+    step-0 evaluation of the reference is not one of the counted evaluations)."""
+    reversed_rows = [{**r, "preferred_output": r["non_preferred_output"], "non_preferred_output": r["preferred_output"]}
+                     for r in say_rows(8)]
+    valid = write_jsonl(tmp_path / "valid.jsonl", reversed_rows)
+    final, reporter = train(tmp_path, tiny_model_dir, say_file, validation_path=valid,
+                            cfg=dict(n_epochs=4, n_evals=12, n_checkpoints=12, validation_file="file-valid",
+                                     early_stopping_enabled=True, early_stopping_warmup_evals=0,
+                                     early_stopping_patience=1))
+    evals = [(s, v["valid_loss"]) for s, v in reporter.metric_rows if s > 0 and "valid_loss" in v]
+    total = next(e["total_steps"] for e in reporter.events if e["type"] == ev.TRAINING_START)
+    done = [e for e in reporter.events if e["type"] == ev.TRAINING_COMPLETE][-1]
+    assert evals[-1][0] < total and evals[-1][1] >= evals[-2][1]  # stopped at the first rise
+    assert all(b < a for (_, a), (_, b) in zip(evals, evals[1:-1]))  # and not before
+    assert done["early_stopping_best_step"] == evals[-2][0]
+    best = tmp_path / "run" / "checkpoints" / f"step-{evals[-2][0]:06d}"
+    a, b = (load_file(f / "adapter_model.safetensors") for f in (best, final))
+    assert all(torch.equal(a[k], b[k]) for k in a)

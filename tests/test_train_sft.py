@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from train_fixtures import (  # noqa: F401  (fixtures)
+    QA,
     chat_file,
     chat_rows,
     tiny_model_dir,
@@ -239,3 +240,32 @@ def test_three_lora_steps_on_the_default_model(tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     adapter = load_file(final / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+def test_early_stopping_keeps_the_best_evaluation_weights(tmp_path, tiny_model_dir, chat_file):
+    """Validation data that contradicts the training answers: its loss turns up as the model
+    memorises, training stops `patience` evaluations after the best one, and the final weights
+    are the best evaluation's (equal to the intermediate checkpoint of that step)."""
+    from tunehouse.train.early_stopping import EarlyStopping
+
+    answers = [a for _, a in QA]
+    contradicting = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answers[i - 3]}]}
+                     for i, (q, _) in enumerate(QA)]
+    valid = write_jsonl(tmp_path / "valid.jsonl", contradicting)
+    cfg = dict(n_epochs=6, n_evals=12, n_checkpoints=12, validation_file="file-valid", early_stopping_enabled=True,
+               early_stopping_patience=2, early_stopping_warmup_evals=1)
+    final, reporter = train(tmp_path, tiny_model_dir, chat_file, validation_path=valid, cfg=cfg)
+    total = next(e["total_steps"] for e in reporter.events if e["type"] == ev.TRAINING_START)
+    evals = [(s, v["valid_loss"]) for s, v in reporter.metric_rows if "valid_loss" in v]
+    verdict = EarlyStopping(patience=2, warmup_evals=1).verdict(evals)
+    stopped = reporter.metric_rows[-1][0]
+    assert verdict.stop and stopped == evals[-1][0] < total  # it stopped at the deciding evaluation
+    assert not EarlyStopping(patience=2, warmup_evals=1).verdict(evals[:-1]).stop  # and not before
+    done = [e for e in reporter.events if e["type"] == ev.TRAINING_COMPLETE][-1]
+    assert done["early_stopping_best_step"] == verdict.best_step and "stopped early" in done["message"]
+    assert done["early_stopping_best_metric_value"] == pytest.approx(min(v for _, v in evals[1:]))
+    final_step, _, kind = reporter.checkpoints[-1]
+    assert (final_step, kind) == (verdict.best_step, ev.FINAL)
+    best = tmp_path / "run" / "checkpoints" / f"step-{verdict.best_step:06d}"
+    a, b = (load_file(f / "adapter_model.safetensors") for f in (best, final))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -324,6 +324,11 @@ def ft_create(
     wandb_project_name: Annotated[Optional[str], _opt("wandb_project_name")] = None,
     wandb_name: Annotated[Optional[str], _opt("wandb_name")] = None,
     wandb_entity: Annotated[Optional[str], _opt("wandb_entity")] = None,
+    early_stopping_enabled: Annotated[bool, typer.Option("--early-stopping-enabled",
+                                                         help=_DOC["early_stopping_enabled"])] = False,
+    early_stopping_patience: Annotated[Optional[int], _opt("early_stopping_patience")] = None,
+    early_stopping_min_delta: Annotated[Optional[float], _opt("early_stopping_min_delta")] = None,
+    early_stopping_warmup_evals: Annotated[Optional[int], _opt("early_stopping_warmup_evals")] = None,
     confirm: Annotated[bool, typer.Option("--confirm", "-y", help="Skip the confirmation prompt.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Then follow the job, as `watch` does.")] = False,
     base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False,
@@ -359,7 +364,9 @@ def ft_create(
         gradient_accumulation_steps=gradient_accumulation_steps, random_seed=random_seed,
         wandb_key=wandb_api_key,  # the SDKs' name for it; the server takes wandb_api_key too
         wandb_base_url=wandb_base_url, wandb_project_name=wandb_project_name, wandb_name=wandb_name,
-        wandb_entity=wandb_entity))
+        wandb_entity=wandb_entity, early_stopping_enabled=early_stopping_enabled or None,
+        early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
+        early_stopping_warmup_evals=early_stopping_warmup_evals))
     client = _client(base_url, api_key)
     # A local path is checked and uploaded first (as the v3 CLI does); the server wants file ids.
     for name in ("training_file", "validation_file"):

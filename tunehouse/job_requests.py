@@ -184,8 +184,6 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
         bad("suffix", f"suffix must be 1-40 letters, digits, '.', '_' or '-'; got {req.suffix!r}.")
     if (req.multimodal_params or {}).get("train_vision"):
         bad("multimodal_params.train_vision", f"{base} does not support vision (supports_vision is false).")
-    if req.early_stopping_enabled and not validation_file:
-        bad("early_stopping_enabled", "early stopping needs a validation_file.")
     if req.hf_output_repo_name:
         bad("hf_output_repo_name", "Uploading to the Hugging Face hub is not available on this server; "
                                    "download the output with `tunehouse fine-tuning download`.")
@@ -204,7 +202,11 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
         max_seq_length=req.max_seq_length or min((limits or {}).get("max_seq_length_sft", 2048), 2048),
         packing=req.packing, random_seed=42 if req.random_seed is None else req.random_seed,
         wandb_api_key=req.wandb_api_key or req.wandb_key, wandb_base_url=req.wandb_base_url,
-        wandb_project_name=req.wandb_project_name, wandb_name=req.wandb_name, wandb_entity=req.wandb_entity)
+        wandb_project_name=req.wandb_project_name, wandb_name=req.wandb_name, wandb_entity=req.wandb_entity,
+        early_stopping_enabled=bool(req.early_stopping_enabled),
+        early_stopping_patience=2 if req.early_stopping_patience is None else req.early_stopping_patience,
+        early_stopping_min_delta=req.early_stopping_min_delta or 0.0,
+        early_stopping_warmup_evals=1 if req.early_stopping_warmup_evals is None else req.early_stopping_warmup_evals)
     try:
         if method == "dpo":
             from tunehouse.train.config import DPOConfig
@@ -224,11 +226,7 @@ def create_job(s: Session, owner: str, req: FineTuneCreate, registry: Registry, 
     suffix = f"-{req.suffix}" if req.suffix else ""
     output_name = f"{owner}/{base.rsplit('/', 1)[-1]}{suffix}-{job_id[3:11]}"
     extra = {"suffix": req.suffix, "from_checkpoint": req.from_checkpoint, "from_hf_model": req.from_hf_model,
-             "hf_model_revision": req.hf_model_revision,
-             "early_stopping": {"enabled": req.early_stopping_enabled, "patience": req.early_stopping_patience or 2,
-                                "min_delta": req.early_stopping_min_delta or 0.0,
-                                "warmup_evals": req.early_stopping_warmup_evals if req.early_stopping_warmup_evals
-                                is not None else 1}}
+             "hf_model_revision": req.hf_model_revision}
     if parent:
         extra["parent"] = {"job_id": parent.job.id, "step": parent.checkpoint.step,
                            "blob_key": parent.checkpoint.blob_key, "lora": parent.job.config["train"]["lora"],

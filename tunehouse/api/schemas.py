@@ -161,7 +161,8 @@ def event_object(ev) -> dict:
             "message": ev.message, "type": ev.type, "param_count": fields.get("param_count"),
             "token_count": fields.get("token_count"), "total_steps": fields.get("total_steps"),
             "step": fields.get("step"), "checkpoint_path": fields.get("checkpoint_path"),
-            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": None}
+            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": None,
+            **{k: fields[k] for k in ("early_stopping_best_step", "early_stopping_best_metric_value") if k in fields}}
 
 
 def checkpoint_object(job, cp) -> dict:
@@ -170,6 +171,8 @@ def checkpoint_object(job, cp) -> dict:
             "checkpoint": "adapter" if job.config["train"]["lora"] else "model", "valid_loss": cp.valid_loss}
 
 
+EARLY_STOPPING_FIELDS = {"early_stopping_enabled": False, "early_stopping_patience": 2,  # defaults for older jobs
+                         "early_stopping_min_delta": 0.0, "early_stopping_warmup_evals": 1}
 DPO_FIELDS = ("dpo_beta", "dpo_normalize_logratios_by_length", "dpo_reference_free", "rpo_alpha", "simpo_gamma")
 
 
@@ -217,6 +220,10 @@ def job_object(job, events: list | None = None, queue_depth: int = 0) -> dict:
         "evals_completed": int(prog.get("evals_completed") or 0),
         "queue_depth": queue_depth, "eval_steps": int(prog.get("eval_steps") or 0),
         "TrainingFileNumLines": prog.get("train_lines"),
+        **{k: cfg.get(k, default) for k, default in EARLY_STOPPING_FIELDS.items()},
+        "early_stopped": bool(prog.get("early_stopped")),
+        "early_stopping_best_step": prog.get("early_stopping_best_step"),
+        "early_stopping_best_metric": prog.get("early_stopping_best_metric"),
         "progress": {"estimate_available": prog.get("seconds_remaining") is not None,
                      "seconds_remaining": prog.get("seconds_remaining") or 0},
     }

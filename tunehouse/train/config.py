@@ -97,6 +97,14 @@ class SFTConfig(_ConfigMethods):
     """W&B run name. Default None (the job id)."""
     wandb_entity: str | None = None
     """W&B entity (user or team). Default None."""
+    early_stopping_enabled: bool = False
+    """Stop when the validation loss stops improving (needs a validation_file and n_evals ≥ warmup_evals + 1 + patience); the final model is then the best evaluation's weights. Default False."""
+    early_stopping_patience: int = 2
+    """Evaluations in a row without improvement that stop training, ≥ 1. Default 2."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest drop of the validation loss that counts as an improvement, ≥ 0. Default 0.0."""
+    early_stopping_warmup_evals: int = 1
+    """First evaluations ignored by early stopping, ≥ 0. Default 1."""
 
     def __post_init__(self) -> None:
         if self.validation_file == "":
@@ -181,6 +189,14 @@ class DPOConfig(_ConfigMethods):
     """W&B run name. Default None (the job id)."""
     wandb_entity: str | None = None
     """W&B entity (user or team). Default None."""
+    early_stopping_enabled: bool = False
+    """Stop when the validation loss stops improving (needs a validation_file and n_evals ≥ warmup_evals + 1 + patience); the final model is then the best evaluation's weights. Default False."""
+    early_stopping_patience: int = 2
+    """Evaluations in a row without improvement that stop training, ≥ 1. Default 2."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest drop of the validation loss that counts as an improvement, ≥ 0. Default 0.0."""
+    early_stopping_warmup_evals: int = 1
+    """First evaluations ignored by early stopping, ≥ 0. Default 1."""
     dpo_beta: float = 0.1
     """β: scale of the log-ratio margin (higher keeps the policy nearer the reference), > 0. Default 0.1."""
     dpo_normalize_logratios_by_length: bool = False
@@ -271,4 +287,14 @@ def _problems(c: SFTConfig | DPOConfig) -> list[str]:
                  "wandb_entity"):
         value = getattr(c, name)
         need(value is None or isinstance(value, str), name, "a string or None")
+    need(isinstance(c.early_stopping_enabled, bool), "early_stopping_enabled", "true or false")
+    for name, low in (("early_stopping_patience", 1), ("early_stopping_warmup_evals", 0)):
+        value = getattr(c, name)
+        need(_is_int(value) and value >= low, name, f"an integer ≥ {low}")
+    need(_is_num(c.early_stopping_min_delta) and c.early_stopping_min_delta >= 0, "early_stopping_min_delta", "≥ 0")
+    if c.early_stopping_enabled is True and not out:
+        need(c.validation_file is not None, "early_stopping_enabled", "false when there is no validation_file")
+        least = c.early_stopping_warmup_evals + 1 + c.early_stopping_patience
+        need(not _is_int(c.n_evals) or c.n_evals >= least, "n_evals",
+             f"≥ early_stopping_warmup_evals + 1 + early_stopping_patience = {least} with early stopping")
     return out

@@ -46,6 +46,7 @@ from tunehouse.data.tokenize import pad_token_id, read_rows
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import events as ev
 from tunehouse.train.config import DPOConfig
+from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
 from tunehouse.train.lora import adapters_disabled, add_lora, load_lora, merge, parameter_counts
 from tunehouse.train.losses import preference_loss, segment_logps, token_kl, trained_logits
@@ -163,23 +164,26 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
                    param_count=trainable, token_count=sum(
                        pair.num_tokens for pair in train_pairs) * cfg.n_epochs)
     wandb = open_wandb(cfg, reporter)
+    stopper = early_stopping.Stopper.from_config(cfg, output_dir)
     try:
-        history = _train_loop(run, start_step, history, wandb)
+        history, stopped_at = _train_loop(run, start_step, history, wandb, stopper)
     finally:
         wandb.finish()
 
     # Final save: checkpoint (+ merged model for LoRA); the reference adapter is not part of it
     if cfg.lora and REFERENCE_ADAPTER in model.peft_config:
         model.delete_adapter(REFERENCE_ADAPTER)
-    final = _save(run, total_steps, history, Path(output_dir) / "final", merged=cfg.lora)
-    reporter.checkpoint(total_steps, final, ev.FINAL)
-    reporter.event(ev.TRAINING_COMPLETE, "Training completed", step=total_steps,
-                   model_path=str(final))
+    final_step = early_stopping.final_step(model, stopper, stopped_at, total_steps)
+    final = _save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
+    reporter.checkpoint(final_step, final, ev.FINAL)
+    early_stopping.report_complete(reporter, stopper, stopped_at, final_step, final)
     return final
 
 
-def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[dict]:
-    """Optimizer steps start_step+1 … total_steps; returns the metrics history."""
+def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
+                stopper: early_stopping.Stopper | None) -> tuple[list[dict], int | None]:
+    """Optimizer steps start_step+1 … total_steps → (metrics history, the step early stopping
+    ended training at, or None)."""
     cfg, reporter = run.cfg, run.reporter
     intermediate = spaced_steps(run.total_steps, cfg.n_checkpoints) - {run.total_steps}
     evals = spaced_steps(run.total_steps, cfg.n_evals) if run.valid_pairs else set()
@@ -225,7 +229,9 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[
             reporter.checkpoint(step, folder, ev.INTERMEDIATE)
             reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
                            checkpoint_path=str(folder))
-    return history
+        if stopper is not None and step in evals and stopper.after_eval(history, step, run.model):
+            return history, step
+    return history, None
 
 
 def train_step(run: _Run, picked: list[int], lr: float) -> tuple[float, dict, float, int]:

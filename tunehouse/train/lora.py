@@ -11,6 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
+from tunehouse.atomic import atomic_dir
+
 
 def target_modules(model: nn.Module, spec: str) -> list[str]:
     """Module-name suffixes to adapt: "all-linear" = every nn.Linear except the LM head.
@@ -91,10 +93,6 @@ def merge_adapter_folder(base_path: Path, adapter_dir: Path, dest: Path) -> Path
     The tokenizer is taken from the adapter folder when it carries one (tunehouse checkpoints
     do), else from the base.
     """
-    import os
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,15 +101,7 @@ def merge_adapter_folder(base_path: Path, adapter_dir: Path, dest: Path) -> Path
     merged = merge(load_lora(base, adapter_dir, trainable=False))
     has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base_path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -55,6 +55,10 @@ class StoreReporter:
             if job is not None and type == ev.EPOCH_COMPLETE:
                 job.progress = {**(job.progress or {}),
                                 "epochs_completed": (job.progress or {}).get("epochs_completed", 0) + 1}
+            if job is not None and fields.get("early_stopping_best_step") is not None:
+                job.progress = {**(job.progress or {}), "early_stopped": True,
+                                "early_stopping_best_step": fields["early_stopping_best_step"],
+                                "early_stopping_best_metric": fields.get("early_stopping_best_metric_value")}
             if job is not None and type == ev.EVAL_COMPLETE:
                 job.progress = {**(job.progress or {}),
                                 "evals_completed": (job.progress or {}).get("evals_completed", 0) + 1}

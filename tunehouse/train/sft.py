@@ -27,6 +27,7 @@ from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, tokenize
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
+from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
 from tunehouse.train.lora import add_lora, load_lora, merge, parameter_counts
 from tunehouse.train.losses import token_accuracy, token_cross_entropy, trained_logits
@@ -116,21 +117,24 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_rows, valid_rows, pad_id,
                autocast, steps_per_epoch, total_steps, Path(output_dir), reporter)
     wandb = open_wandb(cfg, reporter)
+    stopper = early_stopping.Stopper.from_config(cfg, output_dir)
     try:
-        history = _train_loop(run, start_step, history, wandb)
+        history, stopped_at = _train_loop(run, start_step, history, wandb, stopper)
     finally:
         wandb.finish()
 
-    # Final save: checkpoint (+ merged model for LoRA)
-    final = _save(run, total_steps, history, Path(output_dir) / "final", merged=cfg.lora)
-    reporter.checkpoint(total_steps, final, ev.FINAL)
-    reporter.event(ev.TRAINING_COMPLETE, "Training completed", step=total_steps,
-                   model_path=str(final))
+    # Final save: checkpoint (+ merged model for LoRA); after an early stop, the best weights
+    final_step = early_stopping.final_step(model, stopper, stopped_at, total_steps)
+    final = _save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
+    reporter.checkpoint(final_step, final, ev.FINAL)
+    early_stopping.report_complete(reporter, stopper, stopped_at, final_step, final)
     return final
 
 
-def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[dict]:
-    """Optimizer steps start_step+1 … total_steps; returns the metrics history."""
+def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
+                stopper: early_stopping.Stopper | None) -> tuple[list[dict], int | None]:
+    """Optimizer steps start_step+1 … total_steps → (metrics history, the step early stopping
+    ended training at, or None)."""
     cfg, reporter = run.cfg, run.reporter
     intermediate = spaced_steps(run.total_steps, cfg.n_checkpoints) - {run.total_steps}
     evals = spaced_steps(run.total_steps, cfg.n_evals) if run.valid_rows else set()
@@ -172,7 +176,9 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb) -> list[
             reporter.checkpoint(step, folder, ev.INTERMEDIATE)
             reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
                            checkpoint_path=str(folder))
-    return history
+        if stopper is not None and step in evals and stopper.after_eval(history, step, run.model):
+            return history, step
+    return history, None
 
 
 def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float, float, float, int]:
