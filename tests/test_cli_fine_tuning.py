@@ -135,7 +135,7 @@ def test_create_body_is_the_sdk_shape(monkeypatch):
 
     client = Client("http://test", "k")
     client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
-    monkeypatch.setattr(cli, "_client", lambda *a: client)
+    monkeypatch.setattr(cli.common, "client_for", lambda *a: client)  # what `ft` commands call
     res = CliRunner().invoke(cli.app, ["ft", "create", "-t", "file-1", "-m", TINY, "--lora-r", "4", "--lr", "0.01",
                                        "--min-lr-ratio", "0.1", "--train-on-inputs", "false", "-b", "max",
                                        "--wandb-api-key", "w", "-y"])

@@ -1,0 +1,137 @@
+"""Commands on the local home (no server needed, except `serve` which is the server): serve,
+worker, keys, models."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tunehouse.cli.common import HomeDir, JsonOut, console, err, fail, settings_for, status_text
+from tunehouse.settings import Settings
+
+keys_app = typer.Typer(help="Manage API keys (works on the local home, no server needed).", no_args_is_help=True)
+models_app = typer.Typer(help="Base models this home can fine-tune (works on the local home).", no_args_is_help=True)
+
+
+def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
+          port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+          home: HomeDir = None):
+    """Start the API server (SQLite + local blob folder by default)."""
+    import uvicorn
+
+    from tunehouse.api.app import create_app
+    from tunehouse.store.home import ensure_admin_key, open_home
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "home": home}.items() if v is not None}
+    settings = Settings(**overrides)
+    new_key = ensure_admin_key(open_home(settings))
+    if new_key:
+        console.print(f"[bold]Created the admin API key[/bold] (shown once; also stored in "
+                      f"{settings.admin_key_path}):\n  {new_key}")
+    console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home})")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@keys_app.command("create")
+def keys_create(owner: Annotated[str, typer.Option(help="Who owns what this key creates.")],
+                admin: Annotated[bool, typer.Option(help="Mark the key as admin.")] = False,
+                home: HomeDir = None):
+    """Mint a new API key and print it (it is stored hashed and cannot be shown again)."""
+    from tunehouse.store import keys
+    from tunehouse.store.home import open_home
+
+    h = open_home(settings_for(home))
+    try:
+        with h.db.session() as s:
+            key = keys.create_key(s, owner, admin=admin)
+    except ValueError as exc:
+        err.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(1)
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(home: HomeDir = None):
+    """List keys (prefix and owner only)."""
+    from tunehouse.store import keys
+    from tunehouse.store.home import open_home
+
+    h = open_home(settings_for(home))
+    table = Table("prefix", "owner", "admin", "created", "revoked")
+    with h.db.session() as s:
+        for k in keys.list_keys(s):
+            table.add_row(k.prefix + "…", k.owner, str(k.is_admin), str(k.created_at)[:19], str(k.revoked))
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(home: HomeDir = None, json_out: JsonOut = False):
+    """Models jobs can start from: the built-ins and those added with `models add`."""
+    from tunehouse.models.registry import Registry
+    from tunehouse.store.home import open_home
+
+    models = Registry(open_home(settings_for(home))).list()
+    if json_out:
+        print(json.dumps([{"name": m.name, "source": m.source, "context_length": m.context_length} for m in models],
+                         indent=2))
+        return
+    table = Table("name", "source", "context length")
+    for m in models:
+        table.add_row(m.name, m.source, str(m.context_length))
+    console.print(table)
+
+
+@models_app.command("add")
+def models_add(name: Annotated[str, typer.Argument(help="The name jobs will use, e.g. my-org/my-model.")],
+               source: Annotated[str, typer.Argument(help="A Hugging Face model folder, or a hub id.")],
+               home: HomeDir = None):
+    """Register a base model under NAME."""
+    from tunehouse.errors import TunehouseError
+    from tunehouse.models.registry import Registry
+    from tunehouse.store.home import open_home
+
+    try:
+        m = Registry(open_home(settings_for(home))).add(name, source)
+    except TunehouseError as exc:
+        fail(exc)
+    console.print(f"Added {m.name} from {m.source} (context length {m.context_length}).")
+
+
+def worker(home: HomeDir = None):
+    """Run a training worker on the home (Ctrl-C stops it; a running job is requeued).
+
+    For a server started with TUNEHOUSE_EMBEDDED_WORKER=false, or as an extra worker."""
+    import signal
+
+    from tunehouse.store.home import open_home
+    from tunehouse.store.tables import Job
+    from tunehouse.worker.loop import Worker
+
+    class NarratedWorker(Worker):
+        def _run_child(self, job_id: str, attempt: int) -> None:
+            console.print(f"running {job_id} (attempt {attempt})")
+            super()._run_child(job_id, attempt)
+            with self.home.db.session() as s:
+                job = s.get(Job, job_id)
+                console.print(f"{job_id}: {status_text(job.status) if job else 'deleted'}")
+
+    settings = settings_for(home)
+    w = NarratedWorker(open_home(settings))
+
+    def on_signal(signum, _frame) -> None:
+        if w.stopping.is_set():  # a second Ctrl-C: stop now (the job is recovered from its last checkpoint)
+            raise KeyboardInterrupt
+        console.print(f"{signal.Signals(signum).name}: stopping (a running job is stopped and requeued)…")
+        w.stop()
+
+    # The loop runs in this (main) thread and the handler only sets the stop event: a Thread.join
+    # interrupted by KeyboardInterrupt then reports the live thread as finished (seen on CPython
+    # 3.11.7), and exiting would kill the training child mid-step without requeueing its job.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
+    w.run_forever()
+    console.print("worker stopped")
