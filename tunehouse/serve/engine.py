@@ -30,14 +30,15 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunehouse.serve import lora, scoring
+from tunehouse.serve import scoring
+from tunehouse.serve.batch import RunningBatch
+from tunehouse.serve.weights import LoadedWeights
 from tunehouse.serve.sampling import SamplingParams, find_stop, held_back, make_generator, next_tokens, top_logprobs
 
 log = logging.getLogger("tunehouse.serve")
@@ -164,101 +165,6 @@ class _ScoreJob:
             pass
 
 
-class _Loaded:
-    """One set of weights in memory, with its LoRA adapters (adapter path → name)."""
-
-    def __init__(self, path: Path, dtype: torch.dtype, device: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.path = str(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.model.requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the scheduler thread's own (decode)
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
-        self.routing = lora.Routing()
-        self.adapters: OrderedDict[str, str] = OrderedDict()
-        self._next_id = 0
-
-    def attach(self, path: Path) -> None:
-        name = f"a{self._next_id}"
-        self._next_id += 1
-        lora.load_adapter(self.model, self.routing, path, name)
-        self.adapters[str(path)] = name
-
-    def detach(self, path: str) -> None:
-        lora.remove_adapter(self.model, self.adapters.pop(path))
-
-    @contextmanager
-    def routed(self, adapters: list[str | None]):
-        """Within the block, each batch row runs with its adapter (None: the base alone)."""
-        names = [self.adapters[a] if a else None for a in adapters]
-        if len(set(names)) == 1:
-            self.routing.current = names[0]
-        else:
-            rows: dict[str, list[int]] = {}
-            for i, n in enumerate(names):
-                if n is not None:
-                    rows.setdefault(n, []).append(i)
-            self.routing.current = [(n, torch.tensor(r, device=self.model.device)) for n, r in rows.items()]
-        try:
-            yield
-        finally:
-            self.routing.current = None
-
-    def forward(self, adapters: list[str | None], **kw):
-        with self.routed(adapters):
-            return self.model(**kw)
-
-    def score(self, adapters: list[str | None], rows: list[list[int]], top: int) -> list[scoring.Scored]:
-        with self.routed(adapters):
-            return scoring.score(self.model, rows, top=top, pad_id=self.tokenizer.pad_token_id or 0)
-
-
-class _Batch:
-    """The running batch: sequences in row order, their KV cache, attention mask and last token."""
-
-    def __init__(self, loaded: _Loaded):
-        self.loaded = loaded
-        self.seqs: list[_Seq] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [B, heads, T, dim]
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.last = torch.zeros(0, dtype=torch.long)
-
-    def merge(self, seqs: list[_Seq], kv, mask: torch.Tensor, last: torch.Tensor) -> None:
-        """Append rows (left-padding whichever side is shorter so all rows end at the same column)."""
-        if not self.seqs:
-            self.seqs, self.kv, self.mask, self.last = list(seqs), kv, mask, last
-            return
-        t = max(self.mask.shape[1], mask.shape[1])
-        self.kv = [(torch.cat([_pad_left(k0, t, 2), _pad_left(k1, t, 2)]),
-                    torch.cat([_pad_left(v0, t, 2), _pad_left(v1, t, 2)]))
-                   for (k0, v0), (k1, v1) in zip(self.kv, kv)]
-        self.mask = torch.cat([_pad_left(self.mask, t, 1), _pad_left(mask, t, 1)])
-        self.last = torch.cat([self.last, last])
-        self.seqs += seqs
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows`, then drop the leading columns that are padding in every row."""
-        idx = torch.tensor(rows, dtype=torch.long)
-        self.seqs = [self.seqs[i] for i in rows]
-        self.mask, self.last = self.mask[idx], self.last[idx]
-        real = self.mask.any(0).nonzero()
-        first = int(real[0]) if len(real) else self.mask.shape[1]
-        self.mask = self.mask[:, first:]
-        self.kv = [(k[idx, :, first:], v[idx, :, first:]) for k, v in self.kv]
-
-
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class TorchEngine(Engine):
     def __init__(self, *, max_batch_size: int = 32, max_models: int = 2, max_adapters: int = 8,
                  dtype: str = "float32", device: str | None = None, threads: int | None = None,
@@ -275,10 +181,10 @@ class TorchEngine(Engine):
         self._waiting: deque[_Seq] = deque()
         self._scoring: deque[_ScoreJob] = deque()
         self._forget: set[str] = set()
-        self._models: OrderedDict[str, _Loaded] = OrderedDict()
+        self._models: OrderedDict[str, LoadedWeights] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._tokenizer_lock = threading.Lock()
-        self._batch: _Batch | None = None
+        self._batch: RunningBatch | None = None
         self._closed = False
         self._sweep_s, self._swept = sweep_s, time.monotonic()
         self._stats = dict(max_batch_size=0, steps=0, tokens=0, requests=0, cancelled=0, model_loads=0,
@@ -457,11 +363,11 @@ class TorchEngine(Engine):
         for path in [t for t in self._tokenizers if gone(t)]:
             del self._tokenizers[path]
 
-    def _load(self, model: ModelRef, adapters: set[Path]) -> _Loaded:
+    def _load(self, model: ModelRef, adapters: set[Path]) -> LoadedWeights:
         """The weights of `model` (LRU across weights), with `adapters` attached (LRU across adapters)."""
         loaded = self._models.get(model.weights)
         if loaded is None:
-            loaded = _Loaded(model.weights_path, self.dtype, self.device)
+            loaded = LoadedWeights(model.weights_path, self.dtype, self.device)
             self._models[model.weights] = loaded
             self._stats["model_loads"] += 1
             busy = self._batch.loaded if self._batch and self._batch.seqs else None
@@ -494,7 +400,7 @@ class TorchEngine(Engine):
                 s.gen.put(TokenEvent(s.index, "", -1, error=f"cannot load {s.model.name}: {exc}"))
             return
         if self._batch is None or not self._batch.seqs or self._batch.loaded is not loaded:
-            self._batch = _Batch(loaded)
+            self._batch = RunningBatch(loaded)
         width = max(len(s.prompt) for s in seqs)
         ids = torch.full((len(seqs), width), loaded.tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -535,7 +441,7 @@ class TorchEngine(Engine):
         self._stats["max_batch_size"] = max(self._stats["max_batch_size"], len(b.seqs))
         b.keep([i for i, s in enumerate(b.seqs) if s.finish is None])
 
-    def _sample(self, loaded: _Loaded, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, loaded: LoadedWeights, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token, record it and send its event; returns `[B]` token ids (CPU)."""
         logits = logits.float().cpu()
         params = [s.params for s in seqs]
@@ -553,7 +459,7 @@ class TorchEngine(Engine):
         self._stats["tokens"] += len(seqs)
         return tokens
 
-    def _advance(self, loaded: _Loaded, s: _Seq, token: int, lp: float | None, top) -> None:
+    def _advance(self, loaded: LoadedWeights, s: _Seq, token: int, lp: float | None, top) -> None:
         """Append a token, decode, cut at a stop sequence, and send what is safe to show."""
         s.out.append(token)
         text = loaded.tokenizer.decode(s.out, skip_special_tokens=True)

@@ -1,0 +1,64 @@
+"""One set of model weights in the engine's memory, with the LoRA adapters attached to it, and
+the forward / scoring calls that route each batch row to its adapter."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tunehouse.serve import lora, scoring
+
+
+class LoadedWeights:
+    """One set of weights in memory, with its LoRA adapters (adapter path → name)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = str(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the scheduler thread's own (decode)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self.routing = lora.Routing()
+        self.adapters: OrderedDict[str, str] = OrderedDict()
+        self._next_id = 0
+
+    def attach(self, path: Path) -> None:
+        name = f"a{self._next_id}"
+        self._next_id += 1
+        lora.load_adapter(self.model, self.routing, path, name)
+        self.adapters[str(path)] = name
+
+    def detach(self, path: str) -> None:
+        lora.remove_adapter(self.model, self.adapters.pop(path))
+
+    @contextmanager
+    def routed(self, adapters: list[str | None]):
+        """Within the block, each batch row runs with its adapter (None: the base alone)."""
+        names = [self.adapters[a] if a else None for a in adapters]
+        if len(set(names)) == 1:
+            self.routing.current = names[0]
+        else:
+            rows: dict[str, list[int]] = {}
+            for i, n in enumerate(names):
+                if n is not None:
+                    rows.setdefault(n, []).append(i)
+            self.routing.current = [(n, torch.tensor(r, device=self.model.device)) for n, r in rows.items()]
+        try:
+            yield
+        finally:
+            self.routing.current = None
+
+    def forward(self, adapters: list[str | None], **kw):
+        with self.routed(adapters):
+            return self.model(**kw)
+
+    def score(self, adapters: list[str | None], rows: list[list[int]], top: int) -> list[scoring.Scored]:
+        with self.routed(adapters):
+            return scoring.score(self.model, rows, top=top, pad_id=self.tokenizer.pad_token_id or 0)
