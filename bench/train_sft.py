@@ -4,10 +4,12 @@ SmolLM2-135M-Instruct (the built-in default), the same synthetic chat data (loss
 assistant answers only: tunehouse `train_on_inputs=false`, TRL prompt/completion data with its
 default completion-only loss), LoRA r=8 / alpha 16 on all linear layers, max length 512.
 
-    .venv/bin/python bench/train_sft.py [--steps 6] [--no-fp32]
+    .venv/bin/python bench/train_sft.py [--steps 8] [--rounds 2] [--no-fp32]
 
 Each side runs in its own subprocess (separate peak RSS). Throughput = non-pad tokens per second
-of optimizer steps, the first step excluded (warm-up). tunehouse runs as shipped: packing,
+of optimizer steps, the first step excluded (warm-up). The sides alternate for `--rounds` rounds
+and each keeps its best round: on a shared machine the load drifts over minutes (single runs of
+the same side were seen 30% apart), and alternating exposes both sides to the same drift. tunehouse runs as shipped: packing,
 logits only at trained positions, bf16 autocast when the CPU has native bf16 (else fp32); with
 fp32 compared too, the report also gives the loss-curve gap between bf16 and fp32. TRL runs in
 fp32 with padding (its defaults). The last line printed is one JSON object with every figure.
@@ -151,7 +153,8 @@ def run_side(name: str, steps: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per side")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best is kept")
     parser.add_argument("--side", choices=["tunehouse", "tunehouse-fp32", "trl"])
     parser.add_argument("--batch", type=int, default=0, help="(internal) batch size")
     parser.add_argument("--no-fp32", action="store_true", help="skip the tunehouse fp32 run")
@@ -172,9 +175,14 @@ def main() -> None:
 
     # tunehouse: 2 packed rows × 512 tokens per step; TRL: 4 padded examples (~200 tokens each).
     bf16 = cpu_supports_bf16()
-    th = run_side("tunehouse", args.steps, 2)
+    runs: dict[str, list[dict]] = {"tunehouse": [], "trl": []}
+    for _ in range(max(1, args.rounds)):
+        runs["tunehouse"].append(run_side("tunehouse", args.steps, 2))
+        runs["trl"].append(run_side("trl", args.steps, 4))
+    th, trl = (max(runs[k], key=lambda r: r["tokens_per_second"]) for k in ("tunehouse", "trl"))
     fp32 = None if args.no_fp32 or not bf16 else run_side("tunehouse-fp32", args.steps, 2)
-    trl = run_side("trl", args.steps, 4)
+    for name, rs in runs.items():
+        print(f"{name} rounds: {', '.join(format(r['tokens_per_second'], '.1f') for r in rs)} tokens/s")
     speedup = th["tokens_per_second"] / trl["tokens_per_second"]
     print(f"tunehouse ({'bf16' if bf16 else 'fp32'}): {th['tokens_per_second']:.1f} tokens/s, "
           f"peak RSS {th['peak_rss_mb']:.0f} MB, losses {[round(x, 4) for x in th['losses']]}")
@@ -186,7 +194,7 @@ def main() -> None:
           f"peak RSS {trl['peak_rss_mb']:.0f} MB")
     print(f"speedup {speedup:.2f}x, RSS ratio {th['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     summary = {
-        "steps": args.steps, "max_seq_length": MAX_LEN, "bf16": bf16,
+        "steps": args.steps, "rounds": args.rounds, "max_seq_length": MAX_LEN, "bf16": bf16,
         "tunehouse_tokens_per_second": round(th["tokens_per_second"], 1),
         "tunehouse_peak_rss_mb": round(th["peak_rss_mb"]),
         "tunehouse_fp32_tokens_per_second": fp32 and round(fp32["tokens_per_second"], 1),

@@ -90,6 +90,32 @@ def test_adapters_lru_and_fifo_across_weights(models):
     assert list(stats["loaded"]) in (["tiny"], ["full"])
 
 
+def test_adapters_are_evicted_by_memory_budget(models):
+    """A budget that holds one adapter's tensors (but not two) keeps one attached, whatever the
+    count limit; the evicted one is reloaded when asked for again."""
+    base, adapters, _ = models
+
+    async def main():
+        probe = TorchEngine(threads=1)
+        try:
+            ids = probe.tokenizer(ref(base)).encode("Hello")
+            await collect(probe, ref(base, adapters[0]), ids)
+            one = probe.stats()["adapter_bytes"]
+        finally:
+            probe.close()
+        engine = TorchEngine(max_adapters=8, adapter_memory_mb=1.5 * one / 2**20, threads=1)
+        try:
+            for a in (adapters[0], adapters[1], adapters[0]):
+                await collect(engine, ref(base, a), ids)
+            return one, engine.stats()
+        finally:
+            engine.close()
+
+    one, stats = asyncio.run(main())
+    assert one > 0 and stats["adapter_bytes"] == one
+    assert stats["adapter_loads"] == 3 and stats["adapter_evictions"] == 2
+
+
 def test_forget_drops_an_adapter_whose_files_are_gone(models, tmp_path):
     base, adapters, _ = models
     doomed = shutil.copytree(adapters[0], tmp_path / "job" / "final")

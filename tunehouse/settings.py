@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")
     serve_max_loaded_models: int = Field(2, ge=1, description="Base/full fine-tuned weights kept in memory (LRU).")
     serve_max_loaded_adapters: int = Field(8, ge=1, description="LoRA adapters kept attached per base (LRU).")
+    serve_adapter_memory_mb: float = Field(1024, gt=0, description="Memory for attached LoRA adapters per base, "
+                                           "MiB; beyond it the least recently used are dropped.")
     serve_dtype: str = Field("float32", description="Inference weights dtype: float32, bfloat16 or float16.")
     serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
 

@@ -94,7 +94,7 @@ class _LazyEngine:
                 s = self.settings
                 self.engine = TorchEngine(max_batch_size=s.serve_max_batch_size, max_models=s.serve_max_loaded_models,
                                           max_adapters=s.serve_max_loaded_adapters, dtype=s.serve_dtype,
-                                          threads=s.serve_threads)
+                                          threads=s.serve_threads, adapter_memory_mb=s.serve_adapter_memory_mb)
             return self.engine
 
     def forget(self, path) -> None:

@@ -17,8 +17,8 @@ TorchEngine runs one scheduler thread over one running batch:
   admissions, the batch drains, and that request's weights run next — nothing starves.
 - A base model is loaded once; LoRA adapters of fine-tuned models are attached to it by name
   (`serve/lora.py`), rows of one batch may each use a different one, and the least recently used
-  ones are dropped beyond `max_adapters`. Full fine-tunes load as their own weights; loaded
-  weights are LRU-evicted beyond `max_models` too.
+  ones are dropped beyond `max_adapters` or `adapter_memory_mb` (never one a running row uses).
+  Full fine-tunes load as their own weights; loaded weights are LRU-evicted beyond `max_models`.
 """
 
 from __future__ import annotations
@@ -168,8 +168,9 @@ class _ScoreJob:
 class TorchEngine(Engine):
     def __init__(self, *, max_batch_size: int = 32, max_models: int = 2, max_adapters: int = 8,
                  dtype: str = "float32", device: str | None = None, threads: int | None = None,
-                 sweep_s: float = 5.0, score_tokens: int = 4096):
+                 sweep_s: float = 5.0, score_tokens: int = 4096, adapter_memory_mb: float = 1024):
         self.max_batch_size, self.max_models, self.max_adapters = max_batch_size, max_models, max_adapters
+        self.adapter_budget = int(adapter_memory_mb * 2**20)  # bytes of attached adapters per base
         self.score_tokens = score_tokens  # padded tokens per scoring forward
         self.dtype = getattr(torch, dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,7 +236,9 @@ class TorchEngine(Engine):
     def stats(self) -> dict:
         with self._cv:
             loaded = {k: list(m.adapters) for k, m in self._models.items()}
-            return dict(self._stats, loaded=loaded, waiting=len(self._waiting), scoring=len(self._scoring),
+            adapter_bytes = sum(sum(m.adapter_bytes.values()) for m in self._models.values())
+            return dict(self._stats, loaded=loaded, adapter_bytes=adapter_bytes, waiting=len(self._waiting),
+                        scoring=len(self._scoring),
                         running=len(self._batch.seqs) if self._batch else 0)
 
     def close(self) -> None:
@@ -384,8 +387,9 @@ class TorchEngine(Engine):
                 loaded.attach(path)
                 self._stats["adapter_loads"] += 1
             loaded.adapters.move_to_end(str(path))
-        for key in [k for k in loaded.adapters if k not in in_use]:
-            if len(loaded.adapters) <= self.max_adapters:
+        for key in [k for k in loaded.adapters if k not in in_use]:  # least recently used first
+            if (len(loaded.adapters) <= self.max_adapters
+                    and sum(loaded.adapter_bytes.values()) <= self.adapter_budget):
                 break
             loaded.detach(key)
             self._stats["adapter_evictions"] += 1

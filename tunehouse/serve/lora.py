@@ -52,8 +52,9 @@ class LoraLinear(nn.Module):
         return out
 
 
-def load_adapter(model: nn.Module, routing: Routing, folder: Path, name: str) -> None:
-    """Attach the PEFT LoRA adapter in `folder` to `model` under `name`."""
+def load_adapter(model: nn.Module, routing: Routing, folder: Path, name: str) -> int:
+    """Attach the PEFT LoRA adapter in `folder` to `model` under `name`; returns the bytes its
+    tensors take in memory."""
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
@@ -67,11 +68,14 @@ def load_adapter(model: nn.Module, routing: Routing, folder: Path, name: str) ->
     for key, t in weights.items():
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
         pairs.setdefault(module, {})[part.split(".")[0]] = t
+    nbytes = 0
     for module, ab in pairs.items():
         layer = _wrapped(model, module, routing)
         dtype = layer.base.weight.dtype
         a, b = ab["A"].to(layer.base.weight.device, dtype), ab["B"].to(layer.base.weight.device, dtype)
         layer.adapters[name] = (a.t().contiguous(), (scale * b).t().contiguous())
+        nbytes += a.nbytes + b.nbytes
+    return nbytes
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

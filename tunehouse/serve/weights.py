@@ -26,17 +26,19 @@ class LoadedWeights:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self.routing = lora.Routing()
-        self.adapters: OrderedDict[str, str] = OrderedDict()
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # least recently used first
+        self.adapter_bytes: dict[str, int] = {}
         self._next_id = 0
 
     def attach(self, path: Path) -> None:
         name = f"a{self._next_id}"
         self._next_id += 1
-        lora.load_adapter(self.model, self.routing, path, name)
+        self.adapter_bytes[str(path)] = lora.load_adapter(self.model, self.routing, path, name)
         self.adapters[str(path)] = name
 
     def detach(self, path: str) -> None:
         lora.remove_adapter(self.model, self.adapters.pop(path))
+        self.adapter_bytes.pop(path, None)
 
     @contextmanager
     def routed(self, adapters: list[str | None]):

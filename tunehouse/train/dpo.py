@@ -49,7 +49,9 @@ from tunehouse.train.config import DPOConfig
 from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
 from tunehouse.train.lora import adapters_disabled, add_lora, load_lora, merge, parameter_counts
-from tunehouse.train.losses import preference_loss, segment_logps, token_kl, trained_logits
+from tunehouse.train.losses import (
+    preference_loss, segment_logps, segment_sums, target_logps, token_kl, trained_logits,
+)
 from tunehouse.train.precision import autocast_for, mask_dtype
 from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_steps
 
@@ -277,7 +279,7 @@ def evaluate(run: _Run) -> dict[str, float]:
             ref = None if run.valid_ref is None else run.valid_ref[start:start + size]
             batch = _collate(run, pairs)
             with run.autocast or contextlib.nullcontext():
-                losses, metrics, logits = _pair_losses(run, batch, ref)
+                losses, metrics, logits = _pair_losses(run, batch, ref, keep_logits=with_kl)
                 if with_kl:
                     with reference_model(run) as reference:
                         ref_logits, _ = trained_logits(reference, *_inputs(run, batch))
@@ -295,11 +297,19 @@ def evaluate(run: _Run) -> dict[str, float]:
     return values
 
 
-def _pair_losses(run: _Run, batch: PairBatch, ref: torch.Tensor | None):
-    """Policy forward of a micro-batch → (per-pair losses, metrics, completion logits)."""
+def _pair_losses(run: _Run, batch: PairBatch, ref: torch.Tensor | None, keep_logits: bool = False):
+    """Policy forward of a micro-batch → (per-pair losses, metrics, completion logits or None).
+
+    Training takes the fused chunked head (no [N, V] logits); evaluation keeps the logits when it
+    needs them for the exact KL."""
     cfg = run.cfg
-    logits, targets = trained_logits(run.causal_lm, *_inputs(run, batch))
-    logps = segment_logps(logits, targets, batch.segment.to(logits.device), 2 * batch.num_pairs)
+    logits = None
+    if keep_logits:
+        logits, targets = trained_logits(run.causal_lm, *_inputs(run, batch))
+        logps = segment_logps(logits, targets, batch.segment.to(logits.device), 2 * batch.num_pairs)
+    else:
+        logp, _, _ = target_logps(run.causal_lm, *_inputs(run, batch))
+        logps = segment_sums(logp, batch.segment, 2 * batch.num_pairs)
     lengths = batch.chosen_lengths.to(logps.device), batch.rejected_lengths.to(logps.device)
     ref_c, ref_r = (None, None) if ref is None else ref.to(logps.device).unbind(-1)
     losses, metrics = preference_loss(
@@ -409,9 +419,8 @@ def reference_logps(run: _Run, pairs: list[Pair]) -> torch.Tensor:
         for start in range(0, len(pairs), run.cfg.micro_batch_size()):
             batch = _collate(run, pairs[start:start + run.cfg.micro_batch_size()])
             with run.autocast or contextlib.nullcontext(), reference_model(run) as reference:
-                logits, targets = trained_logits(reference, *_inputs(run, batch))
-            logps = segment_logps(logits, targets, batch.segment.to(logits.device),
-                                  2 * batch.num_pairs)
+                logp, _, _ = target_logps(reference, *_inputs(run, batch))
+            logps = segment_sums(logp, batch.segment, 2 * batch.num_pairs)
             out.append(logps.view(-1, 2).cpu())
     run.model.train()
     return torch.cat(out)

@@ -85,6 +85,32 @@ def trained_logits(causal_lm, inputs: dict[str, torch.Tensor],
     return causal_lm.get_output_embeddings()(hidden[keep]), targets[keep]
 
 
+def target_logps(causal_lm, inputs: dict[str, torch.Tensor],
+                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) at the N positions with a target, the argmax token there, and those targets:
+    ([N] fp32, [N], [N]). The training path of `trained_logits`: the head runs fused with the
+    log-softmax in chunks (`train/head.py`), so the [N, V] logits never exist at once; heads it
+    cannot fuse (bias, soft-capping) go through `trained_logits`."""
+    from tunehouse.train.head import fusable, linear_log_softmax_gather
+
+    if not fusable(causal_lm):
+        logits, picked = trained_logits(causal_lm, inputs, targets)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, picked[:, None])[:, 0]
+        return logp, logits.detach().argmax(-1), picked
+    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    keep = targets != IGNORE
+    picked = targets[keep]
+    logp, argmax = linear_log_softmax_gather(hidden[keep], causal_lm.get_output_embeddings().weight, picked)
+    return logp, argmax, picked
+
+
+def segment_sums(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Σ values per segment: values [N], segment [N] in 0…n-1 → [n] (e.g. per-sequence log-probs
+    from `target_logps` and `preference.PairBatch.segment`)."""
+    return torch.zeros(n_segments, dtype=values.dtype, device=values.device).index_add(
+        0, segment.to(values.device), values)
+
+
 # -- preference optimisation ------------------------------------------------------------------
 
 Metrics = dict[str, float]

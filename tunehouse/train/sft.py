@@ -30,7 +30,7 @@ from tunehouse.train.config import SFTConfig
 from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
 from tunehouse.train.lora import add_lora, load_lora, merge, parameter_counts
-from tunehouse.train.losses import token_accuracy, token_cross_entropy, trained_logits
+from tunehouse.train.losses import target_logps
 from tunehouse.train.precision import autocast_for, cpu_supports_bf16, mask_dtype
 from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_steps
 
@@ -42,7 +42,7 @@ class _Run:
 
     cfg: SFTConfig
     model: torch.nn.Module          # PEFT model (LoRA) or plain model (full)
-    causal_lm: torch.nn.Module      # the transformers model inside (for trained_logits)
+    causal_lm: torch.nn.Module      # the transformers model inside (for target_logps)
     tokenizer: object
     optimizer: torch.optim.Optimizer
     train_rows: list[list[Tokenized]]
@@ -190,11 +190,11 @@ def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float
     loss_sum, correct = 0.0, 0
     for batch in micro:
         with run.autocast or contextlib.nullcontext():
-            logits, targets = trained_logits(run.causal_lm, _to(batch, run), _to_t(batch, run))
-        loss, _ = token_cross_entropy(logits, targets)
+            logp, argmax, targets = target_logps(run.causal_lm, _to(batch, run), _to_t(batch, run))
+        loss = -logp.sum()
         (loss / step_tokens).backward()  # token-weighted over the whole step
         loss_sum += loss.item()
-        correct += token_accuracy(logits.detach(), targets)[0]
+        correct += int((argmax == targets).sum())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -214,11 +214,10 @@ def evaluate(run: _Run) -> tuple[float, float]:
     for start in range(0, len(run.valid_rows), size):
         batch = collate(run.valid_rows[start:start + size], run.pad_id, mask_dtype(run.autocast))
         with run.autocast or contextlib.nullcontext():
-            logits, targets = trained_logits(run.causal_lm, _to(batch, run), _to_t(batch, run))
-        loss, n = token_cross_entropy(logits, targets)
-        loss_sum += loss.item()
-        correct += token_accuracy(logits, targets)[0]
-        count += n
+            logp, argmax, targets = target_logps(run.causal_lm, _to(batch, run), _to_t(batch, run))
+        loss_sum -= logp.sum().item()
+        correct += int((argmax == targets).sum())
+        count += targets.numel()
     run.model.train()
     return loss_sum / max(count, 1), correct / max(count, 1)
 
