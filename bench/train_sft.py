@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (the built-in default), the same synthetic chat data (loss
 assistant answers only: tunehouse `train_on_inputs=false`, TRL prompt/completion data with its
 default completion-only loss), LoRA r=8 / alpha 16 on all linear layers, max length 512.
 
-    .venv/bin/python bench/train_sft.py [--steps 8] [--rounds 2] [--no-fp32]
+    .venv/bin/python bench/train_sft.py [--steps 8] [--rounds 2] [--no-fp32] [--max-len 512]
 
 Each side runs in its own subprocess (separate peak RSS). Throughput = non-pad tokens per second
 of optimizer steps, the first step excluded (warm-up). The sides alternate for `--rounds` rounds
@@ -67,7 +67,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool) -> dict:
+def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len: int = MAX_LEN) -> dict:
     from tunehouse.train.config import SFTConfig
     from tunehouse.train.events import MemoryReporter
     from tunehouse.train.sft import Cancelled, run_sft
@@ -79,7 +79,7 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool) -> dict:
         {"role": "assistant", "content": r["answer"]}]}) + "\n" for r in synthetic_chat(400)))
     cfg = SFTConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file="file-bench",
                     batch_size=batch, learning_rate=LR, lr_scheduler_type="linear",
-                    max_seq_length=MAX_LEN, packing=True, train_on_inputs=False, lora=True,
+                    max_seq_length=max_len, packing=True, train_on_inputs=False, lora=True,
                     lora_r=8, lora_alpha=16, lora_trainable_modules="all-linear",
                     random_seed=42)
     reporter = MemoryReporter(stop_after_steps=steps)  # cancel after N steps: no final save
@@ -94,7 +94,7 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool) -> dict:
             "losses": reporter.losses(), "peak_rss_mb": peak_rss_mb(), "steps": len(rates) + 1}
 
 
-def side_trl(model_dir: Path, steps: int, batch: int) -> dict:
+def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -116,7 +116,7 @@ def side_trl(model_dir: Path, steps: int, batch: int) -> dict:
             timings.append((time.perf_counter() - self.t0, state.num_input_tokens_seen - self.n0))
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
-    args = SFTConfig(output_dir=tmp, max_length=MAX_LEN, per_device_train_batch_size=batch,
+    args = SFTConfig(output_dir=tmp, max_length=max_len, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear",
                      max_steps=steps, logging_steps=1, save_strategy="no", report_to=[],
                      use_cpu=True, bf16=False, packing=False, seed=42,
@@ -142,9 +142,9 @@ def side_trl(model_dir: Path, steps: int, batch: int) -> dict:
             "peak_rss_mb": peak_rss_mb(), "steps": len(timings)}
 
 
-def run_side(name: str, steps: int, batch: int) -> dict:
+def run_side(name: str, steps: int, batch: int, max_len: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--side", name, "--steps", str(steps),
-                          "--batch", str(batch)], capture_output=True, text=True, cwd=ROOT)
+                          "--batch", str(batch), "--max-len", str(max_len)], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"{name} side failed")
@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--side", choices=["tunehouse", "tunehouse-fp32", "trl"])
     parser.add_argument("--batch", type=int, default=0, help="(internal) batch size")
     parser.add_argument("--no-fp32", action="store_true", help="skip the tunehouse fp32 run")
+    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="max_seq_length of both sides (tunehouse packs "
+                        "rows of this length; TRL truncates to it and pads to the longest example)")
     args = parser.parse_args()
 
     from tunehouse.models.default import ensure_default_model
@@ -166,9 +168,9 @@ def main() -> None:
     model_dir = ensure_default_model(CACHE, progress=lambda m: print(m, file=sys.stderr))
     if args.side:
         if args.side == "trl":
-            result = side_trl(model_dir, args.steps, args.batch)
+            result = side_trl(model_dir, args.steps, args.batch, args.max_len)
         else:
-            result = side_tunehouse(model_dir, args.steps, args.batch,
+            result = side_tunehouse(model_dir, args.steps, args.batch, max_len=args.max_len,
                                     bf16=args.side == "tunehouse" and cpu_supports_bf16())
         print(json.dumps(result))
         return
@@ -177,10 +179,10 @@ def main() -> None:
     bf16 = cpu_supports_bf16()
     runs: dict[str, list[dict]] = {"tunehouse": [], "trl": []}
     for _ in range(max(1, args.rounds)):
-        runs["tunehouse"].append(run_side("tunehouse", args.steps, 2))
-        runs["trl"].append(run_side("trl", args.steps, 4))
+        runs["tunehouse"].append(run_side("tunehouse", args.steps, 2, args.max_len))
+        runs["trl"].append(run_side("trl", args.steps, 4, args.max_len))
     th, trl = (max(runs[k], key=lambda r: r["tokens_per_second"]) for k in ("tunehouse", "trl"))
-    fp32 = None if args.no_fp32 or not bf16 else run_side("tunehouse-fp32", args.steps, 2)
+    fp32 = None if args.no_fp32 or not bf16 else run_side("tunehouse-fp32", args.steps, 2, args.max_len)
     for name, rs in runs.items():
         print(f"{name} rounds: {', '.join(format(r['tokens_per_second'], '.1f') for r in rs)} tokens/s")
     speedup = th["tokens_per_second"] / trl["tokens_per_second"]
@@ -194,7 +196,7 @@ def main() -> None:
           f"peak RSS {trl['peak_rss_mb']:.0f} MB")
     print(f"speedup {speedup:.2f}x, RSS ratio {th['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     summary = {
-        "steps": args.steps, "rounds": args.rounds, "max_seq_length": MAX_LEN, "bf16": bf16,
+        "steps": args.steps, "rounds": args.rounds, "max_seq_length": args.max_len, "bf16": bf16,
         "tunehouse_tokens_per_second": round(th["tokens_per_second"], 1),
         "tunehouse_peak_rss_mb": round(th["peak_rss_mb"]),
         "tunehouse_fp32_tokens_per_second": fp32 and round(fp32["tokens_per_second"], 1),

@@ -81,3 +81,30 @@ def test_pack_fits_every_example_once_and_is_deterministic(examples):
     assert pack(examples, 64) == rows
     with pytest.raises(ValueError, match="max_seq_length"):
         pack(examples, 8)
+
+
+def test_packed_attention_without_mask_equals_the_masked_row(tiny_model_dir, tiny_tokenizer, examples):
+    """`train/attention.py`: per-example attention read from position_ids gives the logits and
+    the gradients of transformers' SDPA under the 4-D block mask — for a packed row and for a
+    shorter, right-padded row beside it (GQA: the tiny model has 4 heads over 2 KV heads)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunehouse.train import attention
+
+    pad = pad_token_id(tiny_tokenizer)
+    rows = [examples, examples[1:3]]
+    masked, plain = collate(rows, pad), collate(rows, pad, mask_dtype=None)
+    assert plain.attention_mask is None and "attention_mask" not in plain.model_inputs()
+
+    def run(batch, packed: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert attention.enable(model) if packed else True
+        logits = model(**batch.model_inputs()).logits
+        token_cross_entropy(logits, batch.targets)[0].backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_logits, want_grads = run(masked, packed=False)
+    got_logits, got_grads = run(plain, packed=True)
+    real = plain.targets != IGNORE
+    assert torch.allclose(got_logits[real], want_logits[real], atol=1e-5)
+    assert all(torch.allclose(got_grads[n], want_grads[n], atol=1e-5) for n in want_grads)

@@ -9,10 +9,13 @@ A *row* is a list of examples that share one sequence: several with packing, one
                                 so losses never shift again and never cross a segment boundary)
     position_ids  [B, T]        restart at 0 in every segment
     attention_mask [B, 1, T, T] additive: 0 where query t may see key s (same segment, s ≤ t),
-                                dtype-min elsewhere; a pad query sees only itself (no NaN rows)
+                                dtype-min elsewhere; a pad query sees only itself (no NaN rows);
+                                None when `mask_dtype` is None
 
-The explicit 4-D block-diagonal mask is required: on CPU (sdpa and eager), restarting
-position_ids alone let the second segment attend to the first (logits off by 0.17, DESIGN.md).
+With transformers' own attention (sdpa, eager) the explicit 4-D block-diagonal mask is required:
+restarting position_ids alone let the second segment attend to the first (logits off by 0.17,
+DESIGN.md). The recipes switch models to `train/attention.py`'s packed attention instead, which
+reads the segments from position_ids and needs no mask.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ class Batch:
     input_ids: torch.Tensor
     targets: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     num_tokens: int
     """Real (non-pad) tokens."""
     num_trained_tokens: int
     """Positions with a target (≠ -100)."""
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
 
 
 def pack(examples: Sequence[Tokenized], max_seq_length: int) -> list[list[int]]:
@@ -66,8 +71,9 @@ def pack(examples: Sequence[Tokenized], max_seq_length: int) -> list[list[int]]:
 
 
 def collate(rows: Sequence[Sequence[Tokenized]], pad_id: int,
-            mask_dtype: torch.dtype = torch.float32) -> Batch:
-    """Tensors for a micro-batch of rows, padded on the right to the longest row."""
+            mask_dtype: torch.dtype | None = torch.float32) -> Batch:
+    """Tensors for a micro-batch of rows, padded on the right to the longest row; no attention
+    mask when mask_dtype is None."""
     width = max(sum(ex.num_tokens for ex in row) for row in rows)
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -85,13 +91,21 @@ def collate(rows: Sequence[Sequence[Tokenized]], pad_id: int,
             segment[r, start:end] = s
             start = end
         position_ids[r, start:] = torch.arange(width - start)
+    mask = None if mask_dtype is None else block_causal_mask(segment, mask_dtype)
+    return Batch(input_ids, targets, position_ids, mask,
+                 num_tokens=int((segment >= 0).sum()),
+                 num_trained_tokens=int((targets != IGNORE).sum()))
+
+
+def block_causal_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask from segment ids [B, T] (-1 = padding): a query sees the keys
+    of its own segment up to itself; a pad query sees only itself (no NaN rows)."""
+    width = segment.shape[1]
     idx = torch.arange(width)
     causal = idx[None, :] <= idx[:, None]                       # [T, T] key ≤ query
     same = segment[:, :, None] == segment[:, None, :]           # [B, T, T]
     real = (segment >= 0)[:, :, None]
     allowed = (same & causal & real) | torch.eye(width, dtype=torch.bool)
-    mask = torch.zeros((b, 1, width, width), dtype=mask_dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-    return Batch(input_ids, targets, position_ids, mask,
-                 num_tokens=int((segment >= 0).sum()),
-                 num_trained_tokens=int((targets != IGNORE).sum()))
+    mask = torch.zeros((segment.shape[0], 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return mask

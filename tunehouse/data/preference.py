@@ -115,7 +115,7 @@ class PairBatch:
     num_pairs: int
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype = torch.float32,
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype | None = torch.float32,
                   *, row_tokens: int | None = None) -> PairBatch:
     """The 2·P sides of P pairs as one batch (one forward pass): one side per row, right-padded
     (concatenated along the batch), or (row_tokens given) sides packed by `packing.pack` into

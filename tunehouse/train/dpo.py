@@ -43,6 +43,7 @@ import torch
 
 from tunehouse.data.preference import Pair, PairBatch, collate_pairs, tokenize_pair
 from tunehouse.data.tokenize import pad_token_id, read_rows
+from tunehouse.train import attention
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import events as ev
 from tunehouse.train.config import DPOConfig
@@ -57,7 +58,7 @@ from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_s
 
 __all__ = ["Cancelled", "reference_cache_key", "reference_model", "run_dpo"]
 
-REFERENCE_VERSION = 1  # bump when tokenisation, truncation or the log-prob sums change
+REFERENCE_VERSION = 2  # bump when tokenisation, truncation or the log-prob sums change (2: fused head, packed attention)
 REFERENCE_ADAPTER = "reference"
 EVAL_SAMPLE = 32  # training pairs evaluated when there is no validation file
 KL_CHUNK = 512  # positions per full-vocabulary KL chunk (512 × 49k vocab × 4 B = 100 MB)
@@ -78,6 +79,7 @@ class _Run:
     valid_ref: torch.Tensor | None
     pad_id: int
     autocast: contextlib.AbstractContextManager | None
+    mask_dtype: torch.dtype | None  # None: packed attention, no mask (train/attention.py)
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
@@ -138,8 +140,9 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay)
 
     # Reference log-probs: once per dataset, from the cache when another run computed them
+    masks = None if attention.enable(causal_lm) else mask_dtype(autocast)
     run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_pairs, valid_pairs, None, None,
-               pad_id, autocast, steps_per_epoch, total_steps, Path(output_dir), reporter,
+               pad_id, autocast, masks, steps_per_epoch, total_steps, Path(output_dir), reporter,
                reference_path=None if cfg.lora else Path(model_path))
     if not cfg.dpo_reference_free:
         adapter = Path(init_adapter).resolve() if init_adapter is not None else ""
@@ -363,6 +366,8 @@ def _frozen_reference(run: _Run) -> Iterator[None]:
     device = next(run.causal_lm.parameters()).device
     run.frozen = AutoModelForCausalLM.from_pretrained(run.reference_path, dtype=torch.float32)
     run.frozen.to(device).eval().requires_grad_(False)
+    if attention.enable(run.frozen) != (run.mask_dtype is None):  # same architecture as the policy
+        raise RuntimeError("the frozen reference and the policy disagree on packed attention")
     try:
         yield
     finally:
@@ -443,7 +448,7 @@ def _pairs(path: Path, tokenizer, cfg: DPOConfig, reporter: Reporter, what: str)
 
 def _collate(run: _Run, pairs: list[Pair]) -> PairBatch:
     row_tokens = run.cfg.max_seq_length if run.cfg.packing else None
-    return collate_pairs(pairs, run.pad_id, mask_dtype(run.autocast), row_tokens=row_tokens)
+    return collate_pairs(pairs, run.pad_id, run.mask_dtype, row_tokens=row_tokens)
 
 
 def _inputs(run: _Run, batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 
 from tunehouse.data.packing import Batch, collate, pack
 from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, tokenize_row
+from tunehouse.train import attention
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
@@ -49,6 +50,7 @@ class _Run:
     valid_rows: list[list[Tokenized]]
     pad_id: int
     autocast: contextlib.AbstractContextManager | None
+    mask_dtype: torch.dtype | None  # None: packed attention, no mask (train/attention.py)
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
@@ -114,8 +116,9 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
                    param_count=trainable, token_count=sum(
                        ex.num_tokens for row in train_rows for ex in row) * cfg.n_epochs)
+    masks = None if attention.enable(causal_lm) else mask_dtype(autocast)
     run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_rows, valid_rows, pad_id,
-               autocast, steps_per_epoch, total_steps, Path(output_dir), reporter)
+               autocast, masks, steps_per_epoch, total_steps, Path(output_dir), reporter)
     wandb = open_wandb(cfg, reporter)
     stopper = early_stopping.Stopper.from_config(cfg, output_dir)
     try:
@@ -183,7 +186,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
 
 def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float, float, float, int]:
     """One optimizer step over `rows` → (loss, token accuracy, grad norm, real tokens)."""
-    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, mask_dtype(run.autocast))
+    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, run.mask_dtype)
              for idx in torch.tensor_split(torch.arange(len(rows)),
                                            run.cfg.gradient_accumulation_steps) if len(idx)]
     step_tokens = sum(b.num_trained_tokens for b in micro)
@@ -212,7 +215,7 @@ def evaluate(run: _Run) -> tuple[float, float]:
     size = run.cfg.micro_batch_size()
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(run.valid_rows), size):
-        batch = collate(run.valid_rows[start:start + size], run.pad_id, mask_dtype(run.autocast))
+        batch = collate(run.valid_rows[start:start + size], run.pad_id, run.mask_dtype)
         with run.autocast or contextlib.nullcontext():
             logp, argmax, targets = target_logps(run.causal_lm, _to(batch, run), _to_t(batch, run))
         loss_sum -= logp.sum().item()
