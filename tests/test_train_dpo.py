@@ -106,6 +106,17 @@ def test_first_losses_match_recorded(tmp_path, tiny_model_dir, say_file):  # noq
     assert reporter.losses()[0] == pytest.approx(0.693147, abs=1e-6)  # π = ρ at step 1: log 2
 
 
+def test_bf16_reference_and_policy_agree_at_step_one(tmp_path, tiny_model_dir, say_file):  # noqa: F811
+    """Under bf16 autocast the precomputed reference and the first policy forward take the same
+    path (fused head, packed attention), so π = ρ exactly and the first loss is log 2."""
+    from tunehouse.train.precision import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    _, reporter = train(tmp_path, tiny_model_dir, say_file, bf16=True, cfg=dict(n_epochs=1))
+    assert reporter.losses()[0] == pytest.approx(0.693147, abs=1e-6)
+
+
 def test_preference_is_learned_and_kl_grows_from_zero(learned):
     _, final, reporter = learned
     evals = [(step, v) for step, v in reporter.metric_rows if "valid_loss" in v]
