@@ -39,8 +39,11 @@ test: $(STAMP) $(V1STAMP)
 test-fast: $(STAMP) $(V1STAMP)
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP) $(V1STAMP)
+bench: $(STAMP) $(V1STAMP)  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
+	$(BIN)/python bench/train_sft.py
+	$(BIN)/python bench/train_dpo.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) $(V1)
