@@ -44,17 +44,17 @@ import torch
 from tunehouse.data.preference import Pair, PairBatch, collate_pairs, tokenize_pair
 from tunehouse.data.tokenize import pad_token_id, read_rows
 from tunehouse.train import attention
-from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import DPOConfig
 from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
-from tunehouse.train.lora import adapters_disabled, add_lora, load_lora, merge, parameter_counts
+from tunehouse.train.lora import adapters_disabled, parameter_counts
 from tunehouse.train.losses import (
     preference_loss, segment_logps, segment_sums, target_logps, token_kl, trained_logits,
 )
 from tunehouse.train.precision import autocast_for, mask_dtype
-from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_steps
+from tunehouse.train.schedule import adamw, epoch_order, spaced_steps
 
 __all__ = ["Cancelled", "reference_cache_key", "reference_model", "run_dpo"]
 
@@ -106,19 +106,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
-    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
-    causal_lm.config.use_cache = False
-    if not cfg.lora:
-        model = causal_lm
-    elif resume_from is not None or init_adapter is not None:
-        model = load_lora(causal_lm, resume_from or init_adapter, r=cfg.lora_r)
-    else:
-        model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                         modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
     if cfg.lora and init_adapter is not None:
         model.load_adapter(str(init_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
@@ -155,14 +143,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
             run.valid_ref = run.train_ref[eval_sample]
 
     # Resume: weights came with the model above; optimizer, RNG and position from the folder
-    start_step, history = 0, []
-    if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        if state["total_steps"] != total_steps:
-            raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
-                             f"this data and config give {total_steps}")
-        ckpt.restore_optimizer_and_rng(resume_from, optimizer)
-        start_step, history = state["step"], state["metrics"]
+    start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
     reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
@@ -179,7 +160,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     if cfg.lora and REFERENCE_ADAPTER in model.peft_config:
         model.delete_adapter(REFERENCE_ADAPTER)
     final_step = early_stopping.final_step(model, stopper, stopped_at, total_steps)
-    final = _save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
+    final = recipe.save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
     reporter.checkpoint(final_step, final, ev.FINAL)
     early_stopping.report_complete(reporter, stopper, stopped_at, final_step, final)
     return final
@@ -207,10 +188,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
             order, order_epoch = epoch_order(len(run.train_pairs), cfg.random_seed, epoch), epoch
         picked = order[in_epoch * cfg.batch_size:(in_epoch + 1) * cfg.batch_size]
 
-        lr = cfg.learning_rate * lr_multiplier(
-            step - 1, run.total_steps, scheduler=cfg.lr_scheduler_type,
-            warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
-            num_cycles=cfg.scheduler_num_cycles)
+        lr = recipe.learning_rate(cfg, step, run.total_steps)
         t0 = time.perf_counter()
         loss, metrics, grad_norm, real_tokens = train_step(run, picked, lr)
         seconds = time.perf_counter() - t0
@@ -226,14 +204,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
         reporter.metrics(step, values)
         wandb.log(values, step=step)
         history.append({"step": step, **values})
-        if in_epoch == run.steps_per_epoch - 1:
-            reporter.event(ev.EPOCH_COMPLETE, f"Epoch completed, at step {step}", step=step)
-        if step in intermediate:
-            folder = run.output_dir / "checkpoints" / ckpt.checkpoint_name(step)
-            _save(run, step, history, folder, merged=False)
-            reporter.checkpoint(step, folder, ev.INTERMEDIATE)
-            reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
-                           checkpoint_path=str(folder))
+        recipe.after_step(run, step, in_epoch, history, intermediate)
         if stopper is not None and step in evals and stopper.after_eval(history, step, run.model):
             return history, step
     return history, None
@@ -256,13 +227,7 @@ def train_step(run: _Run, picked: list[int], lr: float) -> tuple[float, dict, fl
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value * len(indices)
         tokens += batch.batch.num_tokens
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = recipe.optimizer_step(run.optimizer, run.cfg.max_grad_norm, lr)
     return loss_sum / step_pairs, {k: v / step_pairs for k, v in sums.items()}, grad_norm, tokens
 
 
@@ -455,19 +420,3 @@ def _inputs(run: _Run, batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch
     device = next(run.causal_lm.parameters()).device
     return ({k: v.to(device) for k, v in batch.batch.model_inputs().items()},
             batch.batch.targets.to(device))
-
-
-def _save(run: _Run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
-    epoch, in_epoch = divmod(step, run.steps_per_epoch)
-    state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
-             "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
-             "seed": run.cfg.random_seed, "metrics": history}
-
-    def write_merged(tmp: Path) -> None:
-        plain = merge(run.model)
-        plain.save_pretrained(tmp / ckpt.MERGED_DIR)
-        run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)
-
-    return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
-                                config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
-                                extra=write_merged if merged else None)

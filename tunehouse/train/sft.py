@@ -25,15 +25,15 @@ import torch
 from tunehouse.data.packing import Batch, collate, pack
 from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, tokenize_row
 from tunehouse.train import attention
-from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
 from tunehouse.train import early_stopping
 from tunehouse.train.events import Cancelled, Reporter, open_wandb
-from tunehouse.train.lora import add_lora, load_lora, merge, parameter_counts
+from tunehouse.train.lora import parameter_counts
 from tunehouse.train.losses import target_logps
 from tunehouse.train.precision import autocast_for, cpu_supports_bf16, mask_dtype
-from tunehouse.train.schedule import adamw, epoch_order, lr_multiplier, spaced_steps
+from tunehouse.train.schedule import adamw, epoch_order, spaced_steps
 
 __all__ = ["Cancelled", "cpu_supports_bf16", "read_rows", "run_sft"]  # older import paths
 
@@ -75,19 +75,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
-    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
-    causal_lm.config.use_cache = False
-    if not cfg.lora:
-        model = causal_lm
-    elif resume_from is not None or init_adapter is not None:
-        model = load_lora(causal_lm, resume_from or init_adapter, r=cfg.lora_r)
-    else:
-        model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                         modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
     model.to(device).train()
 
     # Data: tokenize, drop examples with nothing to learn, pack into rows
@@ -103,14 +91,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     optimizer = adamw(model, cfg.learning_rate, cfg.weight_decay)
 
     # Resume: weights came with the model above; optimizer, RNG and position from the folder
-    start_step, history = 0, []
-    if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        if state["total_steps"] != total_steps:
-            raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
-                             f"this data and config give {total_steps}")
-        ckpt.restore_optimizer_and_rng(resume_from, optimizer)
-        start_step, history = state["step"], state["metrics"]
+    start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
     reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
@@ -128,7 +109,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
 
     # Final save: checkpoint (+ merged model for LoRA); after an early stop, the best weights
     final_step = early_stopping.final_step(model, stopper, stopped_at, total_steps)
-    final = _save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
+    final = recipe.save(run, final_step, history, Path(output_dir) / "final", merged=cfg.lora)
     reporter.checkpoint(final_step, final, ev.FINAL)
     early_stopping.report_complete(reporter, stopper, stopped_at, final_step, final)
     return final
@@ -152,10 +133,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
         picked = order[in_epoch * cfg.batch_size:(in_epoch + 1) * cfg.batch_size]
         rows = [run.train_rows[i] for i in picked]
 
-        lr = cfg.learning_rate * lr_multiplier(
-            step - 1, run.total_steps, scheduler=cfg.lr_scheduler_type,
-            warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
-            num_cycles=cfg.scheduler_num_cycles)
+        lr = recipe.learning_rate(cfg, step, run.total_steps)
         t0 = time.perf_counter()
         loss, accuracy, grad_norm, real_tokens = train_step(run, rows, lr)
         seconds = time.perf_counter() - t0
@@ -171,14 +149,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
         reporter.metrics(step, values)
         wandb.log(values, step=step)
         history.append({"step": step, **values})
-        if in_epoch == run.steps_per_epoch - 1:
-            reporter.event(ev.EPOCH_COMPLETE, f"Epoch completed, at step {step}", step=step)
-        if step in intermediate:
-            folder = run.output_dir / "checkpoints" / ckpt.checkpoint_name(step)
-            _save(run, step, history, folder, merged=False)
-            reporter.checkpoint(step, folder, ev.INTERMEDIATE)
-            reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
-                           checkpoint_path=str(folder))
+        recipe.after_step(run, step, in_epoch, history, intermediate)
         if stopper is not None and step in evals and stopper.after_eval(history, step, run.model):
             return history, step
     return history, None
@@ -198,13 +169,7 @@ def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float
         (loss / step_tokens).backward()  # token-weighted over the whole step
         loss_sum += loss.item()
         correct += int((argmax == targets).sum())
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = recipe.optimizer_step(run.optimizer, run.cfg.max_grad_norm, lr)
     return loss_sum / step_tokens, correct / step_tokens, grad_norm, sum(b.num_tokens for b in micro)
 
 
@@ -245,22 +210,6 @@ def _rows(examples: list[Tokenized], cfg: SFTConfig) -> list[list[Tokenized]]:
     if not cfg.packing:
         return [[ex] for ex in examples]
     return [[examples[i] for i in row] for row in pack(examples, cfg.max_seq_length)]
-
-
-def _save(run: _Run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
-    epoch, in_epoch = divmod(step, run.steps_per_epoch)
-    state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
-             "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
-             "seed": run.cfg.random_seed, "metrics": history}
-
-    def write_merged(tmp: Path) -> None:
-        plain = merge(run.model)
-        plain.save_pretrained(tmp / ckpt.MERGED_DIR)
-        run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)
-
-    return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
-                                config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
-                                extra=write_merged if merged else None)
 
 
 def _to(batch: Batch, run: _Run) -> dict[str, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""What the SFT and DPO recipes do the same way: load the policy (+ LoRA), resume, set the
+learning rate, take the optimizer step, and write checkpoints after a step.
+
+`run` below is either recipe's `_Run`: both carry cfg, model, tokenizer, optimizer, reporter,
+steps_per_epoch, total_steps and output_dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import events as ev
+from tunehouse.train.lora import add_lora, load_lora, merge
+from tunehouse.train.schedule import lr_multiplier
+
+
+def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None):
+    """(tokenizer, causal LM, model to train): the weights at model_path (a full-weights resume:
+    the checkpoint's), with a new LoRA adapter, or the one being resumed or continued."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
+    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
+    causal_lm.config.use_cache = False
+    if not cfg.lora:
+        model = causal_lm
+    elif resume_from is not None or init_adapter is not None:
+        model = load_lora(causal_lm, resume_from or init_adapter, r=cfg.lora_r)
+    else:
+        model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    return tokenizer, causal_lm, model
+
+
+def resume(resume_from: Path | None, optimizer: torch.optim.Optimizer, total_steps: int) -> tuple[int, list[dict]]:
+    """(steps done, metrics so far): (0, []) for a fresh run; else the folder's, with the optimizer
+    and RNG state restored (the weights came with `load_policy`)."""
+    if resume_from is None:
+        return 0, []
+    state = ckpt.read_state(resume_from)
+    if state["total_steps"] != total_steps:
+        raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
+                         f"this data and config give {total_steps}")
+    ckpt.restore_optimizer_and_rng(resume_from, optimizer)
+    return state["step"], state["metrics"]
+
+
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (1-based)."""
+    return cfg.learning_rate * lr_multiplier(
+        step - 1, total_steps, scheduler=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio,
+        min_lr_ratio=cfg.min_lr_ratio, num_cycles=cfg.scheduler_num_cycles)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float, lr: float) -> float:
+    """Clip the accumulated gradients (0 = no clipping), step at `lr`, clear them; the grad norm."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
+    """A checkpoint of `run` at `step` (+ the merged model for LoRA when `merged`)."""
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
+             "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
+             "seed": run.cfg.random_seed, "metrics": history}
+
+    def write_merged(tmp: Path) -> None:
+        plain = merge(run.model)
+        plain.save_pretrained(tmp / ckpt.MERGED_DIR)
+        run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)
+
+    return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
+                                config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
+                                extra=write_merged if merged else None)
+
+
+def after_step(run, step: int, in_epoch: int, history: list[dict], intermediate: set[int]) -> None:
+    """The epoch event at an epoch's last step, and the intermediate checkpoint when it is due."""
+    if in_epoch == run.steps_per_epoch - 1:
+        run.reporter.event(ev.EPOCH_COMPLETE, f"Epoch completed, at step {step}", step=step)
+    if step in intermediate:
+        folder = run.output_dir / "checkpoints" / ckpt.checkpoint_name(step)
+        save(run, step, history, folder, merged=False)
+        run.reporter.checkpoint(step, folder, ev.INTERMEDIATE)
+        run.reporter.event(ev.CHECKPOINT_SAVE, f"Checkpoint saved at step {step}", step=step,
+                           checkpoint_path=str(folder))
