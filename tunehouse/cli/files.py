@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from tunehouse.cli.common import (
-    ApiKey, BaseUrl, JsonOut, client_for, console, err, fail, transfer_progress,
+    ApiKey, BaseUrl, JsonOut, api_call, client_for, console, err, fail, transfer_progress,
 )
 from tunehouse.client import ApiError, Client
 
@@ -85,10 +85,7 @@ def files_upload(path: Path, purpose: Annotated[str, typer.Option(help="fine-tun
 @files_app.command("list")
 def files_list(base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False):
     """List your uploaded files."""
-    try:
-        data = client_for(base_url, api_key).list_files()
-    except ApiError as exc:
-        fail(exc)
+    data = api_call(client_for(base_url, api_key).list_files)
     if json_out:
         print(json.dumps(data, indent=2))
         return
@@ -102,10 +99,7 @@ def files_list(base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonO
 @files_app.command("retrieve")
 def files_retrieve(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False):
     """Show one file, with its validation report."""
-    try:
-        f = client_for(base_url, api_key).retrieve_file(file_id)
-    except ApiError as exc:
-        fail(exc)
+    f = api_call(client_for(base_url, api_key).retrieve_file, file_id)
     if json_out:
         print(json.dumps(f, indent=2))
         return
@@ -136,8 +130,5 @@ def files_content(file_id: str, output: Annotated[Optional[Path], typer.Option("
 @files_app.command("delete")
 def files_delete(file_id: str, base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False):
     """Delete a file."""
-    try:
-        res = client_for(base_url, api_key).delete_file(file_id)
-    except ApiError as exc:
-        fail(exc)
+    res = api_call(client_for(base_url, api_key).delete_file, file_id)
     print(json.dumps(res) if json_out else f"Deleted {file_id}")
