@@ -34,6 +34,7 @@ class Prepared:
     n: int
     prompt_text: str = ""  # the prompt as the model reads it (chat: the rendered template)
     echo: bool = False  # answer with the prompt and, with logprobs, its log-probs
+    offsets: list[tuple[int, int]] | None = None  # each prompt token's span of prompt_text, when echoing
 
     @property
     def generates(self) -> bool:
@@ -80,12 +81,8 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
     numbers. `sampling` holds the other SamplingParams fields. max_tokens 0 (only with echo)
     generates nothing: the answer is the prompt's log-probs alone."""
     tokenizer = engine.tokenizer(model)
-    if messages is not None:
-        text = chat_prompt(tokenizer, messages)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-    else:
-        text = prompt or ""
-        ids = tokenizer.encode(text)
+    text = chat_prompt(tokenizer, messages) if messages is not None else prompt or ""
+    ids, offsets = encode(tokenizer, text, specials=messages is None, offsets=echo)
     if not ids:
         raise InvalidInput("The prompt is empty.", param="prompt")
     if max_tokens == 0 and not echo:
@@ -99,27 +96,32 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
             f"The prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together {len(ids) + max_tokens}, "
             f"more than the model's context length of {ctx} tokens. Shorten the prompt or lower max_tokens.",
             param="max_tokens", code="context_length_exceeded")
-    return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo)
+    return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo,
+                    offsets)
 
 
-def token_pieces(tokenizer, text: str, ids: list[int]) -> list[str]:
+def encode(tokenizer, text: str, *, specials: bool,
+           offsets: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids of `text` (with the tokenizer's added specials, e.g. BOS, when `specials`: a chat
+    template writes its own) and, when `offsets`, each token's character span (None from a slow
+    tokenizer, which has no offsets)."""
+    if offsets:
+        try:
+            enc = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        except (NotImplementedError, ValueError, TypeError):
+            pass
+    return tokenizer.encode(text, add_special_tokens=specials), None
+
+
+def token_pieces(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]] | None) -> list[str]:
     """The characters of `text` each token of `ids` covers; they concatenate to `text` exactly
     (a character split over several byte-level tokens goes to its first), so a client can map
-    prompt log-probs back onto the text. Falls back to per-token decoding when the tokenizer
-    gives no offsets or they do not match `ids`."""
-    enc = None
-    for special in (False, True):  # chat prompts were encoded without added specials, text prompts with
-        try:
-            attempt = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-        except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer: no offsets
-            break
-        if list(attempt["input_ids"]) == list(ids):
-            enc = attempt
-            break
-    if enc is None:
+    prompt log-probs back onto the text. Per-token decoding when there are no offsets."""
+    if offsets is None:
         return [tokenizer.decode([i]) for i in ids]
     starts, at = [], 0
-    for begin, _ in enc["offset_mapping"]:
+    for begin, _ in offsets:
         at = max(at, begin)  # special tokens report (0, 0); keep the starts non-decreasing
         starts.append(at)
     ends = starts[1:] + [len(text)]
@@ -136,7 +138,7 @@ async def echo(engine: Engine, prep: Prepared) -> dict:
         scored: Scored = await engine.score(prep.model, prep.prompt_ids, k)
     except Exception as exc:
         raise GenerationFailed(f"Scoring the prompt failed: {exc}") from exc
-    logprobs = {"tokens": token_pieces(prep.tokenizer, prep.prompt_text, prep.prompt_ids),
+    logprobs = {"tokens": token_pieces(prep.tokenizer, prep.prompt_text, prep.prompt_ids, prep.offsets),
                 "token_logprobs": scored.logprobs, "token_ids": list(prep.prompt_ids)}
     if k:
         logprobs["top_logprobs"] = [{prep.tokenizer.decode([i]): v for i, v in row} or None for row in scored.top]
