@@ -113,3 +113,31 @@ def test_held_back_is_the_longest_suffix_that_could_start_a_stop():
     assert S.held_back("abc", ("xyz",)) == 0
     assert S.held_back("abc", ("c",)) == 0  # a one-character stop is either found or not
     assert S.held_back("", ("abc",)) == 0
+
+
+def test_logit_bias_adds_per_row_and_accumulates_nothing_else():
+    """Row 0: +1.5 on token 2 → [0, 0, 1.5]; row 1: −100 on token 0 and +2 on 1 → [−100, 2, 0]."""
+    out = S.apply_logit_bias(torch.zeros(2, 3), [((2, 1.5),), ((0, -100.0), (1, 2.0))])
+    assert out.tolist() == [[0.0, 0.0, 1.5], [-100.0, 2.0, 0.0]]
+    same = torch.zeros(1, 3)
+    assert S.apply_logit_bias(same, [()]) is same
+
+
+def test_bias_then_mask_then_greedy():
+    """Logits [3, 1, 2]; +5 on token 1 makes it 6, the top; a mask forbidding 1 leaves [3, −inf, 2]
+    → token 0. A −100 bias on token 0 of a free row moves greedy to token 2."""
+    logits = torch.tensor([[3.0, 1.0, 2.0], [3.0, 1.0, 2.0]])
+    params = [SamplingParams(temperature=0, logit_bias=((1, 5.0),)), SamplingParams(temperature=0, logit_bias=((0, -100.0),))]
+    allowed = torch.tensor([[True, False, True], [True, True, True]])
+    assert S.next_tokens(logits, params, [None, None]).tolist() == [1, 2]
+    assert S.next_tokens(logits, params, [None, None], allowed=allowed).tolist() == [0, 2]
+
+
+def test_masked_tokens_are_never_sampled():
+    """Only token 2 allowed: every draw at temperature 1, even with top-p 0.5, is token 2."""
+    g = S.make_generator(0)
+    params = [SamplingParams(temperature=1.0, top_p=0.5)]
+    allowed = torch.tensor([[False, False, True, False]])
+    draws = {int(S.next_tokens(torch.tensor([[5.0, 4.0, 0.0, 3.0]]), params, [g], allowed=allowed)[0])
+             for _ in range(20)}
+    assert draws == {2}

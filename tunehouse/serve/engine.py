@@ -8,6 +8,9 @@ TorchEngine runs one scheduler thread over one running batch:
                                                                             │ one forward per step
     asyncio.Queue per request ◀── text deltas, finish reasons ◀── sample ◀──┘ finished/cancelled rows leave
 
+- A request may carry a grammar (`response_format`, `serve/grammar.py`): each of its rows walks
+  its own constraint, and every step masks those rows' logits to the tokens the grammar allows,
+  in the same forward as unconstrained rows. A row whose grammar is complete ends with `stop`.
 - Scoring requests (prompt log-probs, `echo`) wait in their own queue and run between decoding
   steps, several per forward up to a token budget, on whatever weights they name.
 - Requests on the same weights are decoded together, one forward per step; new arrivals are
@@ -36,8 +39,10 @@ from typing import Any
 
 import torch
 
+from tunehouse.serve import grammar as grammars
 from tunehouse.serve import scoring
 from tunehouse.serve.batch import RunningBatch
+from tunehouse.serve.grammar import Constraint, Grammar, GrammarCache, Spec
 from tunehouse.serve.weights import LoadedWeights
 from tunehouse.serve.sampling import SamplingParams, find_stop, held_back, make_generator, next_tokens, top_logprobs
 
@@ -111,9 +116,15 @@ class Engine(ABC):
         """The model's Hugging Face tokenizer (chat template, prompt encoding, token strings)."""
 
     @abstractmethod
-    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Generation:
-        """Queue n sequences continuing `prompt_ids` (choice i samples with seed + i); call from
-        a running event loop."""
+    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+               grammar: Grammar | None = None) -> Generation:
+        """Queue n sequences continuing `prompt_ids` (choice i samples with seed + i), each held
+        to `grammar` when one is given; call from a running event loop."""
+
+    @abstractmethod
+    def grammar(self, model: ModelRef, spec: Spec) -> Grammar:
+        """`spec` compiled for the model's tokenizer (cached); blocks, so call it off the event
+        loop. An unusable schema or pattern raises InvalidInput naming `response_format`."""
 
     @abstractmethod
     def score(self, model: ModelRef, token_ids: list[int], top: int = 0) -> asyncio.Future[scoring.Scored]:
@@ -142,6 +153,7 @@ class _Seq:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
+    constraint: Constraint | None = None
     out: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded text already sent
     finish: str | None = None
@@ -185,6 +197,7 @@ class TorchEngine(Engine):
         self._models: OrderedDict[str, LoadedWeights] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._tokenizer_lock = threading.Lock()
+        self.grammars = GrammarCache(threads=self.threads)
         self._batch: RunningBatch | None = None
         self._closed = False
         self._sweep_s, self._swept = sweep_s, time.monotonic()
@@ -206,10 +219,15 @@ class TorchEngine(Engine):
                 self._tokenizers[key] = AutoTokenizer.from_pretrained(model.weights_path)
             return self._tokenizers[key]
 
-    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> Generation:
+    def grammar(self, model: ModelRef, spec: Spec) -> Grammar:
+        return self.grammars.compile(str(model.weights_path), self.tokenizer(model), spec)
+
+    def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+               grammar: Grammar | None = None) -> Generation:
         gen = Generation(n, on_cancel=self._wake)
         seqs = [_Seq(gen, i, model, list(prompt_ids), params,
-                     make_generator(None if params.seed is None else params.seed + i)) for i in range(n)]
+                     make_generator(None if params.seed is None else params.seed + i),
+                     grammar.start() if grammar else None) for i in range(n)]
         with self._cv:
             if self._closed:
                 raise RuntimeError("the inference engine is shut down")
@@ -449,8 +467,12 @@ class TorchEngine(Engine):
         """Pick each row's next token, record it and send its event; returns `[B]` token ids (CPU)."""
         logits = logits.float().cpu()
         params = [s.params for s in seqs]
+        constraints = [s.constraint for s in seqs]
+        allowed = None
+        if any(c is not None for c in constraints):
+            allowed = grammars.masks(constraints, logits.shape[-1], loaded.eos, self.grammars.executor)
         tokens = next_tokens(logits, params, [s.generator for s in seqs], [s.prompt for s in seqs],
-                             [s.out for s in seqs])
+                             [s.out for s in seqs], allowed)
         k = max((p.logprobs or 0) for p in params)
         want_lp = any(p.logprobs is not None for p in params)
         picked, top_ids, top_lps = top_logprobs(logits, tokens, k) if want_lp else (None, None, None)
@@ -464,14 +486,25 @@ class TorchEngine(Engine):
         return tokens
 
     def _advance(self, loaded: LoadedWeights, s: _Seq, token: int, lp: float | None, top) -> None:
-        """Append a token, decode, cut at a stop sequence, and send what is safe to show."""
+        """Append a token, decode, cut at a stop sequence, and send what is safe to show. A
+        constrained row ends with `stop` when its grammar is complete (end-of-sequence is only
+        allowed then), with `length` when max_tokens cuts the document short."""
         s.out.append(token)
+        c = s.constraint
+        if c is not None and token not in loaded.eos:
+            c.accept(token)
+        if c is not None and c.error:  # cannot happen with a sound mask; fail this row alone
+            s.finish = "error"
+            s.gen.put(TokenEvent(s.index, "", token, error=f"the response_format grammar failed: {c.error}"))
+            return
         text = loaded.tokenizer.decode(s.out, skip_special_tokens=True)
         stops, finish = s.params.stop, None
-        if token in loaded.eos and not s.params.ignore_eos:
+        if c is None and token in loaded.eos and not s.params.ignore_eos:
             finish = "eos"
         elif stops and (cut := find_stop(text, stops)) is not None:
             text, finish = text[:cut], "stop"
+        elif c is not None and (token in loaded.eos or c.complete):
+            finish = "stop"
         elif len(s.out) >= s.params.max_tokens:
             finish = "length"
         end = len(text)

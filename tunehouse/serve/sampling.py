@@ -3,11 +3,14 @@
 Every function takes a batch (`[B, V]` logits, one row per sequence) and per-row parameters, so
 rows with different settings share one call. The order is vLLM's and HF's:
 
-    raw logits ─▶ repetition penalty (HF) ─▶ presence/frequency penalties (OpenAI)
+    raw logits ─▶ logit bias (OpenAI) ─▶ allowed-token mask (grammar, `serve/grammar.py`)
+               ─▶ repetition penalty (HF) ─▶ presence/frequency penalties (OpenAI)
                ─▶ temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ sample (seeded, per row) | argmax (temperature 0)
 
-Reported log-probabilities are those of the raw model distribution (vLLM's default), so they do
-not depend on the sampling settings. Stop sequences are matched on the decoded text; the stop text
+The mask comes after the bias, so no bias can bring back a token the grammar forbids, and before
+the truncations, so top-k/top-p/min-p choose among allowed tokens only. Reported
+log-probabilities are those of the raw model distribution (vLLM's default), so they do not depend
+on the sampling settings, the bias or the grammar. Stop sequences are matched on the decoded text; the stop text
 itself is never returned.
 """
 
@@ -44,6 +47,8 @@ class SamplingParams:
     """None = no log-probs; k ≥ 0 = the chosen token's log-prob plus the k most likely alternatives."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks: a fixed number of tokens)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI: (token id, bias) pairs added to the raw logits; ±100 bans or forces a token."""
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +89,21 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
                              frequency: torch.Tensor) -> torch.Tensor:
     """OpenAI semantics over the generated tokens: `logit − count·frequency − [count > 0]·presence`."""
     return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """Add each row's (token id, bias) pairs to its logits (OpenAI's `logit_bias`)."""
+    rows = [i for i, b in enumerate(biases) for _ in b]
+    if not rows:
+        return logits
+    cols = [t for b in biases for t, _ in b]
+    values = torch.tensor([v for b in biases for _, v in b], dtype=logits.dtype)
+    return logits.index_put((torch.tensor(rows), torch.tensor(cols)), values, accumulate=True)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """−inf wherever `allowed` (`[B, V]` bool, or None: all) is False."""
+    return logits if allowed is None else logits.masked_fill(~allowed, NEG_INF)
 
 
 # -- truncation ----------------------------------------------------------------------------------
@@ -127,10 +147,12 @@ def _column(params: list[SamplingParams], name: str, dtype=torch.float32) -> tor
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-                prompts: list[list[int]] | None = None, outputs: list[list[int]] | None = None) -> torch.Tensor:
+                prompts: list[list[int]] | None = None, outputs: list[list[int]] | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row. `logits` `[B, V]` (float32); `prompts`/`outputs` are each row's
-    token ids so far (needed only when a row uses a penalty). Returns `[B]` token ids."""
-    logits = logits.float()
+    token ids so far (needed only when a row uses a penalty); `allowed` `[B, V]` bool masks the
+    tokens a row's grammar forbids (every row must allow at least one). Returns `[B]` token ids."""
+    logits = apply_allowed(apply_logit_bias(logits.float(), [p.logit_bias for p in params]), allowed)
     if any(p.uses_penalties for p in params):
         assert prompts is not None and outputs is not None
         vocab = logits.shape[-1]
