@@ -27,11 +27,7 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
     if url := await _endpoint(request, home, caller.owner, body.model):
         return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
-    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
-    if body.stream:
-        return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-    prompt = await completions.echo(engine, prep) if prep.echo else None
-    return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep), prompt)
+    return await answer_chat(engine, ref, body, request)
 
 
 @router.post("/completions")
@@ -40,11 +36,7 @@ async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, 
     if url := await _endpoint(request, home, caller.owner, body.model):
         return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
-    prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
-    if body.stream:
-        return _sse(_text_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-    prompt = await completions.echo(engine, prep) if prep.echo else None
-    return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep), prompt)
+    return await answer_text(engine, ref, body, request)
 
 
 @router.get("/models")
@@ -56,6 +48,28 @@ def list_models(caller: CurrentCaller, session: SessionDep, registry: RegistryDe
     curl, …) gets OpenAI's `{"object": "list", "data": [...]}`. Items are the same in both."""
     items = models.list_models(session, registry, caller.owner)
     return items if wire.is_together_v1(request.headers.get("user-agent")) else {"object": "list", "data": items}
+
+
+async def answer_chat(engine, ref, body: wire.ChatRequest, request: Request):
+    """Prepare (tokenise, compile the grammar: off the event loop), generate, shape; also the
+    dedicated endpoint process's handler."""
+    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+    if body.stream:
+        v1 = wire.is_together_v1(request.headers.get("user-agent"))
+        return _sse(_chat_events(prep, engine, v1, body.include_usage))
+    prompt = await completions.echo(engine, prep) if prep.echo else None
+    return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep), prompt)
+
+
+async def answer_text(engine, ref, body: wire.CompletionRequest, request: Request):
+    """As `answer_chat`, for one prompt or a list of them."""
+    preps = await run_in_threadpool(completions.prepare_all, engine, ref, body.prompts(), **body.options())
+    if body.stream:
+        v1 = wire.is_together_v1(request.headers.get("user-agent"))
+        return _sse(_text_events(preps, engine, v1, body.include_usage))
+    prompts = [await completions.echo(engine, p) for p in preps] if preps[0].echo else None
+    choices = await completions.complete_all(engine, preps)
+    return wire.completion_response(wire.new_id("cmpl"), preps, choices, prompts)
 
 
 async def _endpoint(request: Request, home, owner: str, model: str) -> str | None:
@@ -77,7 +91,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
+async def _chat_events(prep: completions.Prepared, engine, v1: bool, include_usage: bool) -> AsyncIterator[dict]:
     rid, created, generated, done = wire.new_id("chatcmpl"), int(time.time()), 0, 0
     prompt = await completions.echo(engine, prep) if prep.echo else None
     for i in range(prep.n):
@@ -86,26 +100,33 @@ async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIte
         for i in range(prep.n):
             yield wire.finish_chunk(rid, created, prep, i, chat=True) | (
                 {"usage": wire.usage(len(prep.prompt_ids), 0)} if i == prep.n - 1 else {})
-        return
-    async with aclosing(completions.stream(engine, prep)) as events:
-        async for ev in events:
-            generated, done = generated + 1, done + bool(ev.finish_reason)
-            if ev.text or ev.finish_reason:
-                chunk = wire.chat_chunk(rid, created, prep, ev, v1)
-                yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
+    else:
+        async with aclosing(completions.stream(engine, prep)) as events:
+            async for ev in events:
+                generated, done = generated + 1, done + bool(ev.finish_reason)
+                if ev.text or ev.finish_reason:
+                    chunk = wire.chat_chunk(rid, created, prep, ev, v1)
+                    yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
+    if include_usage:
+        yield wire.usage_chunk(rid, created, prep, "chat.completion.chunk",
+                               wire.usage(len(prep.prompt_ids), generated))
 
 
-async def _text_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIterator[dict]:
+async def _text_events(preps: list[completions.Prepared], engine, v1: bool,
+                       include_usage: bool) -> AsyncIterator[dict]:
     rid, created, generated, done = wire.new_id("cmpl"), int(time.time()), 0, 0
-    if prep.echo:  # the prompt rides on a first, empty chunk
-        yield wire.prompt_chunk(rid, created, prep, await completions.echo(engine, prep))
+    prep, n, prompt_tokens = preps[0], sum(p.n for p in preps), wire.prompt_tokens(preps)
+    if prep.echo:  # the prompts ride on a first, empty chunk
+        yield wire.prompt_chunk(rid, created, prep, [await completions.echo(engine, p) for p in preps])
     if not prep.generates:
-        for i in range(prep.n):
+        for i in range(n):
             yield wire.finish_chunk(rid, created, prep, i, chat=False) | (
-                {"usage": wire.usage(len(prep.prompt_ids), 0)} if i == prep.n - 1 else {})
-        return
-    async with aclosing(completions.stream(engine, prep)) as events:
-        async for ev in events:
-            generated, done = generated + 1, done + bool(ev.finish_reason)
-            chunk = wire.completion_chunk(rid, created, prep, ev, v1)  # one per token: v3 reads `token`
-            yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
+                {"usage": wire.usage(prompt_tokens, 0)} if i == n - 1 else {})
+    else:
+        async with aclosing(completions.stream_all(engine, preps)) as events:
+            async for ev in events:
+                generated, done = generated + 1, done + bool(ev.finish_reason)
+                chunk = wire.completion_chunk(rid, created, prep, ev, v1)  # one per token: v3 reads `token`
+                yield chunk | ({"usage": wire.usage(prompt_tokens, generated)} if done == n else {})
+    if include_usage:
+        yield wire.usage_chunk(rid, created, prep, "completion.chunk", wire.usage(prompt_tokens, generated))

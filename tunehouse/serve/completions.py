@@ -4,16 +4,21 @@ check it fits the context, run n sequences, and collect them or hand their event
     prep = prepare(engine, ref, messages=[...], n=1, max_tokens=64, temperature=0.7, stop=("\\n",))
     choices = await complete(engine, prep)           # or: async for event in stream(engine, prep)
     part = await echo(engine, prep)                  # the prompt with its log-probs (`echo: true`)
+
+Several prompts in one request (`/v1/completions` with a list): `complete_all` / `stream_all` run
+them side by side (one batch) and number the choices prompt by prompt, n each.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tunehouse.errors import InvalidInput, TunehouseError
 from tunehouse.serve.engine import Engine, ModelRef, TokenEvent
+from tunehouse.serve.grammar import Grammar, Spec
 from tunehouse.serve.sampling import SamplingParams
 from tunehouse.serve.scoring import Scored
 
@@ -35,6 +40,7 @@ class Prepared:
     prompt_text: str = ""  # the prompt as the model reads it (chat: the rendered template)
     echo: bool = False  # answer with the prompt and, with logprobs, its log-probs
     offsets: list[tuple[int, int]] | None = None  # each prompt token's span of prompt_text, when echoing
+    grammar: Grammar | None = None  # response_format, compiled for this model's tokenizer
 
     @property
     def generates(self) -> bool:
@@ -64,40 +70,72 @@ def _text_only(content: Any) -> str:
     return "".join(parts)
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt from the model's own chat template, ending with the assistant turn's header."""
+# Keywords chat_prompt sets itself: a template variable of these names would change what is rendered.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "add_generation_prompt", "chat_template",
+                             "return_dict", "return_tensors", "continue_final_message", "tools", "documents"}
+
+
+def chat_prompt(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
+    """The prompt from the model's own chat template, ending with the assistant turn's header;
+    `template_kwargs` are extra template variables (e.g. `enable_thinking`)."""
     msgs = [{**m, "content": _text_only(m.get("content"))} for m in messages]
     if not msgs:
         raise InvalidInput("messages is empty: send at least one message.", param="messages")
     if not tokenizer.chat_template:
         raise InvalidInput("This model has no chat template; use /v1/completions with a plain prompt.",
                            param="model")
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if clash := sorted(set(template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS):
+        raise InvalidInput(f"chat_template_kwargs cannot set {clash[0]!r}: the server sets it.",
+                           param="chat_template_kwargs")
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
 
 
 def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,
-            n: int = 1, max_tokens: int | None = None, echo: bool = False, **sampling) -> Prepared:
-    """Tokenise the prompt and settle max_tokens; a prompt that does not fit is a 400 naming both
-    numbers. `sampling` holds the other SamplingParams fields. max_tokens 0 (only with echo)
-    generates nothing: the answer is the prompt's log-probs alone."""
+            prompt_ids: list[int] | None = None, n: int = 1, max_tokens: int | None = None, echo: bool = False,
+            spec: Spec | None = None, template_kwargs: dict | None = None, truncate: bool = False,
+            **sampling) -> Prepared:
+    """Tokenise the prompt (or take `prompt_ids` as they are), settle max_tokens and compile the
+    `spec` grammar (blocking: call off the event loop). A prompt that does not fit is a 400 naming
+    both numbers, unless `truncate` lowers max_tokens to the room left. `sampling` holds the other
+    SamplingParams fields. max_tokens 0 (only with echo) generates nothing: the answer is the
+    prompt's log-probs alone."""
     tokenizer = engine.tokenizer(model)
-    text = chat_prompt(tokenizer, messages) if messages is not None else prompt or ""
-    ids, offsets = encode(tokenizer, text, specials=messages is None, offsets=echo)
+    if prompt_ids is not None:
+        bad = [i for i in prompt_ids if not 0 <= i < len(tokenizer)]
+        if bad:
+            raise InvalidInput(f"Token id {bad[0]} is not in this model's vocabulary (0 to {len(tokenizer) - 1}).",
+                               param="prompt")
+        text, ids, offsets = tokenizer.decode(prompt_ids), list(prompt_ids), None
+    else:
+        text = chat_prompt(tokenizer, messages, template_kwargs) if messages is not None else prompt or ""
+        ids, offsets = encode(tokenizer, text, specials=messages is None, offsets=echo)
     if not ids:
         raise InvalidInput("The prompt is empty.", param="prompt")
     if max_tokens == 0 and not echo:
         raise InvalidInput("max_tokens 0 generates nothing: give max_tokens ≥ 1, or echo: true with logprobs "
                            "to score the prompt alone.", param="max_tokens")
+    if bad := [t for t, _ in sampling.get("logit_bias", ()) if t >= len(tokenizer)]:
+        raise InvalidInput(f"logit_bias names token {bad[0]}, past this model's vocabulary (0 to "
+                           f"{len(tokenizer) - 1}).", param="logit_bias")
     ctx = model.context_length
     if max_tokens is None:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ctx - len(ids)))
+    if truncate and len(ids) < ctx:
+        max_tokens = min(max_tokens, ctx - len(ids))
     if len(ids) + max_tokens > ctx:
         raise InvalidInput(
             f"The prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together {len(ids) + max_tokens}, "
             f"more than the model's context length of {ctx} tokens. Shorten the prompt or lower max_tokens.",
             param="max_tokens", code="context_length_exceeded")
+    grammar = engine.grammar(model, spec) if spec is not None else None
     return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo,
-                    offsets)
+                    offsets, grammar)
+
+
+def prepare_all(engine: Engine, model: ModelRef, prompts: list[dict], **options) -> list[Prepared]:
+    """`prepare` for each of several prompts (`{"prompt": text}` or `{"prompt_ids": ids}`) with the
+    same options; the grammar is compiled once (cached) and shared."""
+    return [prepare(engine, model, **p, **options) for p in prompts]
 
 
 def encode(tokenizer, text: str, *, specials: bool,
@@ -147,7 +185,7 @@ async def echo(engine: Engine, prep: Prepared) -> dict:
 
 async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
     """The events of all n choices as they come; leaving early (client gone) stops generation."""
-    generation = engine.submit(prep.model, prep.prompt_ids, prep.params, prep.n)
+    generation = engine.submit(prep.model, prep.prompt_ids, prep.params, prep.n, prep.grammar)
     try:
         async for event in generation:
             if event.error:
@@ -158,10 +196,16 @@ async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
 
 
 async def complete(engine: Engine, prep: Prepared) -> list[Choice]:
-    if not prep.generates:
-        return [Choice(i, finish_reason="length") for i in range(prep.n)]
-    choices = [Choice(i) for i in range(prep.n)]
-    async for ev in stream(engine, prep):
+    return await complete_all(engine, [prep])
+
+
+async def complete_all(engine: Engine, preps: list[Prepared]) -> list[Choice]:
+    """The choices of one or several prompts, numbered as in `stream_all`."""
+    total = sum(prep.n for prep in preps)
+    if not preps[0].generates:  # max_tokens 0 (echo): the same for every prompt of the request
+        return [Choice(i, finish_reason="length") for i in range(total)]
+    choices = [Choice(i) for i in range(total)]
+    async for ev in stream_all(engine, preps):
         c = choices[ev.index]
         c.text += ev.text
         c.token_ids.append(ev.token_id)
@@ -170,3 +214,38 @@ async def complete(engine: Engine, prep: Prepared) -> list[Choice]:
             c.logprobs.append(ev.logprob)
             c.top.append(ev.top or [])
     return choices
+
+
+async def stream_all(engine: Engine, preps: list[Prepared]) -> AsyncIterator[TokenEvent]:
+    """The events of several prompts' choices as they come, choice i of prompt p numbered
+    p·n + i (OpenAI's order); all are submitted at once, so they share decoding steps."""
+    if len(preps) == 1:
+        async for event in stream(engine, preps[0]):
+            yield event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, prep: Prepared):
+        try:
+            async for event in stream(engine, prep):
+                await queue.put(replace(event, index=p * prep.n + event.index))
+        except Exception as exc:  # handed to the reader, which raises it
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(p, prep)) for p, prep in enumerate(preps)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()  # leaving early (client gone, error): each stream's finally cancels its generation
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
-from starlette.concurrency import run_in_threadpool
 
 from tunehouse.api import errors
 from tunehouse.api import inference_schemas as wire
-from tunehouse.api.inference import _chat_events, _sse, _text_events
+from tunehouse.api.inference import answer_chat, answer_text
 from tunehouse.api.server import serve_in_thread
-from tunehouse.serve import completions
 from tunehouse.serve.engine import ModelRef, TorchEngine
 
 
@@ -36,17 +34,11 @@ def build_app(model_dir: Path, name: str) -> tuple[FastAPI, TorchEngine]:
 
     @app.post("/v1/chat/completions")
     async def chat(body: wire.ChatRequest, request: Request):
-        prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
-        if body.stream:
-            return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-        return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep))
+        return await answer_chat(engine, ref, body, request)
 
     @app.post("/v1/completions")
     async def text(body: wire.CompletionRequest, request: Request):
-        prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
-        if body.stream:
-            return _sse(_text_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
-        return wire.completion_response(wire.new_id("cmpl"), prep, await completions.complete(engine, prep))
+        return await answer_text(engine, ref, body, request)
 
     return app, engine
 
