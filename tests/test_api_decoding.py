@@ -236,6 +236,8 @@ def test_max_completion_tokens_and_logprobs_zero(server):
     assert post(server, "completions", {"model": TINY, "prompt": "Hi", "logprobs": 21}).status_code == 400
     orphan = post(server, "chat/completions", {"model": TINY, "messages": HELLO, "top_logprobs": 2})
     assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "top_logprobs"
+    both = post(server, "completions", {"model": TINY, "prompt": "Hi", "logprobs": 2, "top_logprobs": 3})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "top_logprobs"
 
 
 def test_list_prompts_give_n_choices_each_in_order(server):

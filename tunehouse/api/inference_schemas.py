@@ -91,8 +91,9 @@ class SamplingRequest(BaseModel):
             raise InvalidInput(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
                                f"({self.max_completion_tokens}) disagree: send one of them.",
                                param="max_completion_tokens")
-        if self.top_logprobs is not None and self.logprobs in (None, False):
-            raise InvalidInput("top_logprobs needs logprobs: true.", param="top_logprobs")
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise InvalidInput("top_logprobs needs logprobs: true (with logprobs as a number, that number is "
+                               "how many top log-probs: leave top_logprobs out).", param="top_logprobs")
         if self.stream_options is not None:
             if not self.stream:
                 raise InvalidInput("stream_options is only allowed with stream: true.", param="stream_options")
