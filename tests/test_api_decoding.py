@@ -299,6 +299,14 @@ REFUSED = [
 ]
 
 
+def test_every_refused_name_in_the_policy_table_is_tested():
+    from tunehouse.api.inference_policy import REFUSED as TABLE
+
+    tested = {field for _, field, _ in REFUSED}
+    assert set(TABLE) - tested <= {"guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                                   "structured_outputs"}  # the same rule as guided_json
+
+
 @pytest.mark.parametrize("endpoint, field, value", REFUSED)
 def test_unsupported_options_are_refused_by_name(server, endpoint, field, value):
     body = {"model": TINY, "max_tokens": 2, field: value}

@@ -146,3 +146,17 @@ def test_max_tokens_cuts_a_document_short_with_length(base):
     events = asyncio.run(main())
     assert len(events) == 4 and events[-1].finish_reason == "length"
     assert "".join(e.text for e in events).startswith('{"')
+
+
+def test_masks_on_logits_wider_than_the_tokenizer_and_with_several_eos(tokenizer):
+    """Logits 40 columns wider than the tokenizer (padded embeddings): a constrained row never
+    allows the padding ids, a free row does. Every end-of-sequence id follows llguidance's one:
+    forbidden before the document is whole, allowed once it is."""
+    cache = G.GrammarCache()
+    c = cache.compile("tiny", tokenizer, Spec.regex("a")).start()
+    vocab, eos = len(tokenizer) + 40, {tokenizer.eos_token_id, 0}
+    allowed = G.masks([c, None], vocab, eos, cache.executor)
+    assert allowed.shape == (2, vocab) and allowed[1].all() and not allowed[0, len(tokenizer):].any()
+    assert not allowed[0, sorted(eos)].any()
+    c.accept(tokenizer.convert_tokens_to_ids("a"))
+    assert G.masks([c], vocab, eos, cache.executor)[0, sorted(eos)].all()
