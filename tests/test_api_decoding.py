@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -161,13 +162,35 @@ def test_json_object_and_regex_and_together_shapes(server):
     rx = post(server, "completions", {"model": TINY, "prompt": "Code:", "max_tokens": 20, "temperature": 1.0,
                                       "seed": 2, "response_format": {"type": "regex", "pattern": "[A-Z]{2}-[0-9]{3}"}})
     choice = rx.json()["choices"][0]
-    import re
-
     assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", choice["text"]) and choice["finish_reason"] == "stop"
     text = c.chat.completions.create(model=TINY, messages=HELLO, max_tokens=8, temperature=0,
                                      response_format={"type": "text"})
     plain = c.chat.completions.create(model=TINY, messages=HELLO, max_tokens=8, temperature=0)
     assert text.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_together_sdks_structured_outputs(server, v1_python):
+    """The together 3.x SDK (OpenAI's json_schema shape) and the 1.x SDK (its own `schema` beside
+    the type, and a regex), streamed on 1.x: every answer fits."""
+    from together import Together
+
+    from test_api_files_v1_and_clis import run_v1
+
+    r = Together(base_url=server.url, api_key=server.key, max_retries=0).chat.completions.create(
+        model=TINY, messages=HELLO, max_tokens=200, temperature=0.8, seed=4, response_format=schema_format("flag"))
+    check(json.loads(r.choices[0].message.content), FLAG)
+    res = run_v1(v1_python, server, f"""
+        c = Together()
+        r = c.chat.completions.create(model={TINY!r}, messages={HELLO!r}, max_tokens=200, temperature=0.8, seed=4,
+                                      response_format={{"type": "json_object", "schema": {FLAG!r}}})
+        s = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model={TINY!r}, messages={HELLO!r}, max_tokens=20, temperature=1.0, seed=5, stream=True,
+            response_format={{"type": "regex", "pattern": "(yes|no)-[0-9]"}}))
+        print(json.dumps(dict(doc=r.choices[0].message.content, finish=r.choices[0].finish_reason, regex=s)))
+    """)
+    check(json.loads(res["doc"]), FLAG)
+    assert res["finish"] == "stop"
+    assert re.fullmatch(r"(yes|no)-[0-9]", res["regex"]), res
 
 
 def test_max_tokens_cuts_a_document_with_length(server):
