@@ -287,6 +287,11 @@ def test_list_prompts_give_n_choices_each_in_order(server):
     assert [ch.text for ch in by_ids.choices] == alone[:2]
     one = c.completions.create(model=TINY, prompt=ids[1], max_tokens=5, temperature=0)
     assert one.choices[0].text == alone[1]
+    echoed = post(server, "completions", {"model": TINY, "prompt": prompts, "max_tokens": 0, "echo": True,
+                                          "logprobs": 1}).json()
+    assert [p["text"] for p in echoed["prompt"]] == prompts and len(echoed["choices"]) == 3
+    assert all(p["logprobs"]["token_logprobs"][0] is None for p in echoed["prompt"])
+    assert echoed["prompt"][0]["logprobs"]["token_logprobs"] == [None]  # one token: nothing to score (was a 500)
     bad = post(server, "completions", {"model": TINY, "prompt": [1, 10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     empty = post(server, "completions", {"model": TINY, "prompt": []})

@@ -41,6 +41,9 @@ def head_logprobs(causal_lm, hidden: torch.Tensor, targets: torch.Tensor,
     applying the head HEAD_CHUNK positions at a time (and the model's logit soft-capping, if any)."""
     head = causal_lm.get_output_embeddings()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if hidden.shape[0] == 0:  # every row is one token: nothing predicts anything
+        return targets.new_zeros(0, dtype=torch.float), targets.new_zeros(0, top), targets.new_zeros(
+            0, top, dtype=torch.float)
     picked, ids, values = [], [], []
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
         logits = head(hidden[start:start + HEAD_CHUNK]).float()
