@@ -357,7 +357,7 @@ def test_refusals_through_the_sdk_and_metadata_accepted(server):
     ok = c.chat.completions.create(model=TINY, messages=HELLO, max_tokens=2, user="u-1", store=False,
                                    metadata={"run": "7"}, modalities=["text"], service_tier="auto",
                                    safety_identifier="h-1", prompt_cache_key="k", reasoning_effort="none",
-                                   extra_body={"functions": None, "safety_model": None})
+                                   extra_body={"functions": [], "function_call": "none", "safety_model": None})
     assert ok.usage.completion_tokens == 2
     assert c.completions.create(model=TINY, prompt="Hi", max_tokens=2, n=2, best_of=2, user="u").usage
 

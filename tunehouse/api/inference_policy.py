@@ -52,9 +52,9 @@ REFUSED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
                            "depend on it, only the speed would)."),
     "web_search_options": (_never, "Web search is not available: remove `web_search_options`, and put any "
                                    "search results you have in the messages."),
-    "functions": (_never, "`functions` is deprecated: describe each function as "
-                          "`tools: [{\"type\": \"function\", \"function\": {...}}]`."),
-    "function_call": (_never, "`function_call` is deprecated: use `tool_choice`."),
+    "functions": (lambda v, _: v == [], "`functions` is deprecated: describe each function as "
+                                        "`tools: [{\"type\": \"function\", \"function\": {...}}]`."),
+    "function_call": (_equals("none"), "`function_call` is deprecated: use `tool_choice`."),
     "parallel_tool_calls": (_never, "Remove `parallel_tool_calls`: tunehouse cannot promise to limit or "
                                     "spread tool calls."),
     "reasoning_effort": (_equals("none"), "These models do not reason before answering: remove "
