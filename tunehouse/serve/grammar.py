@@ -9,9 +9,11 @@ engine asks `masks()` for the tokens every constrained row of a batch may take n
     c.accept(token); c.complete           # True once the grammar admits nothing more
 
 Why llguidance (over xgrammar and outlines-core): a 3.5 MB abi3 wheel with no dependencies (xgrammar
-pulls triton), schemas compile lazily in well under a millisecond (no per-vocabulary precompute, so
-a new schema costs nothing up front), and its per-row bitmask API (`LLExecutor`) fills many rows of
-a batch in one call, outside the GIL — the shape of this engine's batched sampling step.
+requires triton and a torch of its own choosing), no index over the whole vocabulary built per schema
+up front (outlines-core's approach): the lexer is built lazily, so a new schema costs 10-30 ms here
+(measured, nested object schema, tiny tokenizer) and masks are computed per step, and its batch
+API (`LLExecutor`) fills every constrained row's mask in one call, outside the GIL — the shape of
+this engine's batched sampling step (0.3-0.7 ms per step for 1-16 constrained rows of 32, 49k vocab).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 from tunehouse.errors import InvalidInput
 
 # Compact JSON (`json.dumps` separators without the spaces) and no free whitespace: a grammar
-# that allows whitespace anywhere lets a weak model emit newlines forever and never close the
-# object (seen with the tiny random model: it loops on whitespace until max_tokens).
+# that allows whitespace between tokens lets a weak model spend its budget on it. Measured on the
+# tiny random model, greedy, a 4-field schema: with free whitespace 2 of 3 prompts were still
+# unfinished after 150 tokens ("\n\t\n\r..." between keys); without, all 3 ended in 43-45 tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
