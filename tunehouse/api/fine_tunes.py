@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Request
 
 from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
-from tunehouse.api.schemas import FineTuneCreate, PriceEstimate, checkpoint_object, event_object, job_object
+from tunehouse.api.schemas import PriceEstimate, checkpoint_object, event_object, job_object
 from tunehouse.errors import NotFound
 from tunehouse.downloads import build_download, serve_range
 from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
@@ -20,10 +22,12 @@ def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, re
     """A base model's limits; for `from_checkpoint` jobs the SDKs send the job id or output name."""
     try:
         return registry.limits(model_name, session)
-    except NotFound:
-        if not (model_name.startswith("ft-") or "/" in model_name):
-            raise
-    return registry.limits(resolve_parent(session, caller.owner, model_name).job.model, session)
+    except NotFound as unknown:
+        try:
+            parent = resolve_parent(session, caller.owner, model_name)
+        except NotFound:
+            raise unknown from None  # neither a model nor one of the caller's jobs: say how to add a model
+    return registry.limits(parent.job.model, session)
 
 
 @router.get("/fine-tunes/models/supported")
@@ -38,7 +42,9 @@ def estimate_price(body: PriceEstimate, caller: CurrentCaller, session: SessionD
 
 
 @router.post("/fine-tunes")
-def create(body: FineTuneCreate, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+def create(body: Annotated[dict, Body(description="The together SDK's fine-tuning create body; its fields "
+                                            "are the training config's (`tunehouse fine-tuning create --help`).")],
+           caller: CurrentCaller, session: SessionDep, files: FilesDep,
            registry: RegistryDep, request: Request):
     job = create_job(session, caller.owner, body, registry, files)
     request.app.state.wake_worker()

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse import jobs
 from tunehouse.downloads import MERGED_DIR
+from tunehouse.job_spec import JobSpec
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.models.registry import Registry
 from tunehouse.serve.engine import ModelRef
@@ -48,8 +49,9 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
     if folder is None or not folder.is_dir():
         raise _unknown(name)
     base = bases.get(job.model) or registry.get(job.model, s)
-    lora, parent = job.config["train"]["lora"], job.config.get("extra", {}).get("parent")
-    if lora and not parent:
+    spec = JobSpec.of(job)
+    lora = spec.lora
+    if lora and not spec.parent and not spec.weights:  # trained on the registry's base itself
         return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder)
     weights = folder / MERGED_DIR if lora else folder
     return ModelRef(name, name, weights, base.context_length)

@@ -21,12 +21,12 @@ from pathlib import Path
 from tunehouse import jobs
 from tunehouse.downloads import build_download
 from tunehouse.files import blob_key
+from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.tables import Checkpoint, File, Job, Metric
 from tunehouse.train import events as ev
-from tunehouse.train.config import SFTConfig
 
 EXIT_CANCELLED = 3
 
@@ -93,23 +93,19 @@ class StoreReporter:
         return self._stop
 
 
-def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreReporter) -> dict:
-    """Paths for run_sft: base weights (or a parent's merged weights), init adapter, data, resume."""
-    cfg = job.config["train"]
-    parent = job.config.get("extra", {}).get("parent")
-    reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {job.model}")
-    model_path, init_adapter = Path(registry.path(job.model)), None
+def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, reporter: StoreReporter) -> dict:
+    """Paths for the recipe: base weights (or a parent's merged weights), init adapter, data, resume."""
+    reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {spec.from_hf_model or job.model}")
+    model_path, init_adapter, parent = _starting_weights(home, spec, registry), None, spec.parent
     if parent:
-        folder = home.blobs.path(parent["blob_key"])
-        same_shape = parent["lora"] and cfg["lora"] and all(
-            parent["lora_shape"][k] == cfg[k] for k in ("lora_r", "lora_alpha", "lora_trainable_modules"))
-        if same_shape:
+        folder = home.blobs.path(parent.blob_key)
+        if parent.same_adapter_shape(spec.train):
             init_adapter = folder  # keep training the parent's adapter
-            reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent['job_id']} (step {parent['step']})",
+            reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent.job_id} (step {parent.step})",
                            level="info")
-        elif parent["lora"]:
+        elif parent.lora:
             model_path = _merged(home, job, folder, model_path)  # fold the parent in, then a new adapter/full
-            reporter.event(ev.WARNING, f"Merged the adapter of {parent['job_id']} (step {parent['step']}) into "
+            reporter.event(ev.WARNING, f"Merged the adapter of {parent.job_id} (step {parent.step}) into "
                                        "the base weights: this job's training type or LoRA shape differs",
                            level="info")
         else:
@@ -118,6 +114,8 @@ def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreRepo
     with home.db.session() as s:
         train = s.get(File, job.training_file)
         val = s.get(File, job.validation_file) if job.validation_file else None
+        if train is None or (job.validation_file and val is None):
+            raise ValueError("a data file of this job was deleted before it ran; upload it again and create a new job")
         training_path = home.blobs.path(blob_key(train))
         validation_path = home.blobs.path(blob_key(val)) if val else None
         done = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Intermediate"]
@@ -128,6 +126,17 @@ def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreRepo
                        step=done[-1].step)
     return dict(model_path=model_path, init_adapter=init_adapter, training_path=training_path,
                 validation_path=validation_path, resume_from=resume_from)
+
+
+def _starting_weights(home: Home, spec: JobSpec, registry: Registry) -> Path:
+    """The registry's base, a server folder, or a hub repo fetched into the model cache (from_hf_model)."""
+    if spec.weights is None:
+        return Path(registry.path(spec.train.model))
+    if Path(spec.weights).is_dir():
+        return Path(spec.weights)
+    from tunehouse.hub import fetch_weights
+
+    return fetch_weights(spec.weights, spec.hf_model_revision, spec.hf_api_token, registry.cache)
 
 
 def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path:
@@ -156,19 +165,19 @@ def main(job_id: str) -> int:
     from tunehouse.train.sft import Cancelled, run_sft
 
     try:
-        inputs = resolve_inputs(home, job, registry, reporter)
+        spec = JobSpec.of(job)
+        inputs = resolve_inputs(home, job, spec, registry, reporter)
         output_dir = home.blobs.path(f"jobs/{job_id}/out")
-        if job.method == "dpo":
-            from tunehouse.train.config import DPOConfig
+        if spec.method == "dpo":
             from tunehouse.train.dpo import run_dpo
 
-            parent = job.config.get("extra", {}).get("parent") or {}
-            # The reference is the starting policy: the base model, or the parent checkpoint.
-            reference_id = f"{job.model}|{parent.get('blob_key', '')}|lora={job.config['train']['lora']}"
-            run_dpo(DPOConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter,
+            # The reference is the starting policy: the base model, other weights, or the parent checkpoint.
+            reference_id = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
+                            f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}")
+            run_dpo(spec.train, output_dir=output_dir, reporter=reporter,
                     reference_cache_dir=home.blobs.path("reference-logps"), reference_id=reference_id, **inputs)
         else:
-            run_sft(SFTConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter, **inputs)
+            run_sft(spec.train, output_dir=output_dir, reporter=reporter, **inputs)
     except Cancelled:
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
@@ -187,10 +196,33 @@ def main(job_id: str) -> int:
     with home.db.session() as s:  # prepare the default download so the first request is instant
         job = s.get(Job, job_id)
         build_download(s, home, job, None, None)
+    if spec.hf_output_repo_name:
+        _push(home, job_id, spec)
     with home.db.session() as s:
         jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete")
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
+
+
+def _push(home: Home, job_id: str, spec: JobSpec) -> None:
+    """hf_output_repo_name: the default output (merged weights, or the full model) to the hub.
+    A failed push is a warning: the model is complete and downloadable here."""
+    from tunehouse.downloads import pick_folder
+    from tunehouse.hub import push_folder
+
+    with home.db.session() as s:
+        folder, _ = pick_folder(s, home, s.get(Job, job_id), None, None)
+    try:
+        url = push_folder(folder, spec.hf_output_repo_name, spec.hf_api_token, f"tunehouse job {job_id}")
+    except Exception as exc:  # the hub, the network or the token: say which, keep the job
+        with home.db.session() as s:
+            jobs.add_event(s, job_id, ev.WARNING, f"Could not push the output to {spec.hf_output_repo_name}: "
+                           f"{type(exc).__name__}: {exc}", level="warning")
+        return
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        job.progress = {**(job.progress or {}), "hf_output_url": url}
+        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", f"Pushed the output to {url}")
 
 
 def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:
