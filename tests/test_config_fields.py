@@ -176,3 +176,32 @@ def test_lora_alpha_defaults_to_twice_the_rank(live, files):
     assert r.status_code == 200, r.text
     assert r.json()["training_type"] == {"type": "Lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                                          "lora_trainable_modules": "all-linear"}
+
+
+def test_image_dataset_refused_for_a_model_without_vision(live):
+    from conftest import DATA
+
+    c = Together(base_url=live.url, api_key=live.key, max_retries=0)
+    images = c.files.upload(DATA / "good" / "chat_multimodal.jsonl", check=False)
+    assert images.processing_status == "COMPLETED"
+    r = httpx.post(f"{live.url}/v1/fine-tunes", json={"model": TINY, "training_file": images.id},
+                   headers={"Authorization": f"Bearer {live.key}"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "training_file" and "no vision support, and file" in err["message"]
+
+
+def test_limits_of_an_unknown_model_say_how_to_add_it(live):
+    for name in ("org/not-a-model", "not-a-model"):
+        r = httpx.get(f"{live.url}/v1/fine-tunes/models/limits", params={"model_name": name},
+                      headers={"Authorization": f"Bearer {live.key}"})
+        assert r.status_code == 404
+        message = r.json()["error"]["message"]
+        assert f"Unknown model {name!r}" in message and "tunehouse models add" in message
+        assert "from_checkpoint" not in message
+
+
+def test_batch_size_max_is_the_cpu_cap_here(live, files):
+    r = httpx.post(f"{live.url}/v1/fine-tunes", json={"model": TINY, "training_file": files["sft"]},
+                   headers={"Authorization": f"Bearer {live.key}"})
+    assert r.status_code == 200 and r.json()["batch_size"] == 8  # CPU_MAX_BATCH, an int as the v1 SDK reads it

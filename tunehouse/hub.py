@@ -24,6 +24,12 @@ def _unreachable(what: str, exc: Exception, fix: str) -> InvalidInput:
                         f"({type(exc).__name__}). {fix}", param=what.split(" ", 1)[0], code="hub_unreachable")
 
 
+def _offline(exc: Exception) -> bool:
+    """A transport failure or offline mode. By class name: huggingface_hub 2.x raises the
+    TransportError of its own vendored httpx (`httpx2`), not httpx's."""
+    return any(c.__name__ in ("TransportError", "OfflineModeIsEnabled") for c in type(exc).__mro__)
+
+
 def resolve_hf_model(registry: Registry, s: Session, model: str, ref: str, revision: str | None,
                      token: str | None) -> str:
     """Where `from_hf_model` weights are read: a registry model's folder name, a server folder
@@ -45,17 +51,13 @@ def resolve_hf_model(registry: Registry, s: Session, model: str, ref: str, revis
 
 
 def _check_hub_repo(repo: str, revision: str | None, token: str | None) -> None:
-    import httpx
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError, \
-        RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     fix = ("Download the model where the hub is reachable, copy its folder to this server and pass the folder "
            "as from_hf_model (or add it with `tunehouse models add NAME FOLDER`).")
     try:
         HfApi(token=token or False).model_info(repo, revision=revision, timeout=TIMEOUT_S)
-    except (OfflineModeIsEnabled, httpx.TransportError) as exc:
-        raise _unreachable(f"from_hf_model {repo!r}", exc, fix) from None
     except RevisionNotFoundError:
         raise InvalidInput(f"hf_model_revision {revision!r}: {repo} has no such revision.",
                            param="hf_model_revision") from None
@@ -65,6 +67,10 @@ def _check_hub_repo(repo: str, revision: str | None, token: str | None) -> None:
     except RepositoryNotFoundError:
         raise InvalidInput(f"from_hf_model {repo!r}: no such model on the hub (or it is private: pass "
                            "hf_api_token).", param="from_hf_model") from None
+    except Exception as exc:
+        if _offline(exc):
+            raise _unreachable(f"from_hf_model {repo!r}", exc, fix) from None
+        raise
 
 
 def _check_same_architecture(registry: Registry, s: Session, model: str, folder: Path, ref: str) -> None:
@@ -96,9 +102,8 @@ def fetch_weights(repo: str, revision: str | None, token: str | None, cache: Pat
 
 def check_push_target(repo: str, token: str | None) -> None:
     """`hf_output_repo_name` can be honoured: a repo id, a token, a reachable hub that knows the token."""
-    import httpx
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not isinstance(repo, str) or repo.count("/") != 1:
         raise InvalidInput(f"hf_output_repo_name must be NAMESPACE/NAME; got {repo!r}.", param="hf_output_repo_name")
@@ -107,13 +112,15 @@ def check_push_target(repo: str, token: str | None) -> None:
                            f"{repo}.", param="hf_api_token")
     try:
         HfApi(token=token).whoami()
-    except (OfflineModeIsEnabled, httpx.TransportError) as exc:
-        raise _unreachable(f"hf_output_repo_name {repo!r}", exc, "Leave hf_output_repo_name out and download the "
-                           "output with `tunehouse fine-tuning download`, then push it from a machine that "
-                           "reaches the hub.") from None
     except HfHubHTTPError as exc:
         raise InvalidInput(f"hf_output_repo_name {repo!r}: the hub refused hf_api_token ({exc.response.status_code}"
                            "); give a token with write access.", param="hf_api_token") from None
+    except Exception as exc:
+        if _offline(exc):
+            raise _unreachable(f"hf_output_repo_name {repo!r}", exc, "Leave hf_output_repo_name out and download "
+                               "the output with `tunehouse fine-tuning download`, then push it from a machine that "
+                               "reaches the hub.") from None
+        raise
 
 
 def push_folder(folder: Path, repo: str, token: str, message: str) -> str:

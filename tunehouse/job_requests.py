@@ -9,6 +9,7 @@ service does: a user fixes their call in one round trip, not one field at a time
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -83,17 +84,16 @@ def create_job(s: Session, owner: str, body: dict, registry: Registry, files: Fi
         _owned_file(s, files, owner, values["validation_file"], "validation_file", method, problems)
     values = _context_defaults(values, start, registry, s, method)
     cfg = _config(method, values, problems)
-    if cfg is not None:
-        problems += limit_problems(cfg, start.limits, method, train)
-    problems += _request_problems(request, start)
+    problems += limit_problems(values, start.limits, method, train) + _request_problems(request, start)
+    problems = list({path: (path, message) for path, message in reversed(problems)}.values())[::-1]
     if problems:
         raise InvalidInput("Invalid fine-tuning request: " + " ".join(m for _, m in problems),
                            param=problems[0][0], code="invalid_fine_tune_request")
     parent = start.parent
     spec = JobSpec(method=method, train=cfg, suffix=request.get("suffix"),
                    from_checkpoint=request.get("from_checkpoint"),
-                   parent=ParentRef(parent.job.id, parent.checkpoint.step, parent.checkpoint.blob_key,
-                                    **_lora_shape(JobSpec.of(parent.job).train)) if parent else None,
+                   parent=(ParentRef.of(parent.job.id, parent.checkpoint, JobSpec.of(parent.job).train)
+                           if parent else None),
                    from_hf_model=request.get("from_hf_model"), hf_model_revision=request.get("hf_model_revision"),
                    weights=start.weights, hf_api_token=request.get("hf_api_token"),
                    hf_output_repo_name=request.get("hf_output_repo_name"))
@@ -195,39 +195,48 @@ def _config(method: str, values: dict, problems: list) -> TrainConfig | None:
     return None
 
 
-def limit_problems(cfg: TrainConfig, limits: dict, method: str, train: File | None) -> list[tuple[str, str]]:
-    """The model's limits (`/v1/fine-tunes/models/limits`) against a valid config."""
+def limit_problems(values: dict, limits: dict, method: str, train: File | None) -> list[tuple[str, str]]:
+    """The model's limits (`/v1/fine-tunes/models/limits`) against the request's values (config
+    defaults filled in); a value the config already refuses is not judged again."""
     if not limits:
         return []
-    out, model = [], limits["model_name"]
-    bounds = limits["lora_training" if cfg.lora else "full_training"]
+    fields = {f.name: f for f in wire.hyperparameters(CONFIGS[method])}
+    v = {n: f.default for n, f in fields.items() if f.default is not dataclasses.MISSING} | values
+    lora, model = v["lora"] is not False, limits["model_name"]
+    bounds = limits["lora_training" if lora else "full_training"]
     max_batch = bounds["max_batch_size_dpo" if method == "dpo" else "max_batch_size"]
+    seq_limit = limits[f"max_seq_length_{method}"]
     checks = [
-        ("batch_size", bounds["min_batch_size"] <= cfg.batch_size <= max_batch,
+        ("batch_size", lambda x: bounds["min_batch_size"] <= x <= max_batch,
          f"between {bounds['min_batch_size']} and {max_batch}{' for DPO' if method == 'dpo' else ''}"),
-        ("n_epochs", cfg.n_epochs <= limits["max_num_epochs"], f"≤ {limits['max_num_epochs']}"),
-        ("n_evals", cfg.n_evals <= limits["max_num_evals"], f"≤ {limits['max_num_evals']}"),
-        ("n_checkpoints", cfg.n_checkpoints <= limits["max_num_checkpoints"], f"≤ {limits['max_num_checkpoints']}"),
-        ("learning_rate", limits["min_learning_rate"] <= cfg.learning_rate <= limits["max_learning_rate"],
+        ("n_epochs", lambda x: x <= limits["max_num_epochs"], f"≤ {limits['max_num_epochs']}"),
+        ("n_evals", lambda x: x <= limits["max_num_evals"], f"≤ {limits['max_num_evals']}"),
+        ("n_checkpoints", lambda x: x <= limits["max_num_checkpoints"], f"≤ {limits['max_num_checkpoints']}"),
+        ("learning_rate", lambda x: limits["min_learning_rate"] <= x <= limits["max_learning_rate"],
          f"in [{limits['min_learning_rate']}, {limits['max_learning_rate']}]"),
-        ("max_seq_length", limits["min_max_seq_length"] <= cfg.max_seq_length <= limits[f"max_seq_length_{method}"],
-         f"between {limits['min_max_seq_length']} and {limits[f'max_seq_length_{method}']} for {model}"),
+        ("max_seq_length", lambda x: limits["min_max_seq_length"] <= x <= seq_limit,
+         f"between {limits['min_max_seq_length']} and {seq_limit} for {model}"),
     ]
-    if cfg.lora:
+    if lora:
         targets = bounds["target_modules"]
-        unknown = [m for m in cfg.lora_trainable_modules.split(",") if m not in targets + ["all-linear"]]
-        checks += [("training_type.lora_r", cfg.lora_r <= bounds["max_rank"], f"≤ {bounds['max_rank']} for {model}"),
-                   ("training_type.lora_trainable_modules", not unknown,
+        mods = v["lora_trainable_modules"]
+        unknown = [m for m in mods.split(",") if m not in targets + ["all-linear"]] if isinstance(mods, str) else []
+        checks += [("lora_r", lambda x: x <= bounds["max_rank"], f"≤ {bounds['max_rank']} for {model}"),
+                   ("lora_trainable_modules", lambda x: not unknown,
                     f"\"all-linear\" or names from {', '.join(targets)} (unknown: {', '.join(unknown)})")]
-    report = (train.validation_report or {}) if train is not None else {}
-    checks += [("training_file", not report.get("dataset_is_multimodal") or limits["supports_vision"],
-                f"text only: {model} has no vision support, and this file has images"),
-               ("training_file", not report.get("dataset_has_tools") or limits.get("supports_tools", False),
-                f"without tools: {model} cannot be trained on tool calls")]
+    out = []
     for name, ok, bound in checks:
-        if not ok:
-            value = getattr(cfg, name.rsplit(".", 1)[-1], None) if name != "training_file" else train.id
-            out.append((name, f"{name.rsplit('.', 1)[-1]} must be {bound}; got {value!r}."))
+        if name == "batch_size" and v[name] == "max" or fields[name].metadata["check"](v[name]) is not None:
+            continue
+        if not ok(v[name]):
+            out.append((wire.wire_path(fields[name]), f"{name} must be {bound}; got {v[name]!r}."))
+    report = (train.validation_report or {}) if train is not None else {}
+    if report.get("dataset_is_multimodal") and not limits["supports_vision"]:
+        out.append(("training_file", f"training_file must be text only: {model} has no vision support, and file "
+                                     f"{train.id} has images."))
+    if report.get("dataset_has_tools") and not limits.get("supports_tools", False):
+        out.append(("training_file", f"training_file must be without tools: {model} cannot be trained on tool "
+                                     "calls."))
     return out
 
 

@@ -24,6 +24,11 @@ class ParentRef:
     lora_alpha: int | None = None
     lora_trainable_modules: str | None = None
 
+    @classmethod
+    def of(cls, job_id: str, checkpoint, cfg: SFTConfig | DPOConfig) -> ParentRef:
+        return cls(job_id, checkpoint.step, checkpoint.blob_key, cfg.lora, cfg.lora_r, cfg.lora_alpha,
+                   cfg.lora_trainable_modules)
+
     def same_adapter_shape(self, cfg: SFTConfig | DPOConfig) -> bool:
         return self.lora and cfg.lora and (self.lora_r, self.lora_alpha, self.lora_trainable_modules) == (
             cfg.lora_r, cfg.lora_alpha, cfg.lora_trainable_modules)

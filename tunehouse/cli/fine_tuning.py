@@ -62,6 +62,8 @@ def _flag(name: str, kind: type, help_: str) -> inspect.Parameter:
 
 
 def _typed(name: str, value):
+    if name == "train_on_inputs" and value in ("true", "false"):
+        return value == "true"
     if name == "batch_size" and value != "max":
         if not str(value).isdigit():
             raise typer.BadParameter(f'an integer or "max", got {value!r}', param_hint="--batch-size")

@@ -105,6 +105,8 @@ def to_request(values: dict, method: str) -> dict:
     out: dict = {}
     for name, value in values.items():
         _put(out, FIELD_PATHS[name], _encode(name, value))
+    if "training_type" in out and "type" not in out["training_type"]:  # LoRA fields alone: LoRA, as the SDKs say
+        out["training_type"] = {"type": "Lora", **out["training_type"]}
     if method != "sft" or "training_method" in out:
         out.setdefault("training_method", {})["method"] = method
     return out
