@@ -38,6 +38,7 @@ class EndpointUpdate(BaseModel):
 
 @router.get("/hardware")
 def hardware(_caller: CurrentCaller, model: str | None = None):
+    """`model` narrows nothing: each option is one whole device, which loads any model served here."""
     return {"object": "list", "data": hardware_options()}
 
 
