@@ -168,7 +168,7 @@ def event_object(ev) -> dict:
             "message": ev.message, "type": ev.type, "param_count": fields.get("param_count"),
             "token_count": fields.get("token_count"), "total_steps": fields.get("total_steps"),
             "step": fields.get("step"), "checkpoint_path": fields.get("checkpoint_path"),
-            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": None,
+            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": fields.get("hash"),
             **{k: fields[k] for k in ("early_stopping_best_step", "early_stopping_best_metric_value") if k in fields}}
 
 
