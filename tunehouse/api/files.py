@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
@@ -23,7 +23,7 @@ def _public_base(request: Request) -> str:
 async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
                        purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
                        file_type: str | None = Form(None), checksum: str | None = Form(None),
-                       file: UploadFile | None = None):
+                       file: UploadFile | None = File(None)):
     """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
     carries the bytes as a `file` part (curl, the openai SDK, which sends no `file_name`: the part's
     own name is used) is stored in one go instead and answered 200 with the file object."""
@@ -31,7 +31,7 @@ async def begin_upload(request: Request, caller: CurrentCaller, session: Session
         f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
                                        file_name=file_name or file.filename or "", file_type=file_type,
                                        chunks=_read_upload(file))
-        return file_object(f)
+        return JSONResponse(file_object(f))  # 200: the route's declared status is the SDKs' 302
     if not file_name:
         raise InvalidInput("Send either `file_name` (the together SDKs' three-step upload) or the bytes as "
                            "a multipart `file` part.", param="file_name")
