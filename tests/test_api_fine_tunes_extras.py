@@ -6,7 +6,6 @@ fine-tuned name; and the price estimate as both together SDK lines and the v3 CL
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,8 +37,8 @@ def finished(tmp_path_factory, model_cache):
         live, bg = _serve(Settings(home=tmp / "home", model_cache=model_cache, embedded_worker=True))
         c = Together(base_url=live.url, api_key=live.key, max_retries=0)
         train = c.files.upload(write_chat(tmp / "train.jsonl", 16))
-        job = c.fine_tuning.create(training_file=train.id, model=TINY, lora=True, suffix="extras", n_epochs=2, packing=False,
-                                   batch_size=4, learning_rate=3e-3, wandb_api_key="x" * 40,
+        job = c.fine_tuning.create(training_file=train.id, model=TINY, lora=True, suffix="extras", n_epochs=2,
+                                   packing=False, batch_size=4, learning_rate=3e-3, wandb_api_key="x" * 40,
                                    wandb_project_name="tunehouse-test", wandb_name="extras")
         done = wait_for(c, job.id)
         assert done.status == "completed", [e.message for e in c.fine_tuning.list_events(job.id).data]
