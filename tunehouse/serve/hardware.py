@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cache
 
 from tunehouse.errors import InvalidInput
 
@@ -42,6 +43,7 @@ def _kind(name: str) -> frozenset[str]:
     return frozenset(t for t in _slug(name).split("_") if t and not _NOT_KIND.match(t))
 
 
+@cache  # devices do not come and go while the server runs; asking torch initialises CUDA
 def local_devices() -> Devices:
     try:
         ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
