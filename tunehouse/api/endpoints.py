@@ -49,10 +49,11 @@ def zones(_caller: CurrentCaller):
 
 @router.post("/endpoints")
 def create(body: EndpointCreate, caller: CurrentCaller, session: SessionDep, request: Request):
-    request.app.state.resolve_model_dir(session, caller.owner, body.model)  # 404/400 now, not later
     ep = eps.create(session, caller.owner, model=body.model, hardware=body.hardware,
                     min_replicas=body.autoscaling.min_replicas, max_replicas=body.autoscaling.max_replicas,
                     state=body.state, display_name=body.display_name, inactive_timeout=body.inactive_timeout)
+    # The model's 404/400 now, not later; after the cheap checks, as it may build or convert weights.
+    request.app.state.resolve_model_dir(session, caller.owner, body.model)
     request.app.state.supervisor_wake()
     return eps.endpoint_object(ep)
 
