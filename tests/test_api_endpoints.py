@@ -170,3 +170,12 @@ def test_v1_cli_gpu_flags_are_refused_with_the_options(server, v1_python):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Invalid hardware selected." in out.stderr and "1x_cpu" in out.stdout
     assert "nvidia_h100" not in out.stdout
+
+
+def test_availability_zone_is_this_machine(server):
+    zones = httpx.get(f"{server.url}/v1/clusters/availability-zones", headers=_h(server)).json()
+    assert zones == {"avzones": ["local"]}
+    r = httpx.post(f"{server.url}/v1/endpoints", headers=_h(server), timeout=60,
+                   json={"model": TINY, "hardware": "1x_cpu", "state": "STOPPED", "availability_zone": "us-east-1a"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "availability_zone must be one of local (this server's machine); got 'us-east-1a'.")

@@ -30,6 +30,7 @@ from tunehouse.store.tables import Endpoint, utcnow
 
 STATES = ("PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "FAILED", "ERROR")
 START_TIMEOUT_S = 300
+ZONES = ("local",)  # this machine: the one zone GET /v1/clusters/availability-zones lists
 
 
 def _check_replicas(min_r: int, max_r: int) -> None:
@@ -46,7 +47,11 @@ def _check_replicas(min_r: int, max_r: int) -> None:
 
 
 def create(s: Session, owner: str, *, model: str, hardware: str, min_replicas: int, max_replicas: int,
-           state: str, display_name: str | None, inactive_timeout: int | None) -> Endpoint:
+           state: str, display_name: str | None, inactive_timeout: int | None,
+           availability_zone: str | None = None) -> Endpoint:
+    if availability_zone and availability_zone not in ZONES:
+        raise InvalidInput(f"availability_zone must be one of {', '.join(ZONES)} (this server's machine); "
+                           f"got {availability_zone!r}.", param="availability_zone")
     hardware = match_hardware(hardware)  # what the process will really run on
     _check_replicas(min_replicas, max_replicas)
     if state not in ("STARTED", "STOPPED"):
