@@ -17,9 +17,9 @@ def list_models(caller: CurrentCaller, session: SessionDep, registry: RegistryDe
 
     Shape rule: the together 1.x SDK asserts that the body is a bare JSON array, and the openai
     SDK builds its page from an object's `data` key (openai 3.57 raises AttributeError on a bare
-    array), so no one body satisfies both. A client whose `User-Agent` starts with `Together/v1` (the 1.x SDK
-    and CLI) gets the array (api-reference §8); every other client (openai SDK, curl, …) gets
-    OpenAI's `{"object": "list", "data": [...]}`. The items are the same in both."""
+    array), so no one body satisfies both. A client whose `User-Agent` starts with `Together/v1`
+    (the 1.x SDK and CLI) gets the array (api-reference §8); every other client (openai SDK, curl,
+    …) gets OpenAI's `{"object": "list", "data": [...]}`. The items are the same in both."""
     items = models.list_models(session, registry, caller.owner)
     return items if is_together_v1(request.headers.get("user-agent")) else {"object": "list", "data": items}
 
