@@ -206,7 +206,9 @@ class Supervisor:
             if other in self.procs and self.procs[other].poll() is None and gpu < count:
                 load[gpu] += 1
         self.gpu_of[ep.id] = load.index(min(load))
-        return str(self.gpu_of[ep.id])
+        # Indices are torch's, i.e. into the server's own CUDA_VISIBLE_DEVICES when that is set.
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        return visible[self.gpu_of[ep.id]] if len(visible) == count else str(self.gpu_of[ep.id])
 
     def _check_started(self, ep: Endpoint, proc: subprocess.Popen | None) -> None:
         if proc is None or proc.poll() is not None:
