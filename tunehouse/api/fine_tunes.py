@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 
 from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
@@ -93,14 +94,13 @@ def list_checkpoints(job_id: str, caller: CurrentCaller, session: SessionDep):
 
 @router.get("/fine-tunes/{job_id}/metrics")
 def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global_step_from: int | None = None,
-                 global_step_to: int | None = None, resolution: int | None = None):
+                 global_step_to: int | None = None, logged_at_from: datetime | None = None,
+                 logged_at_to: datetime | None = None, resolution: int | None = Query(None, ge=1)):
+    """Rows for optimizer steps and logging times in the inclusive bounds given (ISO-8601 times,
+    as the v3 SDK sends them), thinned to at most `resolution` rows."""
     job = jobs.get_owned(session, caller.owner, job_id)
-    rows = [{"train/global_step": m.step, **m.values} for m in
-            jobs.metrics(session, job.id, global_step_from, global_step_to)]
-    if resolution and len(rows) > resolution:  # keep every k-th row, and always the last
-        k = -(-len(rows) // resolution)
-        rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
-    return {"metrics": rows}
+    rows = jobs.metrics(session, job.id, global_step_from, global_step_to, logged_at_from, logged_at_to)
+    return {"metrics": [{"train/global_step": m.step, **m.values} for m in jobs.thin(rows, resolution)]}
 
 
 @router.get("/finetune/download")

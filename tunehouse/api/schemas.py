@@ -27,9 +27,14 @@ def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 
 
+# The openai SDK's FileObject.status (deprecated there, still a required field of its model).
+OPENAI_FILE_STATUS = {"COMPLETED": "processed", "FAILED": "error"}
+
+
 def file_object(f: File) -> dict:
-    """A file object both SDK lines accept (api-reference §4.3): note `FileType` in capitals and
-    `created_at` as an int, which v3's preprocess validation requires."""
+    """A file object both together SDK lines and the openai SDK accept (api-reference §4.3): note
+    `FileType` in capitals and `created_at` as an int, which v3's preprocess validation requires;
+    `status` is what openai's FileObject needs (uploaded → processed | error)."""
     return {
         "id": f.id,
         "object": "file",
@@ -41,6 +46,8 @@ def file_object(f: File) -> dict:
         "Processed": f.processing_status in ("COMPLETED", "FAILED"),
         "LineCount": f.line_count or 0,
         "processing_status": f.processing_status,
+        "status": OPENAI_FILE_STATUS.get(f.processing_status, "uploaded"),
+        "status_details": (f.validation_report or {}).get("error"),
         "validation_report": f.validation_report,
     }
 
@@ -88,7 +95,7 @@ def event_object(ev) -> dict:
             "message": ev.message, "type": ev.type, "param_count": fields.get("param_count"),
             "token_count": fields.get("token_count"), "total_steps": fields.get("total_steps"),
             "step": fields.get("step"), "checkpoint_path": fields.get("checkpoint_path"),
-            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": None,
+            "model_path": fields.get("model_path"), "wandb_url": fields.get("wandb_url"), "hash": fields.get("hash"),
             **{k: fields[k] for k in ("early_stopping_best_step", "early_stopping_best_metric_value") if k in fields}}
 
 

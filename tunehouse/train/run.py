@@ -12,6 +12,7 @@ anything else (or a signal) means the process died and the worker requeues the j
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 import time
@@ -49,6 +50,8 @@ class StoreReporter:
         with self.home.db.session() as s:
             jobs.add_event(s, self.job_id, type, message, level, **fields)
             job = s.get(Job, self.job_id)
+            if job is not None and fields.get("wandb_url"):  # the job shows the run's address too
+                job.progress = {**(job.progress or {}), "wandb_url": fields["wandb_url"]}
             if job is not None and fields.get("total_steps"):
                 job.progress = {**(job.progress or {}), "total_steps": fields["total_steps"],
                                 "param_count": fields.get("param_count"), "token_count": fields.get("token_count")}
@@ -89,7 +92,7 @@ class StoreReporter:
             with self.home.db.session() as s:
                 job = s.get(Job, self.job_id)
                 # cancelled, deleted, or requeued to another worker: stop before the next step
-                self._stop = job is None or job.status not in ("running", "uploading")
+                self._stop = job is None or job.status not in jobs.ACTIVE
         return self._stop
 
 
@@ -187,19 +190,43 @@ def main(job_id: str) -> int:
         traceback.print_exc()
         _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: {type(exc).__name__}: {exc}")
         return 0
+    return _publish(home, job_id, spec)
+
+
+def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
+    """After the final save (and LoRA merge): the documented tail of the event log,
+
+        TRAINING_COMPLETE → COMPRESSING_MODEL → MODEL_COMPRESSION_COMPLETE
+                          → MODEL_UPLOADING → MODEL_UPLOAD_COMPLETE → JOB_COMPLETE
+
+    Compressing is real work: the default download (merged weights for LoRA, the model for full
+    training) is packed into a zstd tar, so the first download is instant. Uploading records the
+    archive's SHA-256 and path on the event: the blob store is the archive's home already."""
     with home.db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.status == "cancel_requested":
             return EXIT_CANCELLED
+        jobs.set_status(job, "compressing")
+        jobs.add_event(s, job_id, "COMPRESSING_MODEL", "Compressing output model")
+    with home.db.session() as s:
+        archive = build_download(s, home, s.get(Job, job_id), None, None)
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return EXIT_CANCELLED
+        jobs.add_event(s, job_id, "MODEL_COMPRESSION_COMPLETE",
+                       f"Model compression complete: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
         jobs.set_status(job, "uploading")
         jobs.add_event(s, job_id, "MODEL_UPLOADING", "Uploading output model")
-    with home.db.session() as s:  # prepare the default download so the first request is instant
-        job = s.get(Job, job_id)
-        build_download(s, home, job, None, None)
+    digest = _sha256(archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
     with home.db.session() as s:
-        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete")
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return EXIT_CANCELLED
+        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete", model_path=job.model_output_name,
+                       hash=digest)
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
 
@@ -222,7 +249,15 @@ def _push(home: Home, job_id: str, spec: JobSpec) -> None:
     with home.db.session() as s:
         job = s.get(Job, job_id)
         job.progress = {**(job.progress or {}), "hf_output_url": url}
-        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", f"Pushed the output to {url}")
+        jobs.add_event(s, job_id, ev.WARNING, f"Pushed the output to {url}", level="info")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:
