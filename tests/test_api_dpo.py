@@ -80,13 +80,23 @@ def test_dpo_create_rules(server, tmp_path):
     msg = r.json()["error"]["message"]  # the SDK checks these too; other clients do not
     assert r.status_code == 400 and "dpo_beta" in msg and "rpo_alpha" in msg and "simpo_gamma" in msg
     r = httpx.post(f"{server.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {server.key}"},
-                   json={"training_file": pairs.id, "model": TINY, "learning_rate": 1e-3, "train_on_inputs": True,
+                   json={"training_file": pairs.id, "model": TINY, "train_on_inputs": True,
+                         "training_method": {"method": "dpo"}})  # DPO scores completions only: refused, not ignored
+    assert r.status_code == 400 and r.json()["error"]["param"] == "train_on_inputs"
+    assert "applies to training_method sft only" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {server.key}"},
+                   json={"training_file": pairs.id, "model": TINY, "training_method": {"method": "dpo", "dpo_beta": 2.0}})
+    assert r.status_code == 200, r.text
+    c.fine_tuning.cancel(r.json()["id"])
+    warnings = [e.message for e in c.fine_tuning.list_events(r.json()["id"]).data if e.type == "WARNING"]
+    assert any("dpo_beta 2.0 is outside the usual 0.05-0.9" in w for w in warnings), warnings
+    r = httpx.post(f"{server.url}/v1/fine-tunes", headers={"Authorization": f"Bearer {server.key}"},
+                   json={"training_file": pairs.id, "model": TINY, "learning_rate": 1e-3,
                          "training_method": {"method": "dpo", "dpo_beta": 2.0, "simpo_gamma": 0.5}})
     assert r.status_code == 200, r.text
     job = c.fine_tuning.retrieve(r.json()["id"])
-    warnings = [e.message for e in c.fine_tuning.list_events(job.id).data if e.type == "WARNING"]
-    assert any("dpo_beta 2.0" in w for w in warnings) and any("train_on_inputs is ignored" in w for w in warnings)
-    got = c.fine_tuning.retrieve(job.id).training_method
+    assert not [e for e in c.fine_tuning.list_events(job.id).data if e.type == "WARNING"]  # β ≈ 2 is SimPO's usual
+    got = job.training_method
     assert got.simpo_gamma == 0.5 and got.dpo_reference_free is True  # SimPO forces reference-free
     assert wait_for(c, job.id).status == "completed"
 

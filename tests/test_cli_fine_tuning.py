@@ -144,15 +144,12 @@ def test_create_body_is_the_sdk_shape(monkeypatch):
         "training_file": "file-1", "model": TINY, "batch_size": "max", "learning_rate": 0.01,
         "lr_scheduler": {"lr_scheduler_args": {"min_lr_ratio": 0.1}},
         "training_type": {"type": "Lora", "lora_r": 4},
-        "training_method": {"method": "sft", "train_on_inputs": False}, "wandb_key": "w"})]
-    res = CliRunner().invoke(cli.app, ["ft", "create", "-t", "file-1", "-m", TINY, "--no-lora", "--lora-r", "4", "-y"])
-    assert res.exit_code == 1 and len(sent) == 1
+        "training_method": {"method": "sft", "train_on_inputs": False}, "wandb_api_key": "w"})]
     res = CliRunner().invoke(cli.app, ["ft", "create", "-t", "file-1", "-m", TINY, "--training-method", "dpo",
                                        "--no-lora", "--simpo-gamma", "0.5", "-y"])
     assert res.exit_code == 0, res.output
     assert sent[-1][1] == {"training_file": "file-1", "model": TINY, "training_type": {"type": "Full"},
-                           "training_method": {"method": "dpo", "simpo_gamma": 0.5, "dpo_reference_free": True,
-                                               "dpo_normalize_logratios_by_length": True}}
+                           "training_method": {"method": "dpo", "simpo_gamma": 0.5}}  # SimPO's flags: the config's rule
 
 
 def test_download_resumes_after_a_broken_connection(tmp_path):

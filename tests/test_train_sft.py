@@ -211,7 +211,7 @@ def test_text_and_pretokenised_data_train(tmp_path, tiny_model_dir):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ValueError) as err:
-        SFTConfig(model="m", training_file="f", n_epochs=0, learning_rate=0.0, warmup_ratio=2.0,
+        SFTConfig(model="m", training_file="f", n_epochs=0, learning_rate=0.0, warmup_ratio=2.0, batch_size=8,
                   lora_dropout=1.0, lr_scheduler_type="step", train_on_inputs="yes", n_evals=2,
                   lora_trainable_modules="q_proj,,v_proj", gradient_accumulation_steps=9)
     message = str(err.value)

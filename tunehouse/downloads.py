@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse import jobs
 from tunehouse.errors import InvalidInput, NotFound, TunehouseError
+from tunehouse.job_spec import JobSpec
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Job
 
@@ -41,11 +42,11 @@ def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: 
             raise NotFound(f"Job {job.id} has no checkpoint at step {step} (steps: {have}).", param="checkpoint_step")
         return home.blobs.path(match[0].blob_key), f"step-{step:06d}"
     final = [c for c in cps if c.checkpoint_type == "Final"]
-    if job.status not in ("completed", "uploading") or not final:
+    if job.status not in ("completed", "compressing", "uploading") or not final:
         raise InvalidInput(f"Job {job.id} is {job.status}; its model can be downloaded once it has completed.",
                            param="ft_id", code="job_not_completed")
     folder = home.blobs.path(final[0].blob_key)
-    lora = job.config["train"]["lora"]
+    lora = JobSpec.of(job).lora
     if lora and kind in ("merged", "default", "model_output_path"):
         return folder / MERGED_DIR, "merged"
     if not lora and kind == "adapter":

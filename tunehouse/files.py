@@ -74,9 +74,23 @@ class FileService:
                            param="id", code="file_not_found")
         return f
 
-    def list(self, s: Session, owner: str) -> list[File]:
-        q = select(File).where(File.owner == owner, File.state == "stored").order_by(File.created_at)
-        return list(s.scalars(q))
+    def list(self, s: Session, owner: str, *, purpose: str | None = None, after: str | None = None,
+             limit: int | None = None, order: str = "asc") -> tuple[list[File], bool]:
+        """(one page of the owner's stored files, whether more follow). `after` is the id of the last
+        file of the previous page, as the openai SDK pages; the together SDKs ask for everything."""
+        q = select(File).where(File.owner == owner, File.state == "stored")
+        if purpose:
+            q = q.where(File.purpose == purpose)
+        key = (File.created_at, File.id)
+        if after:
+            last = self.get(s, owner, after)
+            newer = (File.created_at > last.created_at) | ((File.created_at == last.created_at) & (File.id > last.id))
+            older = (File.created_at < last.created_at) | ((File.created_at == last.created_at) & (File.id < last.id))
+            q = q.where(newer if order == "asc" else older)
+        q = q.order_by(*(key if order == "asc" else (k.desc() for k in key)))
+        rows = list(s.scalars(q.limit(limit + 1) if limit else q))
+        more = limit is not None and len(rows) > limit
+        return rows[:limit] if more else rows, more
 
     def content_path(self, f: File) -> Path:
         return self.home.blobs.path(blob_key(f))

@@ -1,6 +1,6 @@
 """The job lifecycle, in one place for the API and the worker.
 
-    pending → queued → running → uploading → completed
+    pending → queued → running → compressing → uploading → completed
          ╲        ╲        ╲──→ error | user_error      (reason in an event)
           ╲────────╲────────╲─→ cancel_requested → cancelled
 
@@ -10,7 +10,7 @@ resumes from its last checkpoint, up to MAX_ATTEMPTS tries; then it is failed wi
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select, update
@@ -20,11 +20,13 @@ from tunehouse.errors import Conflict, NotFound
 from tunehouse.store.tables import Checkpoint, Event, Job, Metric, utcnow
 
 TERMINAL = frozenset({"completed", "cancelled", "error", "user_error"})
-ACTIVE = frozenset({"running", "uploading"})
+ACTIVE = frozenset({"running", "compressing", "uploading"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"queued", "cancel_requested", "cancelled", "error", "user_error"}),
     "queued": frozenset({"running", "cancel_requested", "cancelled", "error", "user_error"}),
-    "running": frozenset({"uploading", "queued", "cancel_requested", "error", "user_error", "completed"}),
+    "running": frozenset({"compressing", "uploading", "queued", "cancel_requested", "error", "user_error",
+                          "completed"}),
+    "compressing": frozenset({"uploading", "queued", "cancel_requested", "error"}),
     "uploading": frozenset({"completed", "queued", "cancel_requested", "error"}),
     "cancel_requested": frozenset({"cancelled", "error", "completed"}),
     "completed": frozenset(), "cancelled": frozenset(), "error": frozenset(), "user_error": frozenset(),
@@ -65,13 +67,33 @@ def checkpoints(s: Session, job_id: str) -> list[Checkpoint]:
     return list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
 
-def metrics(s: Session, job_id: str, step_from: int | None = None, step_to: int | None = None) -> list[Metric]:
+def metrics(s: Session, job_id: str, step_from: int | None = None, step_to: int | None = None,
+            logged_from: datetime | None = None, logged_to: datetime | None = None) -> list[Metric]:
+    """A job's metric rows in step order, within the inclusive step and logging-time bounds given
+    (a naive time is taken as UTC, as every time here is)."""
     q = select(Metric).where(Metric.job_id == job_id)
     if step_from is not None:
         q = q.where(Metric.step >= step_from)
     if step_to is not None:
         q = q.where(Metric.step <= step_to)
+    if logged_from is not None:
+        q = q.where(Metric.created_at >= _as_utc(logged_from))
+    if logged_to is not None:
+        q = q.where(Metric.created_at <= _as_utc(logged_to))
     return list(s.scalars(q.order_by(Metric.step, Metric.id)))
+
+
+def _as_utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def thin(rows: list, resolution: int | None) -> list:
+    """At most `resolution` rows, uniformly spaced: every k-th row, and always the last."""
+    if not resolution or len(rows) <= resolution:
+        return rows
+    k = -(-len(rows) // resolution)
+    picked = rows[::k]
+    return picked[:resolution - 1] + [rows[-1]] if picked[-1] is not rows[-1] else picked
 
 
 def queue_position(s: Session, job: Job) -> int:

@@ -38,23 +38,58 @@ def count_tokens(s: Session, files: FileService, registry: Registry, f: File, mo
     return total
 
 
+class Unavailable(Exception):
+    """Why no estimate can be given: `reason` is one of the v3 `unavailable_reason` values, or None
+    when none fits (the v3 CLI then prints its generic line); `message` says what to change."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.message, self.reason = message, reason
+
+
 def estimate(s: Session, owner: str, body: PriceEstimate, files: FileService, registry: Registry) -> dict:
+    """The estimate-price answer (api-reference §5.4). Running here costs nothing and there are no
+    credits, so `allowed_to_proceed` is always true: false makes both SDK lines print an
+    "insufficient funds" warning. A failed estimate is `estimation_available: false` with v3's
+    `unavailable_reason` where one fits and a `message` saying why; it keeps the five numeric fields
+    the 1.x SDK requires (zeros), so both lines parse it."""
     answer = {"estimation_available": True, "estimated_total_price": 0.0, "allowed_to_proceed": True,
               "user_limit": 0.0, "estimated_train_token_count": 0, "estimated_eval_token_count": 0}
     try:
+        train, val = _count(s, owner, body, files, registry)
+    except Unavailable as why:
+        return answer | {"estimation_available": False, "unavailable_reason": why.reason, "message": why.message}
+    return answer | {"estimated_train_token_count": train, "estimated_eval_token_count": val}
+
+
+def _count(s: Session, owner: str, body: PriceEstimate, files: FileService, registry: Registry) -> tuple[int, int]:
+    """(training tokens over all epochs, validation tokens over all evaluations)."""
+    try:
         model = body.model or (resolve_parent(s, owner, body.from_checkpoint).job.model
                                if body.from_checkpoint else None)
-        if not model or not body.training_file:
-            return answer
+        if not model:
+            raise Unavailable("Give `model` (or `from_checkpoint`) to estimate the job's token count.")
+        if not body.training_file:
+            raise Unavailable("Give `training_file` to estimate the job's token count.")
         registry.get(model, s)
-        train = files.get(s, owner, body.training_file)
-        answer["estimated_train_token_count"] = count_tokens(s, files, registry, train, model) * max(body.n_epochs, 1)
-        if body.validation_file:
-            val = files.get(s, owner, body.validation_file)
-            answer["estimated_eval_token_count"] = count_tokens(s, files, registry, val, model) * max(body.n_evals, 0)
-    except TunehouseError:
-        # The create call reports the precise problem; the estimate only says it cannot vouch.
-        answer["allowed_to_proceed"] = False
-    except (ValueError, KeyError, TypeError):
-        answer["allowed_to_proceed"] = False  # a file the validator refused: create explains why
-    return answer
+        train = _validated(s, owner, files, body.training_file, "train")
+        val = _validated(s, owner, files, body.validation_file, "eval") if body.validation_file else None
+    except TunehouseError as exc:  # unknown model, file or checkpoint: the create call refuses it the same way
+        raise Unavailable(exc.message) from None
+    try:
+        n_train = count_tokens(s, files, registry, train, model) * max(body.n_epochs, 1)
+        n_val = count_tokens(s, files, registry, val, model) * max(body.n_evals, 0) if val is not None else 0
+    except (ValueError, KeyError, TypeError) as exc:  # rows the validator passed but the tokenizer cannot take
+        raise Unavailable(f"The files could not be tokenized for {model}: {exc}") from None
+    return n_train, n_val
+
+
+def _validated(s: Session, owner: str, files: FileService, file_id: str, role: str) -> File:
+    f = files.get(s, owner, file_id)
+    if f.processing_status == "FAILED":
+        error = (f.validation_report or {}).get("error") or "it failed validation"
+        raise Unavailable(f"File {f.id} is invalid: {error}", f"{role}_file_invalid")
+    if f.processing_status != "COMPLETED":
+        raise Unavailable(f"File {f.id} has not been validated yet (POST /v1/files/{f.id}/preprocess).",
+                          f"{role}_file_not_validated")
+    return f

@@ -15,6 +15,7 @@ from tunehouse.api import files as files_routes
 from tunehouse.api import fine_tunes as fine_tune_routes
 from tunehouse.api import endpoints as endpoint_routes
 from tunehouse.api import inference as inference_routes
+from tunehouse.api import models as model_routes
 from tunehouse.api.deps import CurrentCaller
 from tunehouse.api.paths import NormalisePaths
 from tunehouse.files import FileService
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(files_routes.router)
     app.include_router(fine_tune_routes.router)
     app.include_router(inference_routes.router)
+    app.include_router(model_routes.router)
     app.include_router(endpoint_routes.router)
 
     @app.get("/health", tags=["meta"])

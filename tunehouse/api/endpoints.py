@@ -26,6 +26,7 @@ class EndpointCreate(BaseModel):
     state: str = "STARTED"
     display_name: str | None = None
     inactive_timeout: int | None = Field(None, ge=0, description="Minutes without requests before it stops; 0 = never.")
+    availability_zone: str | None = None
 
 
 class EndpointUpdate(BaseModel):
@@ -38,20 +39,23 @@ class EndpointUpdate(BaseModel):
 
 @router.get("/hardware")
 def hardware(_caller: CurrentCaller, model: str | None = None):
+    """`model` narrows nothing: each option is one whole device, which loads any model served here."""
     return {"object": "list", "data": hardware_options()}
 
 
 @router.get("/clusters/availability-zones")
 def zones(_caller: CurrentCaller):
-    return {"avzones": ["local"]}
+    return {"avzones": list(eps.ZONES)}
 
 
 @router.post("/endpoints")
 def create(body: EndpointCreate, caller: CurrentCaller, session: SessionDep, request: Request):
-    request.app.state.resolve_model_dir(session, caller.owner, body.model)  # 404/400 now, not later
     ep = eps.create(session, caller.owner, model=body.model, hardware=body.hardware,
                     min_replicas=body.autoscaling.min_replicas, max_replicas=body.autoscaling.max_replicas,
-                    state=body.state, display_name=body.display_name, inactive_timeout=body.inactive_timeout)
+                    state=body.state, display_name=body.display_name, inactive_timeout=body.inactive_timeout,
+                    availability_zone=body.availability_zone)
+    # The model's 404/400 now, not later; after the cheap checks, as it may build or convert weights.
+    request.app.state.resolve_model_dir(session, caller.owner, body.model)
     request.app.state.supervisor_wake()
     return eps.endpoint_object(ep)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Form, Request, UploadFile
+from typing import Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
@@ -19,15 +21,20 @@ def _public_base(request: Request) -> str:
 
 @router.post("", status_code=302)
 async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
-                       purpose: str = Form("fine-tune"), file_name: str = Form(...),
+                       purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
                        file_type: str | None = Form(None), checksum: str | None = Form(None),
-                       file: UploadFile | None = None):
+                       file: UploadFile | None = File(None)):
     """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
-    carries the bytes as a `file` part (curl, the openai SDK) is stored in one go instead."""
+    carries the bytes as a `file` part (curl, the openai SDK, which sends no `file_name`: the part's
+    own name is used) is stored in one go instead and answered 200 with the file object."""
     if file is not None:
-        f = await files.upload_oneshot(session, caller.owner, purpose=purpose, file_name=file_name,
-                                       file_type=file_type, chunks=_read_upload(file))
-        return file_object(f)
+        f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
+                                       file_name=file_name or file.filename or "", file_type=file_type,
+                                       chunks=_read_upload(file))
+        return JSONResponse(file_object(f))  # 200: the route's declared status is the SDKs' 302
+    if not file_name:
+        raise InvalidInput("Send either `file_name` (the together SDKs' three-step upload) or the bytes as "
+                           "a multipart `file` part.", param="file_name")
     f, token = files.begin(session, caller.owner, purpose=purpose, file_name=file_name,
                            file_type=file_type, checksum=checksum)
     location = f"{_public_base(request)}/v1/files/{f.id}/bytes?token={token}"
@@ -59,8 +66,13 @@ async def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: File
 
 
 @router.get("")
-def list_files(caller: CurrentCaller, session: SessionDep, files: FilesDep):
-    return {"object": "list", "data": [file_object(f) for f in files.list(session, caller.owner)]}
+def list_files(caller: CurrentCaller, session: SessionDep, files: FilesDep, purpose: str | None = None,
+               after: str | None = None, limit: int | None = Query(None, ge=1, le=10000),
+               order: Literal["asc", "desc"] = "asc"):
+    """The together SDKs send no query; the openai SDK may page with `after`/`limit`/`order` and
+    filter by `purpose`, and stops paging on `has_more: false`."""
+    page, more = files.list(session, caller.owner, purpose=purpose, after=after, limit=limit, order=order)
+    return {"object": "list", "data": [file_object(f) for f in page], "has_more": more}
 
 
 @router.get("/{file_id}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Request
 
 from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
-from tunehouse.api.schemas import FineTuneCreate, PriceEstimate, checkpoint_object, event_object, job_object
+from tunehouse.api.schemas import PriceEstimate, checkpoint_object, event_object, job_object
 from tunehouse.errors import NotFound
 from tunehouse.downloads import build_download, serve_range
 from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
@@ -20,10 +23,12 @@ def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, re
     """A base model's limits; for `from_checkpoint` jobs the SDKs send the job id or output name."""
     try:
         return registry.limits(model_name, session)
-    except NotFound:
-        if not (model_name.startswith("ft-") or "/" in model_name):
-            raise
-    return registry.limits(resolve_parent(session, caller.owner, model_name).job.model, session)
+    except NotFound as unknown:
+        try:
+            parent = resolve_parent(session, caller.owner, model_name)
+        except NotFound:
+            raise unknown from None  # neither a model nor one of the caller's jobs: say how to add a model
+    return registry.limits(parent.job.model, session)
 
 
 @router.get("/fine-tunes/models/supported")
@@ -38,7 +43,9 @@ def estimate_price(body: PriceEstimate, caller: CurrentCaller, session: SessionD
 
 
 @router.post("/fine-tunes")
-def create(body: FineTuneCreate, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+def create(body: Annotated[dict, Body(description="The together SDK's fine-tuning create body; its fields "
+                                            "are the training config's (`tunehouse fine-tuning create --help`).")],
+           caller: CurrentCaller, session: SessionDep, files: FilesDep,
            registry: RegistryDep, request: Request):
     job = create_job(session, caller.owner, body, registry, files)
     request.app.state.wake_worker()
@@ -87,14 +94,13 @@ def list_checkpoints(job_id: str, caller: CurrentCaller, session: SessionDep):
 
 @router.get("/fine-tunes/{job_id}/metrics")
 def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global_step_from: int | None = None,
-                 global_step_to: int | None = None, resolution: int | None = None):
+                 global_step_to: int | None = None, logged_at_from: datetime | None = None,
+                 logged_at_to: datetime | None = None, resolution: int | None = Query(None, ge=1)):
+    """Rows for optimizer steps and logging times in the inclusive bounds given (ISO-8601 times,
+    as the v3 SDK sends them), thinned to at most `resolution` rows."""
     job = jobs.get_owned(session, caller.owner, job_id)
-    rows = [{"train/global_step": m.step, **m.values} for m in
-            jobs.metrics(session, job.id, global_step_from, global_step_to)]
-    if resolution and len(rows) > resolution:  # keep every k-th row, and always the last
-        k = -(-len(rows) // resolution)
-        rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
-    return {"metrics": rows}
+    rows = jobs.metrics(session, job.id, global_step_from, global_step_to, logged_at_from, logged_at_to)
+    return {"metrics": [{"train/global_step": m.step, **m.values} for m in jobs.thin(rows, resolution)]}
 
 
 @router.get("/finetune/download")

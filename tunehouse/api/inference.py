@@ -1,5 +1,5 @@
-"""Inference routes: `/v1/chat/completions`, `/v1/completions` (JSON or `text/event-stream`) and
-`/v1/models`. Parse, authorise, resolve the model, call `serve.completions`, shape."""
+"""Inference routes: `/v1/chat/completions` and `/v1/completions` (JSON or `text/event-stream`);
+`/v1/models` is in `api/models.py`. Parse, authorise, resolve the model, call `serve.completions`, shape."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunehouse.api import inference_schemas as wire
-from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep, SessionDep
+from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep
 from tunehouse.api.errors import error_body
 from tunehouse.errors import TunehouseError
 from tunehouse.serve import completions, endpoints, models
@@ -37,17 +37,6 @@ async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, 
         return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     return await answer_text(engine, ref, body, request)
-
-
-@router.get("/models")
-def list_models(caller: CurrentCaller, session: SessionDep, registry: RegistryDep, request: Request):
-    """Base models and the caller's completed fine-tunes.
-
-    Shape rule: a client whose `User-Agent` starts with `Together/v1` (the together 1.x SDK and
-    CLI) gets the bare JSON array it requires (api-reference §8); every other client (openai SDK,
-    curl, …) gets OpenAI's `{"object": "list", "data": [...]}`. Items are the same in both."""
-    items = models.list_models(session, registry, caller.owner)
-    return items if wire.is_together_v1(request.headers.get("user-agent")) else {"object": "list", "data": items}
 
 
 async def answer_chat(engine, ref, body: wire.ChatRequest, request: Request):

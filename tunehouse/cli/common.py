@@ -27,7 +27,7 @@ HomeDir = Annotated[Optional[Path], typer.Option("--home", help="tunehouse home 
 
 TERMINAL = ("completed", "cancelled", "error", "user_error")
 STATUS_STYLE = {"completed": "green", "cancelled": "yellow", "error": "red", "user_error": "red",
-                "running": "cyan", "uploading": "cyan"}
+                "running": "cyan", "compressing": "cyan", "uploading": "cyan"}
 
 
 def client_for(base_url: str | None, api_key: str | None) -> Client:

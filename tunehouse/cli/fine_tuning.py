@@ -3,13 +3,13 @@ live `watch`."""
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import inspect
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, get_type_hints
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
@@ -20,132 +20,92 @@ from tunehouse.cli.common import (
 )
 from tunehouse.cli.files import upload_checked
 from tunehouse.client import ApiError, Client
-from tunehouse.train.config import SFTConfig
+from tunehouse.train.config import CONFIGS, SFTConfig, field_docs
+from tunehouse.train.wire import to_request
 
 ft_app = typer.Typer(help="Create, follow and download fine-tuning jobs (the together CLI's commands and flags).",
                      no_args_is_help=True)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """A config dataclass's attribute docstrings, so each flag's help is the field's one description."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+# Flags generated from the training configs (STYLE principle 5: flag = API field = config field):
+# `--field-name` with the field's docstring as help; bools as --x/--no-x.
+_SHORT = {"n_checkpoints": ("-c",), "batch_size": ("-b",), "learning_rate": ("--lr",)}
+_FILES = ("model", "training_file", "validation_file")  # options of their own below
 
 
-_DOC = _field_docs(SFTConfig)
+def _config_fields() -> dict[str, tuple[type, str]]:
+    """Every hyperparameter of SFT and DPO (shared ones once) → (flag type, help)."""
+    out: dict[str, tuple[type, str]] = {}
+    for method, cls in CONFIGS.items():
+        hints, docs = get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _FILES or f.name in out:
+                continue
+            hint = hints[f.name]
+            kind = bool if hint is bool else int if hint in (int, int | None) else float if hint is float else str
+            scope = "" if all(f.name in {g.name for g in dataclasses.fields(c)} for c in CONFIGS.values()) \
+                else f" ({method.upper()} only.)"
+            out[f.name] = (kind, docs.get(f.name, "") + scope)
+    return out
 
 
-def _opt(field: str, *aliases: str, **kw) -> typer.Option:
-    """`--field-name` (STYLE principle 5: flag = API field = config field) with the config's help."""
-    return typer.Option(f"--{field.replace('_', '-')}", *aliases, help=_DOC.get(field), **kw)
+CONFIG_FLAGS = _config_fields()
 
 
-def _batch_size(value: str | None) -> int | str | None:
-    if value is None or value == "max":
-        return value
-    if not value.isdigit():
-        raise typer.BadParameter(f'an integer or "max", got {value!r}', param_hint="--batch-size")
-    return int(value)
+def _flag(name: str, kind: type, help_: str) -> inspect.Parameter:
+    flag = f"--{name.replace('_', '-')}"
+    decls = (f"{flag}/--no-{name.replace('_', '-')}",) if kind is bool else (flag, *_SHORT.get(name, ()))
+    metavar = {"batch_size": "INT|max", "train_on_inputs": "true|false|auto"}.get(name)
+    option = typer.Option(*decls, help=help_, metavar=metavar, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], option])
 
 
-def _drop_none(d: dict) -> dict:
-    return {k: v for k, v in d.items() if v is not None}
+def _typed(name: str, value):
+    if name == "train_on_inputs" and value in ("true", "false"):
+        return value == "true"
+    if name == "batch_size" and value != "max":
+        if not str(value).isdigit():
+            raise typer.BadParameter(f'an integer or "max", got {value!r}', param_hint="--batch-size")
+        return int(value)
+    return value
 
 
-@ft_app.command("create")
 def ft_create(
     training_file: Annotated[str, typer.Option("--training-file", "-t", help="Training file id, or a local path "
                                                "(checked, then uploaded).")],
     validation_file: Annotated[Optional[str], typer.Option("--validation-file", "-v", help="Validation file id, "
                                                            "or a local path (checked, then uploaded).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help=_DOC["model"])] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=field_docs(SFTConfig)["model"])] = None,
     from_checkpoint: Annotated[Optional[str], typer.Option(
         help="Continue a job instead of starting from a model: ft-ID, ft-ID:STEP, OUTPUT_NAME or OUTPUT_NAME:STEP.")
     ] = None,
-    n_epochs: Annotated[Optional[int], _opt("n_epochs")] = None,
-    n_checkpoints: Annotated[Optional[int], _opt("n_checkpoints", "-c")] = None,
-    n_evals: Annotated[Optional[int], _opt("n_evals")] = None,
-    batch_size: Annotated[Optional[str], _opt("batch_size", "-b", metavar="INT|max")] = None,
-    learning_rate: Annotated[Optional[float], _opt("learning_rate", "--lr")] = None,
-    lr_scheduler_type: Annotated[Optional[str], _opt("lr_scheduler_type")] = None,
-    min_lr_ratio: Annotated[Optional[float], _opt("min_lr_ratio")] = None,
-    scheduler_num_cycles: Annotated[Optional[float], _opt("scheduler_num_cycles")] = None,
-    warmup_ratio: Annotated[Optional[float], _opt("warmup_ratio")] = None,
-    max_grad_norm: Annotated[Optional[float], _opt("max_grad_norm")] = None,
-    weight_decay: Annotated[Optional[float], _opt("weight_decay")] = None,
-    suffix: Annotated[Optional[str], typer.Option(help="Added to the output model name: 1-40 of A-Z a-z 0-9 . _ -")
-                      ] = None,
-    lora: Annotated[Optional[bool], typer.Option("--lora/--no-lora", help=_DOC["lora"] + " Unset: the server's "
-                                                 "choice (LoRA, or the parent job's type).")] = None,
-    lora_r: Annotated[Optional[int], _opt("lora_r")] = None,
-    lora_alpha: Annotated[Optional[float], _opt("lora_alpha")] = None,
-    lora_dropout: Annotated[Optional[float], _opt("lora_dropout")] = None,
-    lora_trainable_modules: Annotated[Optional[str], _opt("lora_trainable_modules")] = None,
     training_method: Annotated[Optional[str], typer.Option(help="sft (the default), or dpo on preference pairs.")
                                ] = None,
-    dpo_beta: Annotated[Optional[float], typer.Option(help="DPO: pull toward the reference model (server default "
-                                                      "0.1).")] = None,
-    dpo_normalize_logratios_by_length: Annotated[Optional[bool], typer.Option(
-        "--dpo-normalize-logratios-by-length", help="DPO: divide log-ratios by response length.")] = None,
-    rpo_alpha: Annotated[Optional[float], typer.Option(help="DPO: weight of the NLL term on chosen responses.")
-                         ] = None,
-    simpo_gamma: Annotated[Optional[float], typer.Option(help="DPO: SimPO reward margin; > 0 also turns on "
-                                                         "reference-free and length normalisation, as the SDK does.")
-                           ] = None,
-    train_on_inputs: Annotated[Optional[Literal["true", "false", "auto"]], _opt("train_on_inputs")] = None,
-    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help=_DOC["packing"])] = None,
-    max_seq_length: Annotated[Optional[int], _opt("max_seq_length")] = None,
-    gradient_accumulation_steps: Annotated[Optional[int], _opt("gradient_accumulation_steps")] = None,
-    random_seed: Annotated[Optional[int], _opt("random_seed")] = None,
-    wandb_api_key: Annotated[Optional[str], _opt("wandb_api_key")] = None,
-    wandb_base_url: Annotated[Optional[str], _opt("wandb_base_url")] = None,
-    wandb_project_name: Annotated[Optional[str], _opt("wandb_project_name")] = None,
-    wandb_name: Annotated[Optional[str], _opt("wandb_name")] = None,
-    wandb_entity: Annotated[Optional[str], _opt("wandb_entity")] = None,
-    early_stopping_enabled: Annotated[bool, typer.Option("--early-stopping-enabled",
-                                                         help=_DOC["early_stopping_enabled"])] = False,
-    early_stopping_patience: Annotated[Optional[int], _opt("early_stopping_patience")] = None,
-    early_stopping_min_delta: Annotated[Optional[float], _opt("early_stopping_min_delta")] = None,
-    early_stopping_warmup_evals: Annotated[Optional[int], _opt("early_stopping_warmup_evals")] = None,
+    suffix: Annotated[Optional[str], typer.Option(help="Added to the output model name: 1-40 of A-Z a-z 0-9 . _ -")
+                      ] = None,
+    from_hf_model: Annotated[Optional[str], typer.Option(
+        help="Start from these weights (a model folder on the server, a registered model, or a hub repo the server "
+             "can reach) instead of --model's; --model names their base model.")] = None,
+    hf_model_revision: Annotated[Optional[str], typer.Option(help="Hub revision of --from-hf-model.")] = None,
+    hf_api_token: Annotated[Optional[str], typer.Option(help="Hugging Face token for --from-hf-model and "
+                                                        "--hf-output-repo-name.")] = None,
+    hf_output_repo_name: Annotated[Optional[str], typer.Option(
+        help="Also push the output to this hub repo (needs --hf-api-token and a server that reaches the hub).")
+    ] = None,
     confirm: Annotated[bool, typer.Option("--confirm", "-y", help="Skip the confirmation prompt.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Then follow the job, as `watch` does.")] = False,
-    base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False,
+    base_url: BaseUrl = None, api_key: ApiKey = None, json_out: JsonOut = False, **hyperparameters,
 ):
     """Start a fine-tuning job. Flags left out are left out of the request, so server defaults apply."""
-    lora_args = _drop_none(dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                lora_trainable_modules=lora_trainable_modules))
-    if lora is False and lora_args:
-        err.print(f"[red]Error:[/red] LoRA flags ({', '.join(lora_args)}) were given with --no-lora; "
-                  "use --lora or remove them.")
-        raise typer.Exit(1)
-    # The SDK's body (api-reference §5.2): training_type, training_method and lr_scheduler nested.
-    if lora is False:
-        training_type = {"type": "Full"}
-    elif lora or lora_args:  # LoRA flags alone mean LoRA (the together CLI silently drops them)
-        training_type = {"type": "Lora", **lora_args}
-    else:
-        training_type = None  # the server's choice: LoRA, or the parent job's type
-    method = _drop_none(dict(train_on_inputs={"true": True, "false": False}.get(train_on_inputs, train_on_inputs),
-                             dpo_beta=dpo_beta, dpo_normalize_logratios_by_length=dpo_normalize_logratios_by_length,
-                             rpo_alpha=rpo_alpha, simpo_gamma=simpo_gamma))
-    if simpo_gamma:  # SimPO has no reference model (the SDK's rule)
-        method |= {"dpo_reference_free": True, "dpo_normalize_logratios_by_length": True}
-    training_method = {"method": training_method or "sft", **method} if training_method or method else None
-    scheduler_args = _drop_none(dict(min_lr_ratio=min_lr_ratio, num_cycles=scheduler_num_cycles)) or None
-    lr_scheduler = _drop_none(dict(lr_scheduler_type=lr_scheduler_type, lr_scheduler_args=scheduler_args)) or None
-    body = _drop_none(dict(
+    given = {k: _typed(k, v) for k, v in hyperparameters.items() if v is not None}
+    method = (training_method or "sft").lower()
+    body = to_request(given, method) | {k: v for k, v in dict(
         training_file=training_file, validation_file=validation_file, model=model, from_checkpoint=from_checkpoint,
-        n_epochs=n_epochs, n_checkpoints=n_checkpoints, n_evals=n_evals, batch_size=_batch_size(batch_size),
-        learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm, weight_decay=weight_decay, suffix=suffix, training_type=training_type,
-        training_method=training_method, packing=packing, max_seq_length=max_seq_length,
-        gradient_accumulation_steps=gradient_accumulation_steps, random_seed=random_seed,
-        wandb_key=wandb_api_key,  # the SDKs' name for it; the server takes wandb_api_key too
-        wandb_base_url=wandb_base_url, wandb_project_name=wandb_project_name, wandb_name=wandb_name,
-        wandb_entity=wandb_entity, early_stopping_enabled=early_stopping_enabled or None,
-        early_stopping_patience=early_stopping_patience, early_stopping_min_delta=early_stopping_min_delta,
-        early_stopping_warmup_evals=early_stopping_warmup_evals))
+        suffix=suffix, from_hf_model=from_hf_model, hf_model_revision=hf_model_revision, hf_api_token=hf_api_token,
+        hf_output_repo_name=hf_output_repo_name).items() if v is not None}
+    if training_method:
+        body.setdefault("training_method", {})["method"] = method
     client = common.client_for(base_url, api_key)
     # A local path is checked and uploaded first (as the v3 CLI does); the server wants file ids.
     for name in ("training_file", "validation_file"):
@@ -158,7 +118,7 @@ def ft_create(
             total = price.get("estimated_total_price")  # absent when the server cannot estimate
             err.print("About to create a fine-tuning job" + (f", estimated price ${total:.2f}:" if total is not None
                                                               else ":"))
-            err.print_json(data=body | ({"wandb_key": "***"} if wandb_api_key else {}))
+            err.print_json(data={k: "***" if k in ("wandb_api_key", "hf_api_token") else v for k, v in body.items()})
             if sys.stdin.isatty() and not typer.confirm("Proceed?", err=True):
                 err.print("Not created.")
                 raise typer.Exit(1)
@@ -174,6 +134,23 @@ def ft_create(
             console.print(f"Follow it with `tunehouse ft watch {job['id']}`.")
     if watch:
         raise typer.Exit(_watch(client, job["id"]))
+
+
+def _with_config_flags(func):
+    """`func` with one keyword parameter per config field, which typer turns into its flags."""
+    sig = inspect.signature(func, eval_str=True)
+    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed]
+    generated = [_flag(name, kind, help_) for name, (kind, help_) in CONFIG_FLAGS.items()]
+
+    def command(**kwargs):
+        return func(**kwargs)
+    command.__signature__ = sig.replace(parameters=fixed + generated)
+    command.__doc__ = func.__doc__
+    return command
+
+
+ft_app.command("create")(_with_config_flags(ft_create))
 
 
 @ft_app.command("list")

@@ -20,9 +20,10 @@ from tunehouse.models.default import DEFAULT_MODEL_NAME, default_model_dir, ensu
 from tunehouse.models.tiny import TINY_MODEL_NAME, build_tiny_model
 from tunehouse.store.home import Home
 from tunehouse.store.tables import ModelRow
+from tunehouse.train.config import TrainConfig
 
 BUILTIN_CONTEXT = {DEFAULT_MODEL_NAME: 8192, TINY_MODEL_NAME: 2048}
-DEFAULT_LORA_RANK, MAX_LORA_RANK = 8, 64
+MAX_LORA_RANK = 64
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
 
@@ -107,7 +108,7 @@ class Registry:
             "merge_output_lora": True,
             "lora_training": {"max_batch_size": MAX_BATCH, "max_batch_size_dpo": MAX_BATCH_DPO,
                               "min_batch_size": MIN_BATCH, "max_rank": MAX_LORA_RANK,
-                              "default_rank": DEFAULT_LORA_RANK, "target_modules": LORA_TARGETS},
+                              "default_rank": TrainConfig.__dataclass_fields__["lora_r"].default, "target_modules": LORA_TARGETS},
             "full_training": {"max_batch_size": MAX_BATCH, "max_batch_size_dpo": MAX_BATCH_DPO,
                               "min_batch_size": MIN_BATCH},
         }

@@ -10,6 +10,7 @@ check, stops it on request or after `inactive_timeout` minutes without a request
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,20 +24,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound
-from tunehouse.serve.hardware import hardware_options
+from tunehouse.serve.hardware import is_cpu, local_devices, match_hardware
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Endpoint, utcnow
 
 STATES = ("PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "FAILED", "ERROR")
 START_TIMEOUT_S = 300
-
-
-def _check_hardware(hardware: str) -> None:
-    ids = [h["id"] for h in hardware_options()]
-    if hardware not in ids:
-        # The v1 CLI lists the options when the message says "invalid hardware provided".
-        raise InvalidInput(f"invalid hardware provided: {hardware!r}; this server has {', '.join(ids)}.",
-                           param="hardware")
+ZONES = ("local",)  # this machine: the one zone GET /v1/clusters/availability-zones lists
 
 
 def _check_replicas(min_r: int, max_r: int) -> None:
@@ -44,12 +38,21 @@ def _check_replicas(min_r: int, max_r: int) -> None:
         raise InvalidInput(f"autoscaling needs 0 ≤ min_replicas ≤ max_replicas and max_replicas ≥ 1; "
                            f"got min {min_r}, max {max_r}.", param="autoscaling")
     if max_r > 1:
-        raise InvalidInput("This server runs one replica per endpoint (max_replicas 1).", param="autoscaling")
+        # One process per endpoint, on one device: it batches concurrent requests itself (one
+        # forward per decoding step for all of them), so a second replica would only pay off on a
+        # device of its own, and replicas spread over devices are not implemented.
+        raise InvalidInput(f"autoscaling.max_replicas must be 1; got {max_r}. An endpoint runs as one process on "
+                           "one device, which batches concurrent requests itself; replicas are not implemented.",
+                           param="autoscaling.max_replicas")
 
 
 def create(s: Session, owner: str, *, model: str, hardware: str, min_replicas: int, max_replicas: int,
-           state: str, display_name: str | None, inactive_timeout: int | None) -> Endpoint:
-    _check_hardware(hardware)
+           state: str, display_name: str | None, inactive_timeout: int | None,
+           availability_zone: str | None = None) -> Endpoint:
+    if availability_zone and availability_zone not in ZONES:
+        raise InvalidInput(f"availability_zone must be one of {', '.join(ZONES)} (this server's machine); "
+                           f"got {availability_zone!r}.", param="availability_zone")
+    hardware = match_hardware(hardware)  # what the process will really run on
     _check_replicas(min_replicas, max_replicas)
     if state not in ("STARTED", "STOPPED"):
         raise InvalidInput(f"state must be STARTED or STOPPED; got {state!r}.", param="state")
@@ -113,6 +116,7 @@ class Supervisor:
     def __init__(self, home: Home, resolve_model_dir, poll_s: float = 0.5):
         self.home, self.resolve_model_dir_fn, self.poll_s = home, resolve_model_dir, poll_s
         self.procs: dict[str, subprocess.Popen] = {}
+        self.gpu_of: dict[str, int] = {}  # endpoint id → the GPU index its process was given
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -185,9 +189,26 @@ class Supervisor:
         log = open(self.home.blobs.path(f"endpoints/{ep.id}.log"), "ab")
         proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc", "--model-dir", str(model_dir),
                                  "--name", ep.name, "--port-file", str(port_file)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep)))
         self.procs[ep.id] = proc
         ep.state, ep.pid, ep.error, ep.updated_at = "STARTING", proc.pid, None, utcnow()
+
+    def _device_for(self, ep: Endpoint) -> str:
+        """CUDA_VISIBLE_DEVICES of the endpoint's process: none for the CPU (the engine would
+        otherwise take a GPU it was not given), else the GPU the fewest running endpoints use."""
+        self.gpu_of.pop(ep.id, None)
+        count = 0 if is_cpu(ep.hardware) else local_devices().count
+        if not count:
+            return ""
+        load = [0] * count
+        for other, gpu in self.gpu_of.items():
+            if other in self.procs and self.procs[other].poll() is None and gpu < count:
+                load[gpu] += 1
+        self.gpu_of[ep.id] = load.index(min(load))
+        # Indices are torch's, i.e. into the server's own CUDA_VISIBLE_DEVICES when that is set.
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        return visible[self.gpu_of[ep.id]] if len(visible) == count else str(self.gpu_of[ep.id])
 
     def _check_started(self, ep: Endpoint, proc: subprocess.Popen | None) -> None:
         if proc is None or proc.poll() is not None:

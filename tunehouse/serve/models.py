@@ -10,6 +10,7 @@ and each of the caller's completed fine-tuning jobs by its `model_output_name`.
 
 from __future__ import annotations
 
+from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import select
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse import jobs
 from tunehouse.downloads import MERGED_DIR
+from tunehouse.job_spec import JobSpec
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.models.registry import Registry
 from tunehouse.serve.engine import ModelRef
@@ -48,8 +50,9 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
     if folder is None or not folder.is_dir():
         raise _unknown(name)
     base = bases.get(job.model) or registry.get(job.model, s)
-    lora, parent = job.config["train"]["lora"], job.config.get("extra", {}).get("parent")
-    if lora and not parent:
+    spec = JobSpec.of(job)
+    lora = spec.lora
+    if lora and not spec.parent and not spec.weights:  # trained on the registry's base itself
         return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder)
     weights = folder / MERGED_DIR if lora else folder
     return ModelRef(name, name, weights, base.context_length)
@@ -66,13 +69,27 @@ def list_models(s: Session, registry: Registry, owner: str) -> list[dict]:
     """Model objects for `/v1/models`: fields both the openai SDK (`owned_by`, `created`) and the
     together 1.x SDK (`pricing`, `type`, `context_length`) read."""
     bases = registry.list(s)
-    out = [_model_object(m.name, "tunehouse", 0, m.context_length) for m in bases]
     context = {m.name: m.context_length for m in bases}
-    for job in jobs.list_owned(s, owner):
-        if job.status == "completed" and job.model_output_name:
-            created = int(job.created_at.timestamp()) if job.created_at else 0
-            out.append(_model_object(job.model_output_name, owner, created, context.get(job.model)))
-    return out
+    return ([_model_object(m.name, "tunehouse", 0, m.context_length) for m in bases]
+            + [_fine_tuned_object(job, context.get(job.model)) for job in jobs.list_owned(s, owner)
+               if job.status == "completed" and job.model_output_name])
+
+
+def model_object(s: Session, registry: Registry, owner: str, name: str) -> dict:
+    """One item of `list_models` by name; anything the owner would not see listed is a 404."""
+    for m in registry.list(s):
+        if m.name == name:
+            return _model_object(m.name, "tunehouse", 0, m.context_length)
+    job = s.scalar(select(Job).where(Job.model_output_name == name))
+    if job is None or job.owner != owner or job.status != "completed":
+        raise _unknown(name)
+    base = next((m for m in registry.list(s) if m.name == job.model), None)
+    return _fine_tuned_object(job, base.context_length if base else None)
+
+
+def _fine_tuned_object(job: Job, context_length: int | None) -> dict:
+    created = int(job.created_at.replace(tzinfo=timezone.utc).timestamp()) if job.created_at else 0
+    return _model_object(job.model_output_name, job.owner, created, context_length)
 
 
 def _model_object(name: str, owner: str, created: int, context_length: int | None) -> dict:

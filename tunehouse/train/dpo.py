@@ -100,9 +100,10 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     model for the cache key (the caller knows it: base model, parent checkpoint); "" falls back to
     the resolved model_path and init_adapter paths. Raises `Cancelled` on reporter.should_stop().
     """
-    # Seed, device, precision
+    # Seed, device, precision; batch_size "max" for this device
     torch.manual_seed(cfg.random_seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = recipe.resolve_batch(cfg, model_path, device)
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)

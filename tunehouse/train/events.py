@@ -118,5 +118,10 @@ def open_wandb(cfg, reporter: Reporter):
     config = {k: v for k, v in cfg.to_dict().items() if k != "wandb_api_key"}
     run = wandb.init(project=cfg.wandb_project_name, name=cfg.wandb_name,
                      entity=cfg.wandb_entity, config=config)
-    reporter.event(WANDB_INIT, "Weights & Biases run started", wandb_url=run.url)
+    if run.url:
+        reporter.event(WANDB_INIT, f"Weights & Biases run started: {run.url}", wandb_url=run.url)
+    else:  # an offline run (WANDB_MODE=offline) has no web page until it is synced: point at its folder
+        folder = Path(run.settings.sync_dir).resolve()
+        reporter.event(WANDB_INIT, f"Weights & Biases run started offline in {folder}; "
+                                   f"upload it with `wandb sync {folder}`", wandb_url=folder.as_uri())
     return run

@@ -17,6 +17,21 @@ from tunehouse.train.lora import add_lora, load_lora, merge
 from tunehouse.train.schedule import lr_multiplier
 
 
+def resolve_batch(cfg, model_path: Path, device: torch.device):
+    """The config with batch_size "max" made a number for this device (the create path has usually
+    done it already, for the API server's device)."""
+    if cfg.batch_size != "max":
+        return cfg
+    from dataclasses import replace
+
+    from tunehouse.models.registry import MAX_BATCH, MAX_BATCH_DPO
+    from tunehouse.train.batch_size import resolve_max
+
+    dpo = hasattr(cfg, "dpo_beta")
+    return replace(cfg, batch_size=resolve_max(model_path, seq_len=cfg.max_seq_length, lora=cfg.lora,
+                                               max_batch=MAX_BATCH_DPO if dpo else MAX_BATCH, device=device.type))
+
+
 def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None):
     """(tokenizer, causal LM, model to train): the weights at model_path (a full-weights resume:
     the checkpoint's), with a new LoRA adapter, or the one being resumed or continued."""

@@ -12,6 +12,7 @@ anything else (or a signal) means the process died and the worker requeues the j
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 import time
@@ -21,12 +22,12 @@ from pathlib import Path
 from tunehouse import jobs
 from tunehouse.downloads import build_download
 from tunehouse.files import blob_key
+from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.tables import Checkpoint, File, Job, Metric
 from tunehouse.train import events as ev
-from tunehouse.train.config import SFTConfig
 
 EXIT_CANCELLED = 3
 
@@ -49,6 +50,8 @@ class StoreReporter:
         with self.home.db.session() as s:
             jobs.add_event(s, self.job_id, type, message, level, **fields)
             job = s.get(Job, self.job_id)
+            if job is not None and fields.get("wandb_url"):  # the job shows the run's address too
+                job.progress = {**(job.progress or {}), "wandb_url": fields["wandb_url"]}
             if job is not None and fields.get("total_steps"):
                 job.progress = {**(job.progress or {}), "total_steps": fields["total_steps"],
                                 "param_count": fields.get("param_count"), "token_count": fields.get("token_count")}
@@ -89,27 +92,23 @@ class StoreReporter:
             with self.home.db.session() as s:
                 job = s.get(Job, self.job_id)
                 # cancelled, deleted, or requeued to another worker: stop before the next step
-                self._stop = job is None or job.status not in ("running", "uploading")
+                self._stop = job is None or job.status not in jobs.ACTIVE
         return self._stop
 
 
-def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreReporter) -> dict:
-    """Paths for run_sft: base weights (or a parent's merged weights), init adapter, data, resume."""
-    cfg = job.config["train"]
-    parent = job.config.get("extra", {}).get("parent")
-    reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {job.model}")
-    model_path, init_adapter = Path(registry.path(job.model)), None
+def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, reporter: StoreReporter) -> dict:
+    """Paths for the recipe: base weights (or a parent's merged weights), init adapter, data, resume."""
+    reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {spec.from_hf_model or job.model}")
+    model_path, init_adapter, parent = _starting_weights(home, spec, registry), None, spec.parent
     if parent:
-        folder = home.blobs.path(parent["blob_key"])
-        same_shape = parent["lora"] and cfg["lora"] and all(
-            parent["lora_shape"][k] == cfg[k] for k in ("lora_r", "lora_alpha", "lora_trainable_modules"))
-        if same_shape:
+        folder = home.blobs.path(parent.blob_key)
+        if parent.same_adapter_shape(spec.train):
             init_adapter = folder  # keep training the parent's adapter
-            reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent['job_id']} (step {parent['step']})",
+            reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent.job_id} (step {parent.step})",
                            level="info")
-        elif parent["lora"]:
+        elif parent.lora:
             model_path = _merged(home, job, folder, model_path)  # fold the parent in, then a new adapter/full
-            reporter.event(ev.WARNING, f"Merged the adapter of {parent['job_id']} (step {parent['step']}) into "
+            reporter.event(ev.WARNING, f"Merged the adapter of {parent.job_id} (step {parent.step}) into "
                                        "the base weights: this job's training type or LoRA shape differs",
                            level="info")
         else:
@@ -118,6 +117,8 @@ def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreRepo
     with home.db.session() as s:
         train = s.get(File, job.training_file)
         val = s.get(File, job.validation_file) if job.validation_file else None
+        if train is None or (job.validation_file and val is None):
+            raise ValueError("a data file of this job was deleted before it ran; upload it again and create a new job")
         training_path = home.blobs.path(blob_key(train))
         validation_path = home.blobs.path(blob_key(val)) if val else None
         done = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Intermediate"]
@@ -128,6 +129,17 @@ def resolve_inputs(home: Home, job: Job, registry: Registry, reporter: StoreRepo
                        step=done[-1].step)
     return dict(model_path=model_path, init_adapter=init_adapter, training_path=training_path,
                 validation_path=validation_path, resume_from=resume_from)
+
+
+def _starting_weights(home: Home, spec: JobSpec, registry: Registry) -> Path:
+    """The registry's base, a server folder, or a hub repo fetched into the model cache (from_hf_model)."""
+    if spec.weights is None:
+        return Path(registry.path(spec.train.model))
+    if Path(spec.weights).is_dir():
+        return Path(spec.weights)
+    from tunehouse.hub import fetch_weights
+
+    return fetch_weights(spec.weights, spec.hf_model_revision, spec.hf_api_token, registry.cache)
 
 
 def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path:
@@ -156,19 +168,19 @@ def main(job_id: str) -> int:
     from tunehouse.train.sft import Cancelled, run_sft
 
     try:
-        inputs = resolve_inputs(home, job, registry, reporter)
+        spec = JobSpec.of(job)
+        inputs = resolve_inputs(home, job, spec, registry, reporter)
         output_dir = home.blobs.path(f"jobs/{job_id}/out")
-        if job.method == "dpo":
-            from tunehouse.train.config import DPOConfig
+        if spec.method == "dpo":
             from tunehouse.train.dpo import run_dpo
 
-            parent = job.config.get("extra", {}).get("parent") or {}
-            # The reference is the starting policy: the base model, or the parent checkpoint.
-            reference_id = f"{job.model}|{parent.get('blob_key', '')}|lora={job.config['train']['lora']}"
-            run_dpo(DPOConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter,
+            # The reference is the starting policy: the base model, other weights, or the parent checkpoint.
+            reference_id = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
+                            f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}")
+            run_dpo(spec.train, output_dir=output_dir, reporter=reporter,
                     reference_cache_dir=home.blobs.path("reference-logps"), reference_id=reference_id, **inputs)
         else:
-            run_sft(SFTConfig.from_dict(job.config["train"]), output_dir=output_dir, reporter=reporter, **inputs)
+            run_sft(spec.train, output_dir=output_dir, reporter=reporter, **inputs)
     except Cancelled:
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
@@ -178,19 +190,74 @@ def main(job_id: str) -> int:
         traceback.print_exc()
         _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: {type(exc).__name__}: {exc}")
         return 0
+    return _publish(home, job_id, spec)
+
+
+def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
+    """After the final save (and LoRA merge): the documented tail of the event log,
+
+        TRAINING_COMPLETE → COMPRESSING_MODEL → MODEL_COMPRESSION_COMPLETE
+                          → MODEL_UPLOADING → MODEL_UPLOAD_COMPLETE → JOB_COMPLETE
+
+    Compressing is real work: the default download (merged weights for LoRA, the model for full
+    training) is packed into a zstd tar, so the first download is instant. Uploading records the
+    archive's SHA-256 and path on the event: the blob store is the archive's home already."""
     with home.db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.status == "cancel_requested":
             return EXIT_CANCELLED
+        jobs.set_status(job, "compressing")
+        jobs.add_event(s, job_id, "COMPRESSING_MODEL", "Compressing output model")
+    with home.db.session() as s:
+        archive = build_download(s, home, s.get(Job, job_id), None, None)
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return EXIT_CANCELLED
+        jobs.add_event(s, job_id, "MODEL_COMPRESSION_COMPLETE",
+                       f"Model compression complete: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
         jobs.set_status(job, "uploading")
         jobs.add_event(s, job_id, "MODEL_UPLOADING", "Uploading output model")
-    with home.db.session() as s:  # prepare the default download so the first request is instant
-        job = s.get(Job, job_id)
-        build_download(s, home, job, None, None)
+    digest = _sha256(archive)
+    if spec.hf_output_repo_name:
+        _push(home, job_id, spec)
     with home.db.session() as s:
-        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete")
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return EXIT_CANCELLED
+        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete", model_path=job.model_output_name,
+                       hash=digest)
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
+
+
+def _push(home: Home, job_id: str, spec: JobSpec) -> None:
+    """hf_output_repo_name: the default output (merged weights, or the full model) to the hub.
+    A failed push is a warning: the model is complete and downloadable here."""
+    from tunehouse.downloads import pick_folder
+    from tunehouse.hub import push_folder
+
+    with home.db.session() as s:
+        folder, _ = pick_folder(s, home, s.get(Job, job_id), None, None)
+    try:
+        url = push_folder(folder, spec.hf_output_repo_name, spec.hf_api_token, f"tunehouse job {job_id}")
+    except Exception as exc:  # the hub, the network or the token: say which, keep the job
+        with home.db.session() as s:
+            jobs.add_event(s, job_id, ev.WARNING, f"Could not push the output to {spec.hf_output_repo_name}: "
+                           f"{type(exc).__name__}: {exc}", level="warning")
+        return
+    with home.db.session() as s:
+        job = s.get(Job, job_id)
+        job.progress = {**(job.progress or {}), "hf_output_url": url}
+        jobs.add_event(s, job_id, ev.WARNING, f"Pushed the output to {url}", level="info")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:

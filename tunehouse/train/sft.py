@@ -69,9 +69,10 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     bf16: autocast to bfloat16; None = on for CUDA with bf16, on CPU only if $TUNEHOUSE_BF16=1
       and the CPU has native bf16. Raises `Cancelled` when reporter.should_stop() turns true.
     """
-    # Seed, device, precision
+    # Seed, device, precision; batch_size "max" for this device
     torch.manual_seed(cfg.random_seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = recipe.resolve_batch(cfg, model_path, device)
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA)
