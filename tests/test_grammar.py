@@ -62,7 +62,12 @@ def test_compile_is_cached_and_refuses_bad_schemas(tokenizer):
         assert exc.value.param == "response_format" and words in exc.value.message
     cache.compile("tiny", tokenizer, Spec.regex("a+"))
     cache.compile("tiny", tokenizer, Spec.regex("b+"))
-    assert cache.compile("tiny", tokenizer, Spec.json_schema(PERSON)) is not first  # LRU: evicted
+    again = cache.compile("tiny", tokenizer, Spec.json_schema(PERSON))
+    assert again is not first  # LRU: evicted
+    cache.compile("other", tokenizer, Spec.regex("a+"))
+    cache.forget(lambda key: key == "tiny")  # the weights were deleted
+    assert cache.compile("tiny", tokenizer, Spec.json_schema(PERSON)) is not again
+    assert len(cache._grammars) == 2 and set(cache._tokenizers) == {"tiny", "other"}
 
 
 def test_masks_walk_a_regex_and_leave_free_rows_alone(tokenizer):
@@ -119,7 +124,7 @@ def test_engine_batch_mixes_constrained_and_free_rows(base):
             engine.close()
 
     alone, (free_out, json_out, sampled_out), stats = asyncio.run(main())
-    assert stats["max_batch_size"] >= 3
+    assert stats["max_batch_size"] >= 3 and stats["constrained"] == 1
     assert free_out == alone[0] and sampled_out == alone[1]
     assert len(json_out) == 2 and json_out[0][0] != json_out[1][0]  # seeds 5 and 6
     for text, reason in json_out:

@@ -137,7 +137,8 @@ class Engine(ABC):
 
     @abstractmethod
     def stats(self) -> dict:
-        """Counters: max_batch_size, steps, tokens, cancelled, model_loads, adapter_loads, evictions."""
+        """Counters: max_batch_size, steps, tokens, cancelled, model_loads, adapter_loads, evictions,
+        constrained (requests held to a grammar)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -203,7 +204,7 @@ class TorchEngine(Engine):
         self._sweep_s, self._swept = sweep_s, time.monotonic()
         self._stats = dict(max_batch_size=0, steps=0, tokens=0, requests=0, cancelled=0, model_loads=0,
                            adapter_loads=0, adapter_evictions=0, model_evictions=0,
-                           scored=0, scored_tokens=0, score_forwards=0)
+                           scored=0, scored_tokens=0, score_forwards=0, constrained=0)
         self._thread = threading.Thread(target=self._run, name="tunehouse-engine", daemon=True)
         self._thread.start()
 
@@ -233,6 +234,7 @@ class TorchEngine(Engine):
                 raise RuntimeError("the inference engine is shut down")
             self._waiting.extend(seqs)
             self._stats["requests"] += 1
+            self._stats["constrained"] += grammar is not None
             self._cv.notify()
         return gen
 
@@ -383,6 +385,7 @@ class TorchEngine(Engine):
                 self._stats["model_evictions"] += 1
         for path in [t for t in self._tokenizers if gone(t)]:
             del self._tokenizers[path]
+        self.grammars.forget(gone)
 
     def _load(self, model: ModelRef, adapters: set[Path]) -> LoadedWeights:
         """The weights of `model` (LRU across weights), with `adapters` attached (LRU across adapters)."""

@@ -147,6 +147,14 @@ class GrammarCache:
                 self._grammars.popitem(last=False)
         return grammar
 
+    def forget(self, gone) -> None:
+        """Drop the tokenizers and grammars of every key for which `gone(key)` is true (deleted weights)."""
+        with self._lock:
+            for key in [k for k in self._tokenizers if gone(k)]:
+                del self._tokenizers[key]
+            for entry in [e for e in self._grammars if gone(e[0])]:
+                del self._grammars[entry]
+
     def _tokenizer(self, key: str, tokenizer):
         with self._lock:
             lltok = self._tokenizers.get(key)
