@@ -168,14 +168,18 @@ def _context_defaults(values: dict, start: Start, registry: Registry, s: Session
         out |= _lora_shape(JobSpec.of(start.parent.job).train)
     seq_limit = start.limits.get(f"max_seq_length_{method}")
     if "max_seq_length" not in values and seq_limit:
-        out["max_seq_length"] = min(TrainConfig.__dataclass_fields__["max_seq_length"].default, seq_limit)
+        out["max_seq_length"] = min(_default("max_seq_length"), seq_limit)
     if out.get("batch_size", "max") == "max" and start.model:
         lora = out.get("lora", True)
         bounds = start.limits["lora_training" if lora else "full_training"]
         folder = start.weights or (registry.path(start.model, s) if registry.is_materialised(start.model) else None)
-        out["batch_size"] = resolve_max(folder, seq_len=out.get("max_seq_length", 2048), lora=lora,
+        out["batch_size"] = resolve_max(folder, seq_len=out.get("max_seq_length", _default("max_seq_length")), lora=lora,
                                         max_batch=bounds["max_batch_size_dpo" if method == "dpo" else "max_batch_size"])
     return out
+
+
+def _default(name: str):
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 def _lora_shape(cfg: TrainConfig) -> dict:
