@@ -66,6 +66,7 @@ RULES: dict[str, tuple[str, str]] = {
     "null_value": ("load_parquet", "a null in a Parquet column"),
     "length_mismatch": ("load_parquet", "token columns of one row with different lengths"),
     "invalid_mask": ("load_parquet", "an attention_mask value other than 0 and 1"),
+    "invalid_position_ids": ("load_parquet", "position_ids that do not count 0, 1, … (restarting at 0)"),
     "missing_header": ("load_csv", "a CSV file without a header row"),
     "ragged_row": ("load_csv", "a CSV row whose column count differs from the header's"),
     "invalid_csv": ("load_csv", "a CSV row the csv module cannot read"),

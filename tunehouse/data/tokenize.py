@@ -127,6 +127,22 @@ def read_rows(path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def split_packed(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A pre-tokenised row whose `position_ids` restart at 0 holds several packed sequences:
+    one row per sequence, so that each is trained on its own (the packer then isolates them
+    with its block-diagonal attention; position ids alone would not, DESIGN.md). Other rows
+    come back as they are; the checker refuses position_ids that do not count 0, 1, 2, …"""
+    positions = row.get("position_ids")
+    if positions is None:
+        return [row]
+    starts = [i for i, p in enumerate(positions) if int(p) == 0] or [0]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    bounds = list(zip(starts, starts[1:] + [len(positions)]))
+    columns = [k for k in ("input_ids", "labels", "attention_mask") if row.get(k) is not None]
+    return [{k: list(row[k][a:b]) for k in columns} for a, b in bounds]
+
+
 def _pretokenized(row: dict[str, Any]) -> tuple[list[int], list[int]]:
     ids = [int(t) for t in row["input_ids"]]
     labels = row.get("labels")
