@@ -16,7 +16,7 @@ from tunehouse.api import inference_schemas as wire
 from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep, SessionDep
 from tunehouse.api.errors import error_body
 from tunehouse.errors import TunehouseError
-from tunehouse.serve import completions, endpoints, models
+from tunehouse.serve import completions, endpoints, models, tool_calls
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -27,7 +27,9 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
     if url := await _endpoint(request, home, caller.owner, body.model):
         return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers))
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
-    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages,
+                                   **body.tool_options(), **body.options())
+    prep = await tool_calls.choose_forced(engine, prep)
     if body.stream:
         return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
     prompt = await completions.echo(engine, prep) if prep.echo else None
@@ -90,7 +92,7 @@ async def _chat_events(prep: completions.Prepared, engine, v1: bool) -> AsyncIte
     async with aclosing(completions.stream(engine, prep)) as events:
         async for ev in events:
             generated, done = generated + 1, done + bool(ev.finish_reason)
-            if ev.text or ev.finish_reason:
+            if ev.text or ev.finish_reason or ev.tool_calls:
                 chunk = wire.chat_chunk(rid, created, prep, ev, v1)
                 yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
 

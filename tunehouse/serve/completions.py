@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunehouse.data import tools as tools_format
 from tunehouse.errors import InvalidInput, TunehouseError
+from tunehouse.serve import tool_calls
 from tunehouse.serve.engine import Engine, ModelRef, TokenEvent
 from tunehouse.serve.sampling import SamplingParams
 from tunehouse.serve.scoring import Scored
@@ -35,6 +37,7 @@ class Prepared:
     prompt_text: str = ""  # the prompt as the model reads it (chat: the rendered template)
     echo: bool = False  # answer with the prompt and, with logprobs, its log-probs
     offsets: list[tuple[int, int]] | None = None  # each prompt token's span of prompt_text, when echoing
+    tools: tool_calls.ToolPlan | None = None  # the request's tools, tool_choice, parallel_tool_calls
 
     @property
     def generates(self) -> bool:
@@ -49,39 +52,35 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)
 
 
-def _text_only(content: Any) -> str:
-    """Message content as a string: list-of-parts content must be text parts (text-only models)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise InvalidInput(f"This model reads text only; a message part of type {part.get('type')!r} "
-                               "cannot be used.", param="messages")
-        parts.append(part.get("text", ""))
-    return "".join(parts)
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt from the model's own chat template, ending with the assistant turn's header."""
-    msgs = [{**m, "content": _text_only(m.get("content"))} for m in messages]
-    if not msgs:
+def chat_prompt(tokenizer, messages: list[dict], plan: tool_calls.ToolPlan | None = None) -> str:
+    """The prompt from the model's own chat template, ending with the assistant turn's header (and a
+    forced call's start); tools, tool calls and results laid out as in training (data/tools.py)."""
+    if not messages:
         raise InvalidInput("messages is empty: send at least one message.", param="messages")
     if not tokenizer.chat_template:
         raise InvalidInput("This model has no chat template; use /v1/completions with a plain prompt.",
                            param="model")
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for i, m in enumerate(messages):
+        tool_calls.check_message(m, f"messages[{i}]")
+    try:
+        return tools_format.render(tokenizer, messages, plan.tools if plan else None, generation_prompt=True,
+                                   prefix=plan.prefill if plan else "")
+    except ValueError as exc:
+        raise InvalidInput(f"{exc}.", param="messages") from None
 
 
 def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,
-            n: int = 1, max_tokens: int | None = None, echo: bool = False, **sampling) -> Prepared:
+            n: int = 1, max_tokens: int | None = None, echo: bool = False, tools: list[dict] | None = None,
+            tool_choice: Any = None, parallel_tool_calls: bool | None = None, **sampling) -> Prepared:
     """Tokenise the prompt and settle max_tokens; a prompt that does not fit is a 400 naming both
     numbers. `sampling` holds the other SamplingParams fields. max_tokens 0 (only with echo)
-    generates nothing: the answer is the prompt's log-probs alone."""
+    generates nothing: the answer is the prompt's log-probs alone. Tool fields: serve/tool_calls.py."""
     tokenizer = engine.tokenizer(model)
-    text = chat_prompt(tokenizer, messages) if messages is not None else prompt or ""
+    plan = tool_calls.make_plan(tokenizer, tools, tool_choice, parallel_tool_calls) if messages is not None else None
+    text = chat_prompt(tokenizer, messages, plan) if messages is not None else prompt or ""
     ids, offsets = encode(tokenizer, text, specials=messages is None, offsets=echo)
     if not ids:
         raise InvalidInput("The prompt is empty.", param="prompt")
@@ -97,7 +96,7 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
             f"more than the model's context length of {ctx} tokens. Shorten the prompt or lower max_tokens.",
             param="max_tokens", code="context_length_exceeded")
     return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo,
-                    offsets)
+                    offsets, plan)
 
 
 def encode(tokenizer, text: str, *, specials: bool,
@@ -148,11 +147,13 @@ async def echo(engine: Engine, prep: Prepared) -> dict:
 async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
     """The events of all n choices as they come; leaving early (client gone) stops generation."""
     generation = engine.submit(prep.model, prep.prompt_ids, prep.params, prep.n)
+    reading = prep.tools is not None and prep.tools.read_calls
+    readers = [tool_calls.CallReader(prep.tools) for _ in range(prep.n)] if reading else []
     try:
         async for event in generation:
             if event.error:
                 raise GenerationFailed(f"Generation failed: {event.error}")
-            yield event
+            yield tool_calls.read_event(readers[event.index], event) if readers else event
     finally:
         generation.cancel()
 
@@ -164,6 +165,7 @@ async def complete(engine: Engine, prep: Prepared) -> list[Choice]:
     async for ev in stream(engine, prep):
         c = choices[ev.index]
         c.text += ev.text
+        c.tool_calls += ev.tool_calls or []
         c.token_ids.append(ev.token_id)
         c.finish_reason = ev.finish_reason or c.finish_reason
         if ev.logprob is not None:
