@@ -272,6 +272,9 @@ def make_parquet(path: Path, columns: dict) -> Path:
 @pytest.mark.parametrize("columns, expected", [
     ({"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 0]],
       "labels": [[-100, 2, 3], [4, 5]], "position_ids": [[0, 1, 2], [0, 1]]}, []),
+    ({"input_ids": [[1, 2, 3], [4, 5]], "position_ids": [[0, 1, 0], [0, 1]]}, []),  # two packed in row 1
+    ({"input_ids": [[1, 2], [3, 4, 5], [6, 7]], "position_ids": [[0, 1], [0, 2, 3], [1, 2]]},
+     [(2, "position_ids", "invalid_position_ids"), (3, "position_ids", "invalid_position_ids")]),
     ({"input_ids": [[1, 2]], "text": ["hi"]}, [(None, "text", "extra_column")]),
     ({"labels": [[1, 2]]}, [(None, "input_ids", "missing_column")]),
     ({"input_ids": [[1, 2], [3, 4], [5, 6]], "labels": [[1, 2], [3], [5, 6]]},

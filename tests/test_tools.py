@@ -210,12 +210,16 @@ def test_malformed_call_is_a_value_error_not_a_crash(tiny_tokenizer):  # noqa: F
         tokenize_row(bad, tiny_tokenizer, train_on_inputs=False, max_seq_length=512)
 
 
+FORCED = '<tool_call>{"name": "f", "arguments": '
+
+
 def read_all(text: str, plan: ToolPlan, step: int) -> tuple[str, list[tuple[str, str]]]:
     reader, content, calls = CallReader(plan), "", []
     for at in range(0, len(text), step):
         c, k = reader.feed(text[at:at + step])
         content, calls = content + c, calls + k
-    content += reader.close()
+    rest, more = reader.close()
+    content, calls = content + rest, calls + more
     assert [c["index"] for c in calls] == list(range(len(calls)))
     return content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
 
@@ -227,10 +231,13 @@ def read_all(text: str, plan: ToolPlan, step: int) -> tuple[str, list[tuple[str,
      '"parameters": {"x": "y"}}</tool_call>\n', ToolPlan([], True), ("Sure.", [("f", "{}"), ("g", '{"x": "y"}')])),
     ("  a < b <tool_ca", ToolPlan([], True), ("  a < b <tool_ca", [])),  # unclosed: stays text
     ("x <tool_call>{oops}</tool_call> y", ToolPlan([], True), ("x <tool_call>{oops}</tool_call> y", [])),
-    ('{"city": "Rome"}}</tool_call>', ToolPlan([], True, prefill='<tool_call>{"name": "f", "arguments": '),
+    ('{"city": "Rome"}}</tool_call>', ToolPlan([], True, prefill=FORCED, forced="f"),
      ("", [("f", '{"city": "Rome"}')])),
     ('<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>',
      ToolPlan([], True, parallel=False), ("", [("f", "{}")])),
+    # a forced call is a call even when its arguments are not JSON, or are cut short
+    ('"city": Rome}</tool_call> ok', ToolPlan([], True, prefill=FORCED, forced="f"), ("ok", [("f", '"city": Rome')])),
+    ('{"city": "Ro', ToolPlan([], True, prefill=FORCED, forced="f"), ("", [("f", '{"city": "Ro')])),
 ])
 def test_reply_reader_is_the_same_in_any_chunking(text, plan, expected):
     for step in (1, 3, len(text)):

@@ -18,11 +18,14 @@ tool_choice:
 
 The reply is read by the same incremental reader streamed or not, so a streamed answer's deltas
 add up to the non-streamed message exactly. Rules: text outside well-formed blocks is content;
-whitespace next to a call is dropped; a malformed or unclosed block stays in the content as text.
+whitespace next to a call is dropped; a malformed or unclosed block stays in the content as text,
+except the forced call, returned as written (arguments = the text after the prefill). With
+parallel_tool_calls false, calls after the first are dropped.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import uuid
@@ -40,6 +43,7 @@ class ToolPlan:
     read_calls: bool  # read <tool_call> blocks back from the reply
     parallel: bool = True  # several calls per reply (parallel_tool_calls)
     prefill: str = ""  # a forced call's start, the end of the prompt
+    forced: str | None = None  # the name of the forced call
     choose_from: tuple[str, ...] = ()  # "required" with several tools: the names to choose among
 
 
@@ -62,13 +66,13 @@ def make_plan(tokenizer, tools: list[dict] | None, tool_choice: Any, parallel: b
         return ToolPlan(None, False)
     if tool_choice == "required":
         if len(names) == 1:
-            return ToolPlan(tools, True, parallel, fmt.call_prefill(support, names[0]))
+            return ToolPlan(tools, True, parallel, fmt.call_prefill(support, names[0]), names[0])
         return ToolPlan(tools, True, parallel, choose_from=tuple(dict.fromkeys(names)))
     name = _named(tool_choice)
     if name not in names:
         raise InvalidInput(f"tool_choice names the function {name!r}, which is not among the tools "
                            f"({', '.join(names)}).", param="tool_choice")
-    return ToolPlan(tools, True, parallel, fmt.call_prefill(support, name))
+    return ToolPlan(tools, True, parallel, fmt.call_prefill(support, name), name)
 
 
 def _named(choice: Any) -> str | None:
@@ -113,7 +117,8 @@ async def choose_forced(engine, prep):
     room = prep.model.context_length - len(ids[pick])
     params = replace(prep.params, max_tokens=max(1, min(prep.params.max_tokens, room)))
     return replace(prep, prompt_ids=ids[pick], prompt_text=prep.prompt_text + starts[pick], params=params,
-                   offsets=None, tools=replace(plan, prefill=starts[pick], choose_from=()))
+                   offsets=None, tools=replace(plan, prefill=starts[pick], forced=plan.choose_from[pick],
+                                               choose_from=()))
 
 
 def _pick(logps: list[float], temperature: float, seed: int | None) -> int:
@@ -124,12 +129,12 @@ def _pick(logps: list[float], temperature: float, seed: int | None) -> int:
     return random.Random(seed).choices(range(len(logps)), weights)[0]
 
 
-def new_call(call: fmt.ParsedCall, index: int) -> dict:
+def new_call(name: str, arguments: dict | str, index: int) -> dict:
     """An OpenAI tool call (also the streamed delta: the SDKs accumulate it by `index`)."""
-    import json
-
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
     return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": arguments}}
 
 
 class CallReader:
@@ -141,6 +146,7 @@ class CallReader:
         self.space = ""  # whitespace held back: dropped next to a call, else released
         self.after_call = False
         self.calls = 0
+        self.forced = plan.forced  # until the prefilled block is read: it is a call whatever follows
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """(content to show, calls completed) after `text` more of the reply."""
@@ -160,20 +166,35 @@ class CallReader:
                 break
             block, self.buffer = self.buffer[at:end + len(fmt.CALL_CLOSE)], self.buffer[end + len(fmt.CALL_CLOSE):]
             call = fmt.parse_call(block[len(fmt.CALL_OPEN):-len(fmt.CALL_CLOSE)])
-            if call is None:
+            if call is None and not self.forced:
                 out.append(self._content(block))
-            else:
-                self.space, self.after_call = "", True
-                if self.plan.parallel or not self.calls:
-                    calls.append(new_call(call, self.calls))
-                    self.calls += 1
+                continue
+            self.space, self.after_call = "", True
+            if self.plan.parallel or not self.calls:
+                calls.append(self._call(call, block[:-len(fmt.CALL_CLOSE)]))
         return "".join(out), calls
 
-    def close(self) -> str:
-        """The content still held at the end of the reply (an unclosed block stays text)."""
+    def close(self) -> tuple[str, list[dict]]:
+        """(content, calls) still held at the end of the reply: an unclosed block stays text,
+        unless it is the forced call, cut short (by max_tokens): that is returned as it stands."""
+        if self.forced and self.buffer.startswith(self.plan.prefill):
+            self.buffer, calls = "", [self._call(None, self.buffer)]
+            return "", calls
         rest = self._content(self.buffer) if self.buffer else ""
         self.buffer = ""
-        return rest + ("" if self.calls else self.space)
+        return rest + ("" if self.calls else self.space), []
+
+    def _call(self, call: fmt.ParsedCall | None, raw: str) -> dict:
+        """A call parsed, or the forced one as written: its arguments are the text after the
+        prefill, less the object's closing brace (OpenAI's arguments may be invalid JSON too)."""
+        if call is None:
+            args = raw[len(self.plan.prefill):].rstrip()
+            name, arguments = self.forced, args[:-1] if args.endswith("}") else args
+        else:
+            name, arguments = call.name, call.arguments
+        self.forced = None
+        self.calls += 1
+        return new_call(name, arguments, self.calls - 1)
 
     def _content(self, text: str) -> str:
         if self.after_call:
@@ -202,7 +223,8 @@ def read_event(reader: CallReader, event):
     """A generated token's event as the client sees it: content outside calls, calls completed."""
     content, calls = reader.feed(event.text)
     if event.finish_reason:
-        content += reader.close()
+        rest, more = reader.close()
+        content, calls = content + rest, calls + more
     return replace(event, text=content, tool_calls=calls or None,
                    finish_reason=finish_reason(event.finish_reason, reader.calls))
 
