@@ -81,7 +81,7 @@ def text_of(content: Any) -> str:
     for part in content:
         if not isinstance(part, dict) or part.get("type") != "text":
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"this model reads text only; a content part of type {kind!r} cannot be used")
+            raise ValueError(f"This model reads text only; a content part of type {kind!r} cannot be used")
         parts.append(str(part.get("text", "")))
     return "".join(parts)
 

@@ -68,8 +68,9 @@ def chat_prompt(tokenizer, messages: list[dict], plan: tool_calls.ToolPlan | Non
     try:
         return tools_format.render(tokenizer, messages, plan.tools if plan else None, generation_prompt=True,
                                    prefix=plan.prefill if plan else "")
-    except ValueError as exc:
-        raise InvalidInput(f"{exc}.", param="messages") from None
+    except ValueError as exc:  # e.g. an image part for this text-only model
+        text = str(exc)
+        raise InvalidInput(text[:1].upper() + text[1:] + ".", param="messages") from None
 
 
 def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,

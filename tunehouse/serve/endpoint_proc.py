@@ -19,7 +19,7 @@ from tunehouse.api import errors
 from tunehouse.api import inference_schemas as wire
 from tunehouse.api.inference import _chat_events, _sse, _text_events
 from tunehouse.api.server import serve_in_thread
-from tunehouse.serve import completions
+from tunehouse.serve import completions, tool_calls
 from tunehouse.serve.engine import ModelRef, TorchEngine
 
 
@@ -36,7 +36,9 @@ def build_app(model_dir: Path, name: str) -> tuple[FastAPI, TorchEngine]:
 
     @app.post("/v1/chat/completions")
     async def chat(body: wire.ChatRequest, request: Request):
-        prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+        prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages,
+                                       **body.tool_options(), **body.options())
+        prep = await tool_calls.choose_forced(engine, prep)
         if body.stream:
             return _sse(_chat_events(prep, engine, wire.is_together_v1(request.headers.get("user-agent"))))
         return wire.chat_response(wire.new_id("chatcmpl"), prep, await completions.complete(engine, prep))

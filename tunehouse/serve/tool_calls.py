@@ -230,10 +230,10 @@ def read_event(reader: CallReader, event):
 
 
 def check_message(m: Any, path: str) -> None:
-    """A request message's role and tool calls, by the dataset checker's rules (first problem: 400)."""
-    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-        raise InvalidInput(f"{path}: expected a message with role system, user, assistant or tool.",
-                           param=f"{path}.role")
+    """A request message has a role (any: the template decides what it renders, e.g. OpenAI's
+    "developer") and well-formed tool calls, by the dataset checker's rules (first problem: 400)."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise InvalidInput(f"{path}: expected a message object with a string role.", param=f"{path}.role")
     issues: list = []
     if m["role"] == "assistant" and m.get("tool_calls") is not None:
         MessageChecks(issues, set()).tool_calls(m["tool_calls"], f"{path}.tool_calls")
