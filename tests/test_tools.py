@@ -93,6 +93,13 @@ def test_template_support_is_probed(tiny_tokenizer, native_tokenizer):  # noqa: 
     bare = copy.deepcopy(tiny_tokenizer)
     bare.chat_template = None
     assert tools.template_support(bare).tool_format is None
+    # Tools in another call syntax (Llama 3.1's bare JSON): the fallback, so replies stay readable.
+    llama = copy.deepcopy(tiny_tokenizer)
+    llama.chat_template = (
+        "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% for c in m.tool_calls or [] %}{{ {'name': c.function.name, 'parameters': c.function.arguments} | tojson }}"
+        "{% endfor %}{{ m.content }}<|im_end|>\n{% endfor %}")
+    assert tools.template_support(llama).tool_format == "fallback"
 
 
 def test_native_template_mask_by_hand(native_tokenizer):
@@ -249,3 +256,16 @@ def test_parquet_position_ids_split_a_packed_row():
     assert split_packed(row) == [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                                  {"input_ids": [8, 9], "labels": [-100, 9]}]
     assert split_packed({"input_ids": [1, 2]}) == [{"input_ids": [1, 2]}]
+
+
+def test_preference_pair_with_tools_and_a_call_as_the_chosen_answer(tiny_tokenizer):  # noqa: F811
+    from tunehouse.data.preference import tokenize_pair
+
+    row = {"input": {"messages": ROW["messages"][:2], "tools": [WEATHER]},
+           "preferred_output": [{"role": "assistant", "tool_calls": [CALL]}],
+           "non_preferred_output": [{"role": "assistant", "content": "I cannot know."}]}
+    pair = tokenize_pair(row, tiny_tokenizer, max_seq_length=1024)
+    assert tiny_tokenizer.decode(pair.chosen) == tools.format_call("get_weather", {"city": "Paris"}) + "<|im_end|>"
+    assert tiny_tokenizer.decode(pair.rejected) == "I cannot know.<|im_end|>"
+    assert tiny_tokenizer.decode(pair.prompt) == tools.render(tiny_tokenizer, row["input"]["messages"], [WEATHER],
+                                                              generation_prompt=True)

@@ -27,7 +27,7 @@ DEFAULT_LORA_RANK, MAX_LORA_RANK = 8, 64
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
 # SmolLM2-Instruct's template (ChatML, any role, no tools, no reasoning), known without converting
-# the GGUF (~20 s) just to answer a limits call; test_tools_api checks the tiny copy of it.
+# the GGUF (~20 s) just to answer a limits call; tests/test_tools.py probes the tiny copy of it.
 SMOLLM2_SUPPORT = TemplateSupport(chat=True, tools=False, tool_role=True, reasoning_key=None)
 
 
