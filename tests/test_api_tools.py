@@ -134,6 +134,7 @@ def test_limits_report_tool_support(server):
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", 'tool_choice must be "none"'),
     ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "tools[0].function.name", "expected a string, found null"),
     ({"tools": []}, "tools", "tools is empty"),
+    ({"functions": [WEATHER["function"]]}, "functions", "send tools instead"),
 ])
 def test_bad_tool_fields_are_400s(server, extra, param, message):
     r = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.key}"},

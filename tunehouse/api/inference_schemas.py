@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunehouse.errors import InvalidInput
 from tunehouse.serve.completions import Choice, Prepared
 from tunehouse.serve.engine import TokenEvent
 
@@ -72,9 +73,15 @@ class ChatRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "auto", "required" or '
                                                      '{"type": "function", "function": {"name": ...}}.')
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
+    functions: list[dict[str, Any]] | None = Field(None, description="OpenAI's deprecated tools: refused.")
+    function_call: str | dict[str, Any] | None = Field(None, description="OpenAI's deprecated tool_choice: refused.")
 
     def tool_options(self) -> dict:
-        """Keyword arguments for `completions.prepare`."""
+        """Keyword arguments for `completions.prepare`; the deprecated function fields are a 400."""
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, old) is not None:
+                raise InvalidInput(f"{old} is OpenAI's deprecated form of {new}, which tunehouse does not "
+                                   f"serve; send {new} instead.", param=old)
         return dict(tools=self.tools, tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls)
 
 

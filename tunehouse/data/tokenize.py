@@ -10,8 +10,8 @@ the model's own chat template (through data/tools.py, which also lays out `tools
 tool results and reasoning, the same way inference does) one message at a time, each rendering a
 string prefix of the next, so every message's text span — and so its token span — is known
 exactly. Pieces are tokenized one by one and concatenated. An assistant turn splits into header
-(`<|im_start|>assistant\n`, never trained unless train_on_inputs is true) and body: content,
-reasoning and tool calls, then the footer (`<|im_end|>\n`), trained up to and including the EOS
+(`<|im_start|>assistant\\n`, never trained unless train_on_inputs is true) and body: content,
+reasoning and tool calls, then the footer (`<|im_end|>\\n`), trained up to and including the EOS
 token, the newline after it not. `weight: 0` on a message of any role excludes all of its tokens.
 
 Truncation: the first `max_seq_length` tokens are kept, the rest dropped (`truncated=True`); an
