@@ -119,12 +119,32 @@ def test_tool_choice_forces_a_call(server):
     assert other.choices[0].message.tool_calls[0].function.name == "get_time"
 
 
-def test_limits_report_tool_support(server):
-    r = httpx.get(f"{server.url}/v1/fine-tunes/models/limits", params={"model_name": TINY},
+def limits(server, model: str) -> dict:
+    r = httpx.get(f"{server.url}/v1/fine-tunes/models/limits", params={"model_name": model},
                   headers={"Authorization": f"Bearer {server.key}"})
-    limits = r.json()
-    assert (limits["supports_tools"], limits["tool_call_format"]) == (True, "fallback")
-    assert (limits["supports_reasoning"], limits["reasoning_format"]) == (True, "fallback")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_limits_report_tool_support(server, tmp_path):
+    tiny = limits(server, TINY)
+    assert (tiny["supports_tools"], tiny["tool_call_format"]) == (True, "fallback")
+    assert (tiny["supports_reasoning"], tiny["reasoning_format"]) == (True, "fallback")
+    # A model folder whose template lays tools out itself (test_tools.NATIVE) reports "native".
+    from transformers import AutoTokenizer
+
+    from test_tools import NATIVE
+
+    folder = tmp_path / "native-model"
+    tiny_dir = server.app.state.registry.path(TINY)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = NATIVE
+    tok.save_pretrained(folder)
+    (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
+    server.app.state.registry.add("acme/native-tools", str(folder))
+    native = limits(server, "acme/native-tools")
+    assert (native["supports_tools"], native["tool_call_format"], native["reasoning_format"]) == (
+        True, "native", "native")
 
 
 @pytest.mark.parametrize("extra, param, message", [
