@@ -146,7 +146,7 @@ def _probe_template(location: Path | str) -> TemplateSupport | None:
 
     try:  # never reach for the network to answer a limits call
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
-    except (OSError, ValueError):
+    except Exception:  # not cached here, or unreadable: unknown, never a failed limits call
         return None
     return template_support(tokenizer)
 
