@@ -318,7 +318,7 @@ REFUSED = [
     ("chat", "audio", {"voice": "alloy", "format": "wav"}), ("chat", "modalities", ["text", "audio"]),
     ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "web_search_options", {}),
     ("chat", "functions", [{"name": "f", "parameters": {}}]), ("chat", "function_call", "auto"),
-    ("chat", "parallel_tool_calls", False), ("chat", "reasoning_effort", "high"),
+    ("chat", "reasoning_effort", "high"),
     ("chat", "reasoning", {"enabled": True}), ("chat", "verbosity", "low"), ("chat", "safety_model", "guard"),
     ("chat", "moderation", {"model": "m"}), ("chat", "compliance", "hipaa"), ("chat", "store", True),
     ("chat", "service_tier", "flex"), ("chat", "guided_json", {"type": "object"}),

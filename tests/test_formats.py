@@ -79,6 +79,10 @@ BAD = {
     "tool_calls_on_user.jsonl": [(1, "messages[0].tool_calls", "misplaced_field")],
     "tools_not_list.jsonl": [(1, "tools", "wrong_type")],
     "tool_definition_no_name.jsonl": [(1, "tools[0].function.name", "missing_field")],
+    "tool_call_arguments_not_json.jsonl": [(2, "messages[1].tool_calls[0].function.arguments", "invalid_arguments")],
+    "tool_result_unknown_id.jsonl": [(2, "messages[2].tool_call_id", "unknown_tool_call_id")],
+    "tool_result_extra.jsonl": [(2, "messages[3]", "extra_tool_result")],
+    "tool_call_unknown_tool.jsonl": [(2, "messages[1].tool_calls[0].function.name", "unknown_tool")],
     "text_empty.jsonl": [(1, "text", "empty_text")],
     "text_number.jsonl": [(1, "text", "wrong_type")],
     "prompt_null.jsonl": [(1, "prompt", "wrong_type")],
@@ -268,6 +272,9 @@ def make_parquet(path: Path, columns: dict) -> Path:
 @pytest.mark.parametrize("columns, expected", [
     ({"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 0]],
       "labels": [[-100, 2, 3], [4, 5]], "position_ids": [[0, 1, 2], [0, 1]]}, []),
+    ({"input_ids": [[1, 2, 3], [4, 5]], "position_ids": [[0, 1, 0], [0, 1]]}, []),  # two packed in row 1
+    ({"input_ids": [[1, 2], [3, 4, 5], [6, 7]], "position_ids": [[0, 1], [0, 2, 3], [1, 2]]},
+     [(2, "position_ids", "invalid_position_ids"), (3, "position_ids", "invalid_position_ids")]),
     ({"input_ids": [[1, 2]], "text": ["hi"]}, [(None, "text", "extra_column")]),
     ({"labels": [[1, 2]]}, [(None, "input_ids", "missing_column")]),
     ({"input_ids": [[1, 2], [3, 4], [5, 6]], "labels": [[1, 2], [3], [5, 6]]},

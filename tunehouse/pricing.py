@@ -29,7 +29,8 @@ def count_tokens(s: Session, files: FileService, registry: Registry, f: File, mo
         if "input" in row and "preferred_output" in row:  # preference pair: prompt + both answers
             for side in ("preferred_output", "non_preferred_output"):
                 msgs = row["input"]["messages"] + row[side]
-                total += len(tokenize_row({"messages": msgs}, tokenizer, train_on_inputs=True,
+                total += len(tokenize_row({"messages": msgs, "tools": row["input"].get("tools")}, tokenizer,
+                                          train_on_inputs=True,
                                           max_seq_length=1 << 30).input_ids)
         else:
             total += len(tokenize_row(row, tokenizer, train_on_inputs=True, max_seq_length=1 << 30).input_ids)

@@ -16,7 +16,7 @@ from tunehouse.api import inference_schemas as wire
 from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep
 from tunehouse.api.errors import error_body
 from tunehouse.errors import TunehouseError
-from tunehouse.serve import completions, endpoints, models
+from tunehouse.serve import completions, endpoints, models, tool_calls
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -42,7 +42,9 @@ async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, 
 async def answer_chat(engine, ref, body: wire.ChatRequest, request: Request):
     """Prepare (tokenise, compile the grammar: off the event loop), generate, shape; also the
     dedicated endpoint process's handler."""
-    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
+    prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages,
+                                   **body.tool_options(), **body.options())
+    prep = await tool_calls.choose_forced(engine, prep)
     if body.stream:
         v1 = wire.is_together_v1(request.headers.get("user-agent"))
         return _sse(_chat_events(prep, engine, v1, body.include_usage))
@@ -93,7 +95,7 @@ async def _chat_events(prep: completions.Prepared, engine, v1: bool, include_usa
         async with aclosing(completions.stream(engine, prep)) as events:
             async for ev in events:
                 generated, done = generated + 1, done + bool(ev.finish_reason)
-                if ev.text or ev.finish_reason:
+                if ev.text or ev.finish_reason or ev.tool_calls:
                     chunk = wire.chat_chunk(rid, created, prep, ev, v1)
                     yield chunk | ({"usage": wire.usage(len(prep.prompt_ids), generated)} if done == prep.n else {})
     if include_usage:

@@ -29,10 +29,6 @@ METADATA: dict[str, str] = {
     "prompt_cache_options": "prompt-cache breakpoints: the output is the same without them",
 }
 
-# Declared by the tool-calling work (issue 9, its own branch): not refused here.
-OWNED_ELSEWHERE = frozenset({"tools", "tool_choice"})
-
-
 def _never(_value: Any, _body: Any) -> bool:
     return False
 
@@ -55,8 +51,6 @@ REFUSED: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "functions": (lambda v, _: v == [], "`functions` is deprecated: describe each function as "
                                         "`tools: [{\"type\": \"function\", \"function\": {...}}]`."),
     "function_call": (_equals("none"), "`function_call` is deprecated: use `tool_choice`."),
-    "parallel_tool_calls": (_never, "Remove `parallel_tool_calls`: tunehouse cannot promise to limit or "
-                                    "spread tool calls."),
     "reasoning_effort": (_equals("none"), "These models do not reason before answering: remove "
                                           "`reasoning_effort`."),
     "reasoning": (lambda v, _: isinstance(v, dict) and not v.get("enabled"),
@@ -89,7 +83,7 @@ def check(extra: dict[str, Any], body: Any) -> None:
     """Refuse the first undeclared field of a request (`extra`: name → value) that asks for
     something tunehouse does not do. Raises InvalidInput naming it."""
     for name, value in extra.items():
-        if value is None or name in METADATA or name in OWNED_ELSEWHERE:
+        if value is None or name in METADATA:
             continue
         if name in REFUSED:
             fine, advice = REFUSED[name]

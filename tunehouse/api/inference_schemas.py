@@ -135,9 +135,18 @@ class ChatRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the model's chat "
                                                         "template (e.g. enable_thinking).")
+    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools (serve/tool_calls.py).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "auto", "required" or '
+                                                     '{"type": "function", "function": {"name": ...}}.')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
 
     def options(self) -> dict:
         return super().options() | {"template_kwargs": self.chat_template_kwargs or {}}
+
+    def tool_options(self) -> dict:
+        """Keyword arguments for `completions.prepare` (the deprecated function fields are refused
+        by the policy table)."""
+        return dict(tools=self.tools, tool_choice=self.tool_choice, parallel_tool_calls=self.parallel_tool_calls)
 
 
 class CompletionRequest(SamplingRequest):
@@ -252,10 +261,18 @@ def chat_response(rid: str, prep: Prepared, choices: list[Choice], prompt: dict 
     want = prep.params.logprobs is not None
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": prep.model.name,
             "prompt": [prompt] if prompt else [],
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+            "choices": [{"index": c.index, "message": _message(c),
                          "finish_reason": c.finish_reason,
                          "logprobs": chat_logprobs(prep.tokenizer, c) if want else None} for c in choices],
             "usage": usage(len(prep.prompt_ids), sum(len(c.token_ids) for c in choices))}
+
+
+def _message(c: Choice) -> dict:
+    """OpenAI's assistant message: content null when the reply is only tool calls."""
+    if not c.tool_calls:
+        return {"role": "assistant", "content": c.text}
+    calls = [{k: v for k, v in call.items() if k != "index"} for call in c.tool_calls]
+    return {"role": "assistant", "content": c.text or None, "tool_calls": calls}
 
 
 def completion_response(rid: str, preps: list[Prepared], choices: list[Choice],
@@ -315,8 +332,11 @@ def finish_chunk(rid: str, created: int, prep: Prepared, index: int, chat: bool)
 
 
 def chat_chunk(rid: str, created: int, prep: Prepared, ev: TokenEvent, v1: bool) -> dict:
+    delta = {"role": "assistant", "content": ev.text}
+    if ev.tool_calls:  # the whole call in one delta; the SDKs accumulate calls by their index
+        delta = {"role": "assistant", "content": ev.text or None, "tool_calls": ev.tool_calls}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": prep.model.name,
-            "choices": [{"index": ev.index, "delta": {"role": "assistant", "content": ev.text},
+            "choices": [{"index": ev.index, "delta": delta,
                          "finish_reason": ev.finish_reason, "logprobs": _stream_logprobs(prep, ev, True, v1)}]}
 
 

@@ -4,6 +4,7 @@ and records dataset features (weights, tools, images...) as validation_report fl
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -24,6 +25,14 @@ FLAG_TOOLS = "dataset_has_tools"
 FLAG_MULTIMODAL = "dataset_is_multimodal"
 
 Issue = tuple[str | None, str, str]  # (field path, rule id, detail sentence)
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
 
 def describe(value: Any) -> str:
     """A short phrase for a wrong value, for messages: 'a number (42)', 'null', ..."""
@@ -180,6 +189,12 @@ class MessageChecks:
             self.function_object(call, f"{path}[{k}]", {"id": str}, {"name": str, "arguments": str},
                                  '{"id": "call_1", "type": "function", "function": {"name": "...", '
                                  '"arguments": "{...}"}}')
+            fn = call.get("function") if isinstance(call, dict) else None
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, str) and not _json_object(args):
+                self.add(f"{path}[{k}].function.arguments", "invalid_arguments",
+                         f"expected a JSON object serialised as a string, found {describe(args)}; write "
+                         'the arguments like "{\\"city\\": \\"Paris\\"}" ("{}" for none).')
 
     def tools(self, tools: Any, path: str) -> None:
         if not isinstance(tools, list):

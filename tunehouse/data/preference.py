@@ -6,8 +6,9 @@ A row (api-reference §6.2, preference format):
      "preferred_output": [{"role": "assistant", "content": ...}],
      "non_preferred_output": [{"role": "assistant", "content": ...}]}
 
-Tokens: the prompt is the input rendered by the chat template with the generation prompt
-(`…<|im_start|>assistant\\n`); a completion is the assistant content plus the end-of-turn EOS,
+Tokens: the prompt is the input (and its `tools`) rendered by the chat template with the generation
+prompt (`…<|im_start|>assistant\\n`); a completion is the assistant content (its reasoning and
+tool calls included, data/tools.py) plus the end-of-turn EOS,
 tokenized exactly as SFT tokenizes (and trains) an assistant turn (`tokenize_conversation`).
 
 Truncation policy — each side (prompt + its completion) must fit `max_seq_length`:
@@ -56,8 +57,9 @@ class Pair:
 
 def tokenize_pair(row: dict[str, Any], tokenizer, *, max_seq_length: int) -> Pair:
     """One preference row → a `Pair`, truncated by the policy of the module docstring."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in row["input"]["messages"]]
-    sides = [_prompt_and_completion(tokenizer, messages, row[key][0]["content"])
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in row["input"]["messages"]]
+    tools = row["input"].get("tools")
+    sides = [_prompt_and_completion(tokenizer, messages, row[key][0], tools)
              for key in ("preferred_output", "non_preferred_output")]
     (prompt, chosen), (other, rejected) = sides
     if prompt != other:
@@ -79,15 +81,15 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
     return Pair(pair.prompt, pair.chosen, pair.rejected, truncated)
 
 
-def _prompt_and_completion(tokenizer, messages: list[dict], content: str):
+def _prompt_and_completion(tokenizer, messages: list[dict], answer: dict, tools: list[dict] | None):
     """Split the SFT tokenisation of messages + answer into (prompt, trained answer tokens).
 
     The answer's trained span is the last run of labelled tokens (content + EOS); everything
     before it is the prompt, ending with the assistant header; the untrained newline after EOS
     is dropped.
     """
-    ids, labels = tokenize_conversation(tokenizer, messages + [{"role": "assistant",
-                                                                 "content": content}])
+    reply = {k: v for k, v in answer.items() if k != "weight"} | {"role": "assistant"}
+    ids, labels = tokenize_conversation(tokenizer, messages + [reply], tools=tools)
     end = len(labels)
     while end and labels[end - 1] == IGNORE:
         end -= 1

@@ -43,6 +43,14 @@ def matching_formats(row: dict) -> list[str]:
     return [fmt for fmt, keys in REQUIRED_KEYS.items() if all(k in row for k in keys)]
 
 
+def declared_tools(tools: Any) -> set[str] | None:
+    """The function names a `tools` value declares, or None when it is absent or not a list."""
+    if not isinstance(tools, list):
+        return None
+    return {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)}
+
+
 def detect_format(row: Any) -> str | None:
     """The one JSONL format a row has (CONVERSATION, INSTRUCTION, GENERAL, PREFERENCE), or None
     when it is not an object, matches none, or matches more than one."""
@@ -132,7 +140,8 @@ class RowChecker:
         if fmt == CONVERSATION:
             if "tools" in row:
                 self.m.tools(row["tools"], "tools")
-            self.conversation(row["messages"], "messages", need_assistant=not self.eval)
+            self.conversation(row["messages"], "messages", need_assistant=not self.eval,
+                              tool_names=declared_tools(row.get("tools")))
         elif fmt == INSTRUCTION:
             self.m.content(row["prompt"], "prompt", "user")
             self.m.content(row["completion"], "completion", "assistant")
@@ -152,8 +161,10 @@ class RowChecker:
 
     # -- conversations --
 
-    def conversation(self, msgs: Any, path: str, need_assistant: bool) -> list[str] | None:
-        """Checks a messages list; returns the roles when every message has a valid one."""
+    def conversation(self, msgs: Any, path: str, need_assistant: bool,
+                     tool_names: set[str] | None = None) -> list[str] | None:
+        """Checks a messages list; returns the roles when every message has a valid one.
+        `tool_names`: the functions the row's `tools` declare (None: no usable tools list)."""
         if not isinstance(msgs, list):
             self.add(path, "wrong_type", f"expected a list of message objects, found {describe(msgs)}.")
             return None
@@ -184,15 +195,17 @@ class RowChecker:
                      f"{images} images in one sample; at most {MAX_IMAGES} are allowed. Split the sample.")
         if len(roles) != len(msgs):
             return None  # order checks need every role
-        self.order(roles, calls, path)
+        if not self.order(roles, calls, path):
+            self.tool_results(msgs, path, tool_names)
         if need_assistant and "assistant" not in roles:
             self.add(path, "missing_assistant",
                      "no assistant message; add at least one assistant message to learn from.")
         return roles
 
-    def order(self, roles: list[str], calls: list[bool], path: str) -> None:
+    def order(self, roles: list[str], calls: list[bool], path: str) -> bool:
         """System first if at all, then user; user/assistant alternate; an assistant with
-        tool_calls is followed by tool messages and then an assistant. Reports the first break."""
+        tool_calls is followed by tool messages and then an assistant. Reports the first break
+        (and returns True when there was one)."""
         prev = None  # previous role; "call" for an assistant message with tool_calls
         for i, role in enumerate(roles):
             field = f"{path}[{i}].role"
@@ -221,6 +234,37 @@ class RowChecker:
                 return self.add(field, "role_alternation", f"two {role} messages in a row; roles must "
                                 f"alternate user/assistant: merge them or add the {other} message between.")
             prev = "call" if role == "assistant" and calls[i] else role
+        return False
+
+    def tool_results(self, msgs: list[dict], path: str, tool_names: set[str] | None) -> None:
+        """Tool messages answer the calls just made: no more results than calls, and a
+        `tool_call_id` names one of those calls not answered yet; every call names a declared
+        tool when the row declares tools."""
+        pending: list | None = None  # ids of the last call message not answered yet
+        for i, m in enumerate(msgs):
+            calls = m.get("tool_calls") if m.get("role") == "assistant" else None
+            if isinstance(calls, list) and calls:
+                pending = [c.get("id") for c in calls if isinstance(c, dict)]
+                for k, c in enumerate(calls):
+                    fn = c.get("function") if isinstance(c, dict) else None
+                    name = fn.get("name") if isinstance(fn, dict) else None
+                    if tool_names is not None and isinstance(name, str) and name not in tool_names:
+                        self.add(f"{path}[{i}].tool_calls[{k}].function.name", "unknown_tool",
+                                 f"the call names {name!r}, which the row's tools do not declare "
+                                 f"({', '.join(sorted(tool_names)) or 'none'}); add its definition to "
+                                 "tools or fix the name.")
+            elif m.get("role") == "tool" and pending is not None:
+                cid = m.get("tool_call_id")
+                if not pending:
+                    self.add(f"{path}[{i}]", "extra_tool_result", "more tool results than the "
+                             "assistant message before made calls; remove this one or add its call.")
+                elif isinstance(cid, str) and cid not in pending and all(isinstance(x, str) for x in pending):
+                    self.add(f"{path}[{i}].tool_call_id", "unknown_tool_call_id",
+                             f"{cid!r} is not the id of a call of the assistant message before that is "
+                             f"still unanswered ({', '.join(map(repr, pending))}); use one of those ids.")
+                    pending.pop(0)
+                else:
+                    pending.remove(cid if cid in pending else pending[0])
 
 
     def preference(self, row: dict) -> None:
@@ -238,7 +282,8 @@ class RowChecker:
                 self.add("input.messages", "missing_field", "input needs a messages list with the prompt "
                          "conversation.")
             else:
-                roles = self.conversation(box["messages"], "input.messages", need_assistant=False)
+                roles = self.conversation(box["messages"], "input.messages", need_assistant=False,
+                                          tool_names=declared_tools(box.get("tools")))
                 if roles and roles[-1] == "assistant":
                     self.add(f"input.messages[{len(roles) - 1}].role", "input_ends_with_assistant",
                              "the input must end before the answer being compared; remove this "

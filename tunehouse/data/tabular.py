@@ -87,12 +87,31 @@ def _check_batch(batch, offset: int, pc) -> list[Problem]:
         else:
             report(pc.not_equal(pc.list_value_length(col), ids_len), name, "length_mismatch",
                    "the list length differs from input_ids in this row; make them equal.")
+        if name == "position_ids":
+            report(_bad_positions(values, parents, pc), name, "invalid_position_ids",
+                   "position_ids must count 0, 1, 2, … within each packed sequence and restart at 0 "
+                   "where the next one begins (the row is split there and each sequence trained on "
+                   "its own); fix the ids or drop the column.", parents)
         if name == "attention_mask":
             zero_one = pc.is_in(values, value_set=_zero_one(values.type))
             report(pc.invert(zero_one), name, "invalid_mask", "attention_mask values must be 0 or 1.",
                    parents)
     problems.sort(key=lambda p: p.line)
     return problems
+
+
+def _bad_positions(values, parents, pc):
+    """Mask over the flattened position_ids: True where a value is neither 0 (a sequence starts)
+    nor the previous value + 1 within the same row."""
+    import numpy as np
+    import pyarrow as pa
+
+    v = pc.fill_null(values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = parents.to_numpy(zero_copy_only=False)
+    first = np.ones(len(v), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    prev = np.concatenate([[-2], v[:-1]])
+    return pa.array(~((v == 0) | (~first & (v == prev + 1))))
 
 
 def _zero_one(kind):

@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tunehouse.data.tools import TemplateSupport, template_support
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.models.default import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from tunehouse.models.tiny import TINY_MODEL_NAME, build_tiny_model
@@ -26,6 +27,9 @@ BUILTIN_CONTEXT = {DEFAULT_MODEL_NAME: 8192, TINY_MODEL_NAME: 2048}
 MAX_LORA_RANK = 64
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
+# SmolLM2-Instruct's template (ChatML, any role, no tools, no reasoning), known without converting
+# the GGUF (~20 s) just to answer a limits call; tests/test_tools.py probes the tiny copy of it.
+SMOLLM2_SUPPORT = TemplateSupport(chat=True, tools=False, tool_role=True, reasoning_key=None)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Registry:
         self.home = home
         # converted/built models live under <cache>/models
         self.cache = (home.settings.model_cache or home.settings.home).expanduser()
+        self._support: dict[tuple[str, str], TemplateSupport | None] = {}
 
     def list(self, s: Session | None = None) -> list[ModelInfo]:
         out = [ModelInfo(n, "builtin", c) for n, c in BUILTIN_CONTEXT.items()]
@@ -90,6 +95,7 @@ class Registry:
         """The `models/limits` answer (api-reference §5.3): every key v1 requires, v3's `default_rank`."""
         info = self.get(name, s)
         ctx = info.context_length
+        support = self.template_support(name, s)
         return {
             "model_name": info.name,
             "max_num_epochs": 20,
@@ -102,8 +108,13 @@ class Registry:
             "min_max_seq_length": 8,
             "default_gradient_accumulation_steps": 1,
             "supports_vision": False,
-            "supports_tools": True,
-            "supports_reasoning": True,
+            # Tools and reasoning train and serve through the model's chat template; the formats
+            # say whether it lays them out itself ("native") or tunehouse's layout is used
+            # ("fallback", data/tools.py); null when the template could not be read.
+            "supports_tools": support is not None and support.chat,
+            "supports_reasoning": support is not None and support.chat,
+            "tool_call_format": support.tool_format if support else None,
+            "reasoning_format": support.reasoning_format if support else None,
             "supports_full_training": True,
             "merge_output_lora": True,
             "lora_training": {"max_batch_size": MAX_BATCH, "max_batch_size_dpo": MAX_BATCH_DPO,
@@ -113,10 +124,32 @@ class Registry:
                               "min_batch_size": MIN_BATCH},
         }
 
+    def template_support(self, name: str, s: Session | None = None) -> TemplateSupport | None:
+        """What the model's chat template renders (data/tools.py); None when its tokenizer cannot
+        be read here (a hub id not in the local cache). Cached per model and source."""
+        info = self.get(name, s)
+        key = (info.name, info.source)
+        if key not in self._support:
+            if info.name == DEFAULT_MODEL_NAME and not default_model_dir(self.cache).exists():
+                self._support[key] = SMOLLM2_SUPPORT
+            else:
+                self._support[key] = _probe_template(self.path(name, s))
+        return self._support[key]
+
     def is_materialised(self, name: str) -> bool:
         if name == DEFAULT_MODEL_NAME:
             return default_model_dir(self.cache).exists()
         return True
+
+
+def _probe_template(location: Path | str) -> TemplateSupport | None:
+    from transformers import AutoTokenizer
+
+    try:  # never reach for the network to answer a limits call
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except Exception:  # not cached here, or unreadable: unknown, never a failed limits call
+        return None
+    return template_support(tokenizer)
 
 
 def _context_of(source: str) -> int:

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tunehouse.data import tools as tools_format
 from tunehouse.errors import InvalidInput, TunehouseError
+from tunehouse.serve import tool_calls
 from tunehouse.serve.engine import Engine, ModelRef, TokenEvent
 from tunehouse.serve.grammar import Grammar, Spec
 from tunehouse.serve.sampling import SamplingParams
@@ -41,6 +43,7 @@ class Prepared:
     echo: bool = False  # answer with the prompt and, with logprobs, its log-probs
     offsets: list[tuple[int, int]] | None = None  # each prompt token's span of prompt_text, when echoing
     grammar: Grammar | None = None  # response_format, compiled for this model's tokenizer
+    tools: tool_calls.ToolPlan | None = None  # the request's tools, tool_choice, parallel_tool_calls
 
     @property
     def generates(self) -> bool:
@@ -55,19 +58,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-def _text_only(content: Any) -> str:
-    """Message content as a string: list-of-parts content must be text parts (text-only models)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise InvalidInput(f"This model reads text only; a message part of type {part.get('type')!r} "
-                               "cannot be used.", param="messages")
-        parts.append(part.get("text", ""))
-    return "".join(parts)
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 # Keywords chat_prompt sets itself: a template variable of these names would change what is rendered.
@@ -75,11 +66,12 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "add_genera
                              "return_dict", "return_tensors", "continue_final_message", "tools", "documents"}
 
 
-def chat_prompt(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> str:
-    """The prompt from the model's own chat template, ending with the assistant turn's header;
+def chat_prompt(tokenizer, messages: list[dict], plan: tool_calls.ToolPlan | None = None,
+                template_kwargs: dict | None = None) -> str:
+    """The prompt from the model's own chat template, ending with the assistant turn's header (and a
+    forced call's start); tools, tool calls and results laid out as in training (data/tools.py);
     `template_kwargs` are extra template variables (e.g. `enable_thinking`)."""
-    msgs = [{**m, "content": _text_only(m.get("content"))} for m in messages]
-    if not msgs:
+    if not messages:
         raise InvalidInput("messages is empty: send at least one message.", param="messages")
     if not tokenizer.chat_template:
         raise InvalidInput("This model has no chat template; use /v1/completions with a plain prompt.",
@@ -87,19 +79,28 @@ def chat_prompt(tokenizer, messages: list[dict], template_kwargs: dict | None = 
     if clash := sorted(set(template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS):
         raise InvalidInput(f"chat_template_kwargs cannot set {clash[0]!r}: the server sets it.",
                            param="chat_template_kwargs")
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+    for i, m in enumerate(messages):
+        tool_calls.check_message(m, f"messages[{i}]")
+    try:
+        return tools_format.render(tokenizer, messages, plan.tools if plan else None, generation_prompt=True,
+                                   prefix=plan.prefill if plan else "", template_kwargs=template_kwargs)
+    except ValueError as exc:  # e.g. an image part for this text-only model
+        text = str(exc)
+        raise InvalidInput(text[:1].upper() + text[1:] + ".", param="messages") from None
 
 
 def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = None, prompt: str | None = None,
             prompt_ids: list[int] | None = None, n: int = 1, max_tokens: int | None = None, echo: bool = False,
             spec: Spec | None = None, template_kwargs: dict | None = None, truncate: bool = False,
+            tools: list[dict] | None = None, tool_choice: Any = None, parallel_tool_calls: bool | None = None,
             **sampling) -> Prepared:
     """Tokenise the prompt (or take `prompt_ids` as they are), settle max_tokens and compile the
     `spec` grammar (blocking: call off the event loop). A prompt that does not fit is a 400 naming
     both numbers, unless `truncate` lowers max_tokens to the room left. `sampling` holds the other
     SamplingParams fields. max_tokens 0 (only with echo) generates nothing: the answer is the
-    prompt's log-probs alone."""
+    prompt's log-probs alone. Tool fields: serve/tool_calls.py."""
     tokenizer = engine.tokenizer(model)
+    plan = tool_calls.make_plan(tokenizer, tools, tool_choice, parallel_tool_calls) if messages is not None else None
     if prompt_ids is not None:
         bad = [i for i in prompt_ids if not 0 <= i < len(tokenizer)]
         if bad:
@@ -107,7 +108,7 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
                                param="prompt")
         text, ids, offsets = tokenizer.decode(prompt_ids), list(prompt_ids), None
     else:
-        text = chat_prompt(tokenizer, messages, template_kwargs) if messages is not None else prompt or ""
+        text = chat_prompt(tokenizer, messages, plan, template_kwargs) if messages is not None else prompt or ""
         ids, offsets = encode(tokenizer, text, specials=messages is None, offsets=echo)
     if not ids:
         raise InvalidInput("The prompt is empty.", param="prompt")
@@ -129,7 +130,7 @@ def prepare(engine: Engine, model: ModelRef, *, messages: list[dict] | None = No
             param="max_tokens", code="context_length_exceeded")
     grammar = engine.grammar(model, spec) if spec is not None else None
     return Prepared(model, tokenizer, ids, SamplingParams(max_tokens=max_tokens, **sampling), n, text, echo,
-                    offsets, grammar)
+                    offsets, grammar, plan)
 
 
 def prepare_all(engine: Engine, model: ModelRef, prompts: list[dict], **options) -> list[Prepared]:
@@ -186,11 +187,13 @@ async def echo(engine: Engine, prep: Prepared) -> dict:
 async def stream(engine: Engine, prep: Prepared) -> AsyncIterator[TokenEvent]:
     """The events of all n choices as they come; leaving early (client gone) stops generation."""
     generation = engine.submit(prep.model, prep.prompt_ids, prep.params, prep.n, prep.grammar)
+    reading = prep.tools is not None and prep.tools.read_calls
+    readers = [tool_calls.CallReader(prep.tools) for _ in range(prep.n)] if reading else []
     try:
         async for event in generation:
             if event.error:
                 raise GenerationFailed(f"Generation failed: {event.error}")
-            yield event
+            yield tool_calls.read_event(readers[event.index], event) if readers else event
     finally:
         generation.cancel()
 
@@ -208,6 +211,7 @@ async def complete_all(engine: Engine, preps: list[Prepared]) -> list[Choice]:
     async for ev in stream_all(engine, preps):
         c = choices[ev.index]
         c.text += ev.text
+        c.tool_calls += ev.tool_calls or []
         c.token_ids.append(ev.token_id)
         c.finish_reason = ev.finish_reason or c.finish_reason
         if ev.logprob is not None:

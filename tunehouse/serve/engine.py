@@ -72,6 +72,7 @@ class TokenEvent:
     top: list[tuple[int, float]] | None = None  # (token id, log-prob), most likely first
     finish_reason: str | None = None  # "eos" | "stop" | "length" on the last event of a choice
     error: str | None = None
+    tool_calls: list[dict] | None = None  # calls completed by this token (serve/tool_calls.py)
 
 
 class Generation:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tunehouse.data.packing import Batch, collate, pack
-from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, tokenize_row
+from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, split_packed, tokenize_row
 from tunehouse.train import attention
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
@@ -193,7 +193,8 @@ def evaluate(run: _Run) -> tuple[float, float]:
 
 def _examples(path: Path, tokenizer, cfg: SFTConfig, reporter: Reporter, what: str):
     examples = [tokenize_row(row, tokenizer, train_on_inputs=cfg.train_on_inputs,
-                             max_seq_length=cfg.max_seq_length) for row in read_rows(path)]
+                             max_seq_length=cfg.max_seq_length)
+                for packed in read_rows(path) for row in split_packed(packed)]
     truncated = sum(ex.truncated for ex in examples)
     kept = [ex for ex in examples if ex.num_trained_tokens > 0]
     if truncated:
