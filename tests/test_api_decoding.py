@@ -367,13 +367,13 @@ def test_chat_template_kwargs_reach_the_template(server):
 
     tok = server.app.state.engine().tokenizer(_ref(server))
     plain = chat_prompt(tok, HELLO)
-    templated = chat_prompt(tok, HELLO, {"unused_flag": True})
+    templated = chat_prompt(tok, HELLO, template_kwargs={"unused_flag": True})
     assert templated == plain  # an unknown variable changes nothing in this template
     from copy import copy
 
     custom = copy(tok)
     custom.chat_template = "{% if shout %}LOUD {% endif %}{{ messages[0]['content'] }}"
-    assert chat_prompt(custom, HELLO, {"shout": True}) == "LOUD " + HELLO[0]["content"]
+    assert chat_prompt(custom, HELLO, template_kwargs={"shout": True}) == "LOUD " + HELLO[0]["content"]
     r = post(server, "chat/completions", {"model": TINY, "messages": HELLO, "max_tokens": 2,
                                           "chat_template_kwargs": {"tokenize": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"

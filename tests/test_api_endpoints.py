@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import _serve, sdk_env, together1_python
+from conftest import _serve, sdk_env, require_together1
 from test_api_files_v1_and_clis import run_v1
 from tunehouse.errors import InvalidInput
 from tunehouse.serve.hardware import Devices, hardware_options, local_devices, match_hardware
@@ -89,9 +89,7 @@ def test_endpoint_lifecycle_and_routing(server):
 
 
 def test_v1_sdk_endpoint_shapes(server):
-    v1 = together1_python()
-    if v1 is None:
-        pytest.skip("together==1.6.0 venv missing: run `make test`")
+    v1 = require_together1()
     res = run_v1(v1, server, f"""
         c = Together()
         ep = c.endpoints.create(model={TINY!r}, hardware="1x_cpu", min_replicas=1, max_replicas=1,

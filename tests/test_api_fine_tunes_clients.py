@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from together import Together
 
-from conftest import DATA, _serve, bin_path, sdk_env, together1_python
+from conftest import DATA, _serve, bin_path, sdk_env, require_together1
 from jobs_support import wait_for
 from test_api_files_v1_and_clis import run_v1
 from tunehouse.settings import Settings
@@ -26,9 +26,7 @@ def server(tmp_path_factory, model_cache):
 
 
 def test_v1_sdk_job_roundtrip(server, tmp_path):
-    v1 = together1_python()
-    if v1 is None:
-        pytest.skip("together==1.6.0 venv missing: run `make test`")
+    v1 = require_together1()
     res = run_v1(v1, server, f"""
         import time
         c = Together()
@@ -77,9 +75,7 @@ def test_v3_cli_job_commands(server, tmp_path):
 
 
 def test_v1_cli_lists_jobs(server):
-    v1 = together1_python()
-    if v1 is None:
-        pytest.skip("together==1.6.0 venv missing: run `make test`")
+    v1 = require_together1()
     out = subprocess.run([str(v1.parent / "together"), "--base-url", server.url + "/v1", "--api-key", server.key,
                           "fine-tuning", "list"], capture_output=True, text=True, env=sdk_env(server), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

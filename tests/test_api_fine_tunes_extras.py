@@ -15,7 +15,7 @@ import openai
 import pytest
 from together import Together
 
-from conftest import DATA, _serve, bin_path, sdk_env, together1_python
+from conftest import DATA, _serve, bin_path, sdk_env, require_together1
 from jobs_support import wait_for, write_chat
 from test_api_files_v1_and_clis import run_v1
 from tunehouse.settings import Settings
@@ -62,9 +62,7 @@ def test_compression_and_upload_events_in_documented_order(finished, tmp_path):
     upload = by_type["MODEL_UPLOAD_COMPLETE"].to_dict()
     assert upload["model_path"] == job.model_output_name and upload["hash"] == hashlib.sha256(archive).hexdigest()
 
-    v1 = together1_python()
-    if v1 is None:
-        pytest.skip("together==1.6.0 venv missing: run `make test`")
+    v1 = require_together1()
     res = run_v1(v1, live, f"print(json.dumps({{'types': [str(e.type.value) for e in "
                            f"Together().fine_tuning.list_events({job.id!r}).data]}}))")
     assert res["types"][-len(TAIL):] == TAIL, "the 1.x SDK validates every event type"
@@ -148,9 +146,7 @@ def test_estimate_shape_read_by_both_sdk_lines(finished, tmp_path):
     assert "the training file is invalid" in out and "insufficient funds" not in out, out
     assert cli.returncode != 0 and bad_file.id in out
 
-    v1 = together1_python()
-    if v1 is None:
-        pytest.skip("together==1.6.0 venv missing: run `make test`")
+    v1 = require_together1()
     res = run_v1(v1, live, f"""
         c = Together()
         out = {{}}

@@ -94,10 +94,20 @@ def test_openai_completions_max_tokens_stop_seed_n(server):
                                          stop=stop, stream=True))
     assert "".join(ch.choices[0].text for ch in streamed) == cut.choices[0].text
 
-    every_knob = c.completions.create(model=TINY, prompt="Hello", max_tokens=6, temperature=0.8, top_p=0.9, seed=1,
-                                      presence_penalty=0.5, frequency_penalty=0.5,
-                                      extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
-    assert every_knob.usage.completion_tokens >= 1
+    # Each knob acts: a filter that keeps one token makes sampling greedy, a penalty breaks the
+    # greedy output's repeats (the tiny model's greedy text repeats itself).
+    def text(**kw):
+        extra = {k: kw.pop(k) for k in ("top_k", "min_p", "repetition_penalty") if k in kw}
+        return c.completions.create(model=TINY, prompt="Hello", max_tokens=16, extra_body=extra, **kw).choices[0].text
+
+    greedy, sampled = text(temperature=0), text(temperature=1.0, seed=3)
+    assert sampled != greedy
+    for one_token in ({"top_k": 1}, {"top_p": 1e-9}, {"min_p": 1.0}):
+        assert text(temperature=1.0, seed=3, **one_token) == greedy, one_token
+    ids = engine(server).tokenizer(_ref(server, TINY)).encode(greedy, add_special_tokens=False)
+    assert len(set(ids)) < len(ids), "precondition: the greedy text repeats a token"
+    for penalty in ({"repetition_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        assert text(temperature=0, **penalty) != greedy, penalty
 
     lp = c.completions.create(model=TINY, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
     assert len(lp.choices[0].logprobs.token_logprobs) == 3 and all(len(t) == 2 for t in lp.choices[0].logprobs.top_logprobs)
@@ -299,7 +309,8 @@ def test_echo_returns_prompt_logprobs_and_eval_reports_validation_loss(server, t
     # Streamed, the prompt rides on the first chunk; text completions echo and still generate.
     chunks = list(tg(server).chat.completions.create(model=TINY, messages=conv, max_tokens=0, echo=True,
                                                      logprobs=1, stream=True))
-    assert chunks[0].prompt[0]["text"] == part.text  # not in the chunk type: an extra field and chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[0].prompt[0]["text"] == part.text  # not in the chunk type: an extra field
+    assert chunks[-1].choices[0].finish_reason == "length"
     done = oai(server).completions.create(model=TINY, prompt="red blue green", max_tokens=3, temperature=0,
                                           echo=True, logprobs=1)
     prompt = done.model_extra["prompt"][0]

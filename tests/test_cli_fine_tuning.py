@@ -219,7 +219,12 @@ def test_worker_runs_a_job_and_requeues_it_on_ctrl_c(live, model_cache, tmp_path
 
 
 def test_delete_then_retrieve_names_the_id(server, job):
-    """Last: it removes the shared job."""
-    assert run(server, "ft", "delete", job["id"]).returncode == 0
-    out = run(server, "ft", "retrieve", job["id"])
-    assert out.returncode == 1 and job["id"] in out.stderr
+    """A job of its own (the shared one stays for the other tests, whatever their order)."""
+    created = run(server, "ft", "create", "-t", job["created"]["training_file"], "-m", TINY, "-y", "--json")
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    out = run(server, "ft", "delete", job_id)
+    assert out.returncode == 0 and f"Deleted {job_id}" in out.stdout
+    out = run(server, "ft", "retrieve", job_id)
+    assert out.returncode == 1 and job_id in out.stderr
+    assert run(server, "ft", "retrieve", job["id"]).returncode == 0

@@ -5,6 +5,7 @@ resume equality, accumulation invariance, truncation, checkpoint contents, cance
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,7 +165,7 @@ def test_simpo_runs_no_reference_forward(tmp_path, tiny_model_dir, say_file,  # 
     assert reference_calls == [] and not (tmp_path / "cache").exists()
     last = reporter.metric_rows[-1][1]
     assert "kl/estimate" not in last and "rewards/chosen" in last
-    assert all(loss == loss for loss in reporter.losses())  # finite, not NaN
+    assert all(math.isfinite(loss) for loss in reporter.losses())
 
 
 @torch.no_grad()
@@ -346,3 +347,27 @@ def test_early_stopping_on_reversed_validation_pairs(tmp_path, tiny_model_dir, s
     best = tmp_path / "run" / "checkpoints" / f"step-{evals[-2][0]:06d}"
     a, b = (load_file(f / "adapter_model.safetensors") for f in (best, final))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_cache_key_misses_on_every_input(tmp_path):
+    """The cached reference log-probs are reused only for the same reference weights, data bytes,
+    max_seq_length and precision: each change gives another key."""
+    from tunehouse.models.tiny import build_tiny_model
+    from tunehouse.train.dpo import reference_cache_key, weights_stamp
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"a": 1}\n')
+    model = build_tiny_model(tmp_path / "m", seed=0)
+    stamp = weights_stamp(model)
+    base = reference_cache_key(f"name|{stamp}", data, 128, False)
+    assert reference_cache_key(f"name|{stamp}", data, 128, False) == base  # deterministic
+    assert reference_cache_key(f"name|{stamp}", data, 256, False) != base
+    assert reference_cache_key(f"name|{stamp}", data, 128, True) != base
+    data.write_text('{"a": 2}\n')
+    assert reference_cache_key(f"name|{stamp}", data, 128, False) != base
+    data.write_text('{"a": 1}\n')
+    # The same name with other weights (re-registered, or the folder rewritten): another stamp.
+    import shutil
+
+    shutil.rmtree(model)
+    assert weights_stamp(build_tiny_model(tmp_path / "m", seed=1)) != stamp

@@ -354,6 +354,14 @@ def reference_cache_key(reference_id: str, data_path: Path, max_seq_length: int,
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
+def weights_stamp(model_dir: Path) -> str:
+    """What identifies a model folder's weights for the cache: each weight file's name, size and
+    modification time (hashing the bytes would read ~0.5 GB for SmolLM2 on every DPO job). A
+    model name re-registered with other weights, or a folder rewritten in place, stamps anew."""
+    files = sorted(p for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files) or str(model_dir)
+
+
 def _cached_reference(run: _Run, cache_dir: Path | None, reference_id: str, bf16: bool):
     """A function (data path, its pairs) → [n, 2] reference sums: read from the cache file when
     present, else computed with `reference_logps` and written atomically."""

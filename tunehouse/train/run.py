@@ -172,11 +172,12 @@ def main(job_id: str) -> int:
         inputs = resolve_inputs(home, job, spec, registry, reporter)
         output_dir = home.blobs.path(f"jobs/{job_id}/out")
         if spec.method == "dpo":
-            from tunehouse.train.dpo import run_dpo
+            from tunehouse.train.dpo import run_dpo, weights_stamp
 
             # The reference is the starting policy: the base model, other weights, or the parent checkpoint.
             reference_id = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
-                            f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}")
+                            f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}|"
+                            f"{weights_stamp(inputs['model_path'])}")
             run_dpo(spec.train, output_dir=output_dir, reporter=reporter,
                     reference_cache_dir=home.blobs.path("reference-logps"), reference_id=reference_id, **inputs)
         else:
