@@ -202,7 +202,8 @@ def test_worker_runs_a_job_and_requeues_it_on_ctrl_c(live, model_cache, tmp_path
     proc = subprocess.Popen([bin_path("tunehouse"), "worker", "--home", str(live.settings.home)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     try:
         assert "waiting for jobs" in lines.get(timeout=30)
         assert f"running {job['id']} (attempt 1)" in lines.get(timeout=30)
@@ -213,7 +214,9 @@ def test_worker_runs_a_job_and_requeues_it_on_ctrl_c(live, model_cache, tmp_path
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
-    rest = "".join(lines.get(timeout=5) for _ in range(lines.qsize()))
+    reader.join(timeout=10)  # the pipe is closed: every line is in the queue before we read it
+    assert not reader.is_alive()
+    rest = "".join(lines.get_nowait() for _ in range(lines.qsize()))
     assert "SIGINT: stopping" in rest and f"{job['id']}: queued" in rest and "worker stopped" in rest, rest
     assert client.retrieve_job(job["id"])["status"] == "queued"
 

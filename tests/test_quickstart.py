@@ -27,10 +27,9 @@ def run_quickstart(home, *args: str, timeout: float) -> tuple[subprocess.Complet
 
 
 def test_small_quickstart_end_to_end(tmp_path):
-    proc, seconds = run_quickstart(tmp_path / "home", "--small", timeout=90)
+    proc, _ = run_quickstart(tmp_path / "home", "--small", timeout=90)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert seconds < 90
     for rule in RULES:
         assert rule in out, rule
     assert "two user messages in a row" in out  # the checker on the broken copy

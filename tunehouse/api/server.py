@@ -19,6 +19,8 @@ class BackgroundServer:
     def stop(self, timeout: float = 10) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=timeout)
+        if self.thread.is_alive():  # a server that will not stop is a bug to see, not to step over
+            raise RuntimeError(f"the tunehouse server thread did not stop within {timeout} s")
 
 
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30) -> BackgroundServer:
