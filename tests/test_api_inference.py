@@ -96,18 +96,20 @@ def test_openai_completions_max_tokens_stop_seed_n(server):
 
     # Each knob acts: a filter that keeps one token makes sampling greedy, a penalty breaks the
     # greedy output's repeats (the tiny model's greedy text repeats itself).
-    def text(**kw):
+    def text(max_tokens=16, **kw):
         extra = {k: kw.pop(k) for k in ("top_k", "min_p", "repetition_penalty") if k in kw}
-        return c.completions.create(model=TINY, prompt="Hello", max_tokens=16, extra_body=extra, **kw).choices[0].text
+        return c.completions.create(model=TINY, prompt="Hello", max_tokens=max_tokens, extra_body=extra,
+                                    **kw).choices[0].text
 
     greedy, sampled = text(temperature=0), text(temperature=1.0, seed=3)
     assert sampled != greedy
     for one_token in ({"top_k": 1}, {"top_p": 1e-9}, {"min_p": 1.0}):
         assert text(temperature=1.0, seed=3, **one_token) == greedy, one_token
-    ids = engine(server).tokenizer(_ref(server, TINY)).encode(greedy, add_special_tokens=False)
+    longer = text(max_tokens=48, temperature=0)
+    ids = engine(server).tokenizer(_ref(server, TINY)).encode(longer, add_special_tokens=False)
     assert len(set(ids)) < len(ids), "precondition: the greedy text repeats a token"
     for penalty in ({"repetition_penalty": 1.5}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
-        assert text(temperature=0, **penalty) != greedy, penalty
+        assert text(max_tokens=48, temperature=0, **penalty) != longer, penalty
 
     lp = c.completions.create(model=TINY, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
     assert len(lp.choices[0].logprobs.token_logprobs) == 3 and all(len(t) == 2 for t in lp.choices[0].logprobs.top_logprobs)
