@@ -187,3 +187,10 @@ def recover_own(s: Session, worker_id: str) -> list[str]:
         requeue_or_fail(s, job, "its worker restarted")
         out.append(job.id)
     return out
+
+
+def unfinished_job_using(s: Session, file_id: str) -> Job | None:
+    """The oldest job not yet ended that trains or validates on `file_id`."""
+    q = select(Job).where((Job.training_file == file_id) | (Job.validation_file == file_id),
+                          Job.status.not_in(TERMINAL)).order_by(Job.created_at)
+    return s.scalar(q.limit(1))
