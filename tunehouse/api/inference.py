@@ -25,7 +25,8 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine: EngineDep, home: HomeDep,
                            registry: RegistryDep, request: Request):
     if url := await _endpoint(request, home, caller.owner, body.model):
-        return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers))
+        return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers),
+                                     request.app.state.supervisor.token)
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     prep = await run_in_threadpool(completions.prepare, engine, ref, messages=body.messages, **body.options())
     if body.stream:
@@ -38,7 +39,8 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
 async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, engine: EngineDep,
                            home: HomeDep, registry: RegistryDep, request: Request):
     if url := await _endpoint(request, home, caller.owner, body.model):
-        return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers))
+        return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers),
+                                     request.app.state.supervisor.token)
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     prep = await run_in_threadpool(completions.prepare, engine, ref, prompt=body.prompt, **body.options())
     if body.stream:
