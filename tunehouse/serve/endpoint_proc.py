@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--port-file", type=Path, required=True)
     args = ap.parse_args()
+    os.umask(0o077)
     token = os.environ.pop(TOKEN_ENV)  # not inherited by anything this process starts
     _watch_parent(int(os.environ.pop(PARENT_ENV)))
     app, engine = build_app(args.model_dir, args.name, token)

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.serve.hardware import is_cpu, local_devices, match_hardware
+from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Endpoint, utcnow
 
@@ -214,15 +215,16 @@ class Supervisor:
             ep.state, ep.error = "FAILED", f"cannot load {ep.model}: {exc}"
             return
         port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
-        port_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(port_file.parent)
         port_file.unlink(missing_ok=True)
-        log_file = open(self.home.blobs.path(f"endpoints/{ep.id}.log"), "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc", "--model-dir", str(model_dir),
-                                 "--name", ep.name, "--port-file", str(port_file)],
-                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent,
-                                env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep),
-                                         **{TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}))
+        log_path = self.home.blobs.path(f"endpoints/{ep.id}.log")
+        with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc",
+                                     "--model-dir", str(model_dir), "--name", ep.name, "--port-file", str(port_file)],
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent,
+                                    env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep),
+                                             **{TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}))
         self.procs[ep.id] = proc
         ep.state, ep.pid, ep.error, ep.updated_at = "STARTING", proc.pid, None, utcnow()
 
