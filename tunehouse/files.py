@@ -186,11 +186,11 @@ class FileService:
         """The bytes first, then the row: no row (and no write lock) while the body streams, and a
         failed body leaves nothing."""
         ftype = _check_meta(purpose, file_name, file_type, None)
-        self.sweep(s)
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
                  checksum=None, state="stored")
         f.bytes, f.checksum = await self._write(f, chunks)
         try:
+            self.sweep(s)
             s.add(f)
             s.flush()
         except BaseException:
