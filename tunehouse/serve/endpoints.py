@@ -279,7 +279,7 @@ def _die_with_parent() -> None:
     """preexec_fn: have the kernel send SIGTERM to the child when the thread that started it ends
     (the supervisor thread lives as long as the server)."""
     if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
 
 
 def _kill_stray(pid: int, name: str) -> None:
