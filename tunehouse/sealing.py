@@ -1,7 +1,8 @@
 """Third-party secrets a job carries (a W&B key, a Hugging Face token) are stored sealed:
 encrypted and authenticated with Fernet (AES-128-CBC + HMAC-SHA256, from `cryptography`) under a
 key derived from the home's secret. The database alone, or a backup of it, does not give them
-away; only a process holding the home's secret (the training child) opens them.
+away; only a process holding the home's secret (the training child) opens them. A worker on another
+machine needs the server's `secret.key` in its own home.
 
 A sealed value is the text `sealed:v1:<fernet token>`.
 """
@@ -38,5 +39,6 @@ def unseal(secret: bytes, value: str) -> str:
     try:
         return _fernet(secret).decrypt(value[len(PREFIX):].encode()).decode()
     except InvalidToken:
-        raise ValueError("a secret of this job cannot be opened: the home's secret changed since it was "
-                         "stored; create the job again with the key") from None
+        raise ValueError("a key given to this job cannot be decrypted here: this worker's home has another "
+                         "secret.key than the server's (copy the server's into the worker's home), or the "
+                         "secret changed since the job was created (create it again)") from None
