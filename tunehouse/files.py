@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from tunehouse import signing
+from tunehouse import jobs, signing
 from tunehouse.data.formats import check_file
 from tunehouse.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from tunehouse.ids import new_file_id
@@ -97,10 +97,17 @@ class FileService:
 
     def delete(self, s: Session, owner: str, file_id: str) -> None:
         f = self.get(s, owner, file_id)
+        user = jobs.unfinished_job_using(s, file_id)
+        if user is not None:
+            raise Conflict(f"File {file_id} is used by job {user.id} ({user.status}); cancel the job or wait for "
+                           "it to end, then delete the file.", param="id", code="file_in_use",
+                           extra={"job_id": user.id})
         key = blob_key(f)
         s.delete(f)
         s.flush()
-        self.home.blobs.delete(key)
+        # The bytes go once the row is gone for good: a failed commit must not leave a row without
+        # its blob (a blob without a row is swept, see `sweep`).
+        event.listen(s, "after_commit", lambda _s: self.home.blobs.delete(key), once=True)
 
     # -- single-part upload: begin, PUT, preprocess --------------------------------------------
     def begin(self, s: Session, owner: str, *, purpose: str, file_name: str, file_type: str | None,
@@ -110,7 +117,7 @@ class FileService:
         checksum = checksum.lower() if checksum else None
         if checksum:
             self._refuse_duplicate(s, owner, checksum, purpose)
-        self._sweep_stale(s)
+        self.sweep(s)
         nonce = secrets.token_hex(16)
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
                  checksum=checksum, state="uploading", upload_nonce=nonce)
@@ -120,9 +127,32 @@ class FileService:
 
     async def receive(self, s: Session, file_id: str, token: str, chunks: AsyncIterator[bytes],
                       content_length: int | None) -> File:
-        """Step 2: stream the PUT body to the blob store in constant memory."""
-        f = self._claim_token(s, file_id, token, part=0)
-        self._check_size(content_length)
+        """Step 2: stream the PUT body to the blob store in constant memory. The token is spent
+        before the first byte is read; a PUT that fails leaves no bytes and gives the token back,
+        so the client (or its SDK's retry) can send the same URL again."""
+        nonce = self._spend_token(file_id, token)
+        try:
+            self._check_size(content_length)
+            with self.home.db.session() as r:
+                f = r.get(File, file_id)
+            key = blob_key(f)
+            size, sha = await self._write(f, chunks)
+        except BaseException:
+            self._return_token(file_id, nonce)
+            raise
+        # Short transactions of their own: the request's session may hold an old read snapshot,
+        # and SQLite refuses to turn that into a write once another writer has committed.
+        with self.home.db.session() as w:
+            f = w.get(File, file_id)
+            if f is None or f.state != "uploading":  # swept as stale while the bytes streamed
+                self.home.blobs.delete(key)
+                raise Unauthorized("The upload expired while its bytes were sent; start a new upload.",
+                                   param="token")
+            f.bytes, f.checksum, f.state = size, sha, "stored"
+        return f
+
+    async def _write(self, f: File, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+        """Stream `chunks` to the file's blob; (size, sha256). Nothing stays on disk on failure."""
         with self.home.blobs.writer(blob_key(f)) as w:
             async for chunk in chunks:
                 w.write(chunk)
@@ -132,10 +162,7 @@ class FileService:
                     f"The uploaded bytes do not match the announced checksum ({w.sha256} != {f.checksum}); "
                     "the upload was discarded. Upload the file again.", param="checksum")
             w.commit()
-            f.bytes, f.checksum = w.size, w.sha256
-        f.state, f.upload_nonce = "stored", None
-        s.flush()
-        return f
+        return w.size, w.sha256
 
     def preprocess(self, s: Session, owner: str, file_id: str) -> File:
         """Step 3: validate the stored bytes and record the report on the file."""
@@ -156,12 +183,18 @@ class FileService:
 
     async def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
                              file_type: str | None, chunks: AsyncIterator[bytes]) -> File:
-        f, token = self.begin(s, owner, purpose=purpose, file_name=file_name, file_type=file_type, checksum=None)
+        """The bytes first, then the row: no row (and no write lock) while the body streams, and a
+        failed body leaves nothing."""
+        ftype = _check_meta(purpose, file_name, file_type, None)
+        f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
+                 checksum=None, state="stored")
+        f.bytes, f.checksum = await self._write(f, chunks)
         try:
-            await self.receive(s, f.id, token, chunks, None)
-        except BaseException:
-            s.delete(f)
+            self.sweep(s)
+            s.add(f)
             s.flush()
+        except BaseException:
+            self.home.blobs.delete(blob_key(f))
             raise
         return self.validate(s, f)
 
@@ -186,7 +219,7 @@ class FileService:
 
     async def receive_part(self, s: Session, file_id: str, part: int, token: str,
                            chunks: AsyncIterator[bytes]) -> str:
-        f = self._claim_token(s, file_id, token, part=part, single_use=False)
+        f = self._claim_token(s, file_id, token, part=part)
         md5 = hashlib.md5()
         with self.home.blobs.writer(blob_key(f, part)) as w:
             async for chunk in chunks:
@@ -234,16 +267,37 @@ class FileService:
         s.flush()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _claim_token(self, s: Session, file_id: str, token: str, *, part: int, single_use: bool = True) -> File:
-        try:
-            nonce = signing.verify(self.home.secret, token, file_id, part)
-        except ValueError as exc:
-            raise Unauthorized(f"Upload URL rejected: {exc}.", param="token") from None
+    def _claim_token(self, s: Session, file_id: str, token: str, *, part: int) -> File:
+        """A multipart part's token: reusable until the upload completes (a part may be retried)."""
+        nonce = self._verify(file_id, token, part)
         f = s.get(File, file_id)
         if f is None or f.state != "uploading" or f.upload_nonce != nonce:
             raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
                                param="token")
         return f
+
+    def _spend_token(self, file_id: str, token: str) -> str:
+        """Use a single-part token once: one conditional UPDATE, committed at once, so of two
+        concurrent PUTs exactly one sees its row change."""
+        nonce = self._verify(file_id, token, 0)
+        with self.home.db.session() as w:
+            spent = w.execute(update(File).where(File.id == file_id, File.state == "uploading",
+                                                 File.upload_nonce == nonce).values(upload_nonce=None)).rowcount
+        if spent != 1:
+            raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
+                               param="token")
+        return nonce
+
+    def _verify(self, file_id: str, token: str, part: int) -> str:
+        try:
+            return signing.verify(self.home.secret, token, file_id, part)
+        except ValueError as exc:
+            raise Unauthorized(f"Upload URL rejected: {exc}.", param="token") from None
+
+    def _return_token(self, file_id: str, nonce: str) -> None:
+        with self.home.db.session() as w:
+            w.execute(update(File).where(File.id == file_id, File.state == "uploading",
+                                         File.upload_nonce.is_(None)).values(upload_nonce=nonce))
 
     def _own_multipart(self, s: Session, owner: str, upload_id: str, file_id: str) -> File:
         f = s.get(File, file_id)
@@ -265,9 +319,15 @@ class FileService:
             raise Conflict(f"This file is already uploaded as {existing}; use that id.",
                            param="checksum", code="file_already_exists", extra={"file_id": existing})
 
-    def _sweep_stale(self, s: Session) -> None:
-        """Drop uploads whose signed URL expired without the bytes arriving."""
-        cutoff = utcnow() - timedelta(seconds=self.settings.upload_token_ttl_s + 60)
+    def sweep(self, s: Session) -> None:
+        """Drop uploads whose signed URL expired without the bytes arriving, then any blob under
+        files/, uploads/ or the temp folder that no row owns. Blobs younger than an upload URL's
+        life are left alone: their row may be in a transaction not yet visible here."""
+        grace = self.settings.upload_token_ttl_s + 60
+        cutoff = utcnow() - timedelta(seconds=grace)
         for f in s.scalars(select(File).where(File.state == "uploading", File.created_at < cutoff)):
             self.home.blobs.delete(f"uploads/{f.id}")
             s.delete(f)
+        s.flush()
+        known = set(s.scalars(select(File.id)))
+        self.home.blobs.sweep_orphans(known, older_than_s=grace)

@@ -97,7 +97,7 @@ def create_job(s: Session, owner: str, body: dict, registry: Registry, files: Fi
                    from_hf_model=request.get("from_hf_model"), hf_model_revision=request.get("hf_model_revision"),
                    weights=start.weights, hf_api_token=request.get("hf_api_token"),
                    hf_output_repo_name=request.get("hf_output_repo_name"))
-    return _insert(s, owner, spec, train)
+    return _insert(s, owner, spec, train, files.home.secret)
 
 
 def _method(body: dict) -> tuple[str, list]:
@@ -262,12 +262,12 @@ def _request_problems(request: dict, start: Start) -> list[tuple[str, str]]:
     return out
 
 
-def _insert(s: Session, owner: str, spec: JobSpec, train: File) -> Job:
+def _insert(s: Session, owner: str, spec: JobSpec, train: File, secret: bytes) -> Job:
     cfg, job_id = spec.train, new_job_id()
     suffix = f"-{spec.suffix}" if spec.suffix else ""
     job = Job(id=job_id, owner=owner, status="pending", method=spec.method, model=cfg.model,
               training_file=cfg.training_file, validation_file=cfg.validation_file,
-              from_checkpoint=spec.from_checkpoint, config=spec.to_json(),
+              from_checkpoint=spec.from_checkpoint, config=spec.to_json(secret),
               model_output_name=f"{owner}/{cfg.model.rsplit('/', 1)[-1]}{suffix}-{job_id[3:11]}",
               progress={"token_count": 0, "train_lines": train.num_samples})
     s.add(job)

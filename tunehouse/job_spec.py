@@ -3,13 +3,36 @@ the training child: the resolved training config plus where its weights start fr
 
 Stored in `Job.config` as `{"train": <config fields>, "extra": <the rest>}` (the layout older
 homes already hold), and read back only through `JobSpec.of(job)`.
+
+Third-party secrets (`wandb_api_key`, `hf_api_token`) are stored sealed with the home's secret
+(`tunehouse.sealing`), opened only by `JobSpec.of(job, secret)` in the training child (elsewhere
+they read as None), and removed from the row once the job has ended.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from tunehouse import sealing
 from tunehouse.train.config import CONFIGS, DPOConfig, SFTConfig
+
+EXTRA_SECRETS = ("hf_api_token",)
+
+
+def _train_secrets(config_type) -> list[str]:
+    return [f.name for f in fields(config_type) if f.metadata.get("secret")]
+
+
+def forget_secrets(config: dict) -> dict:
+    """A stored spec without its secrets: for a job that will not run again."""
+    train, extra = dict(config.get("train") or {}), dict(config.get("extra") or {})
+    for name in {n for c in CONFIGS.values() for n in _train_secrets(c)}:
+        if train.get(name) is not None:
+            train[name] = None
+    for name in EXTRA_SECRETS:
+        if extra.get(name) is not None:
+            extra[name] = None
+    return {**config, "train": train, "extra": extra}
 
 
 @dataclass(frozen=True)
@@ -54,14 +77,25 @@ class JobSpec:
     def lora(self) -> bool:
         return self.train.lora
 
-    def to_json(self) -> dict:
+    def to_json(self, secret: bytes) -> dict:
+        """The stored form, its secrets sealed with the home's `secret`."""
         extra = {k: v for k, v in asdict(self).items() if k not in ("method", "train", "parent")}
         extra["parent"] = asdict(self.parent) if self.parent else None
-        return {"train": self.train.to_dict(), "extra": extra}
+        train = self.train.to_dict()
+        for values, names in ((train, _train_secrets(type(self.train))), (extra, EXTRA_SECRETS)):
+            for name in names:
+                if values.get(name) is not None:
+                    values[name] = sealing.seal(secret, values[name])
+        return {"train": train, "extra": extra}
 
     @classmethod
-    def of(cls, job) -> JobSpec:
+    def of(cls, job, secret: bytes | None = None) -> JobSpec:
+        """The job's spec; its secrets opened with the home's `secret`, or None without it."""
         train, extra = dict(job.config["train"]), dict(job.config.get("extra") or {})
+        for values, names in ((train, _train_secrets(CONFIGS[job.method])), (extra, EXTRA_SECRETS)):
+            for name in names:
+                if values.get(name) is not None:
+                    values[name] = sealing.unseal(secret, values[name]) if secret is not None else None
         if isinstance(train.get("lora_alpha"), float):  # homes from before lora_alpha was an integer
             train["lora_alpha"] = round(train["lora_alpha"])
         parent = extra.pop("parent", None)

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tunehouse.errors import Conflict, NotFound
+from tunehouse.job_spec import forget_secrets
 from tunehouse.store.tables import Checkpoint, Event, Job, Metric, utcnow
 
 TERMINAL = frozenset({"completed", "cancelled", "error", "user_error"})
@@ -39,6 +40,8 @@ def set_status(job: Job, new: str) -> None:
         raise Conflict(f"Job {job.id} cannot go from {job.status} to {new}.", param="status")
     job.status = new
     job.updated_at = utcnow()
+    if new in TERMINAL:  # it never runs again: its third-party keys need not be kept, even sealed
+        job.config = forget_secrets(job.config)
 
 
 def add_event(s: Session, job_id: str, type_: str, message: str, level: str = "info", **fields) -> Event:
@@ -187,3 +190,10 @@ def recover_own(s: Session, worker_id: str) -> list[str]:
         requeue_or_fail(s, job, "its worker restarted")
         out.append(job.id)
     return out
+
+
+def unfinished_job_using(s: Session, file_id: str) -> Job | None:
+    """The oldest job not yet ended that trains or validates on `file_id`."""
+    q = select(Job).where((Job.training_file == file_id) | (Job.validation_file == file_id),
+                          Job.status.not_in(TERMINAL)).order_by(Job.created_at)
+    return s.scalar(q.limit(1))

@@ -25,7 +25,8 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine: EngineDep, home: HomeDep,
                            registry: RegistryDep, request: Request):
     if url := await _endpoint(request, home, caller.owner, body.model):
-        return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers))
+        return await endpoints.proxy(url, "/v1/chat/completions", await request.body(), dict(request.headers),
+                                     request.app.state.supervisor.token)
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     return await answer_chat(engine, ref, body, request)
 
@@ -34,7 +35,8 @@ async def chat_completions(body: wire.ChatRequest, caller: CurrentCaller, engine
 async def text_completions(body: wire.CompletionRequest, caller: CurrentCaller, engine: EngineDep,
                            home: HomeDep, registry: RegistryDep, request: Request):
     if url := await _endpoint(request, home, caller.owner, body.model):
-        return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers))
+        return await endpoints.proxy(url, "/v1/completions", await request.body(), dict(request.headers),
+                                     request.app.state.supervisor.token)
     ref = await run_in_threadpool(models.resolve_for, home, registry, caller.owner, body.model)
     return await answer_text(engine, ref, body, request)
 

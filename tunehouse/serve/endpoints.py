@@ -5,12 +5,21 @@ LoRA folded in (merged weights), in its own process; chat requests that name the
 
 The `Supervisor` thread of the API process drives each endpoint towards its desired state
 (STARTED or STOPPED): it spawns `python -m tunehouse.serve.endpoint_proc`, waits for its health
-check, stops it on request or after `inactive_timeout` minutes without a request.
+check, stops it on request, on deletion, or after `inactive_timeout` minutes without a request.
+
+An endpoint process lives only as long as the server that started it (the kernel's parent-death
+signal, and a watchdog in the child for the race at start-up and for other systems), and answers
+only requests that carry the server's internal token (a secret made per server run, passed to the
+child in its environment and sent by the proxy in a header): its loopback port is no way around
+the API keys.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,9 +34,14 @@ from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.serve.hardware import is_cpu, local_devices, match_hardware
+from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Endpoint, utcnow
 
+log = logging.getLogger(__name__)
+TOKEN_HEADER = "x-tunehouse-endpoint-token"
+TOKEN_ENV = "TUNEHOUSE_ENDPOINT_TOKEN"
+PARENT_ENV = "TUNEHOUSE_ENDPOINT_PARENT"  # the server's pid: the child's watchdog exits when it changes
 STATES = ("PENDING", "STARTING", "STARTED", "STOPPING", "STOPPED", "FAILED", "ERROR")
 START_TIMEOUT_S = 300
 ZONES = ("local",)  # this machine: the one zone GET /v1/clusters/availability-zones lists
@@ -115,6 +129,7 @@ class Supervisor:
 
     def __init__(self, home: Home, resolve_model_dir, poll_s: float = 0.5):
         self.home, self.resolve_model_dir_fn, self.poll_s = home, resolve_model_dir, poll_s
+        self.token = secrets.token_urlsafe(32)
         self.procs: dict[str, subprocess.Popen] = {}
         self.gpu_of: dict[str, int] = {}  # endpoint id → the GPU index its process was given
         self.stopping = threading.Event()
@@ -122,6 +137,7 @@ class Supervisor:
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._adopt_after_restart()
         self.thread = threading.Thread(target=self._loop, name="tunehouse-endpoints", daemon=True)
         self.thread.start()
 
@@ -145,14 +161,29 @@ class Supervisor:
             if ep is not None:
                 ep.last_used_at = utcnow()
 
+    def _adopt_after_restart(self) -> None:
+        """Rows left by a previous server run: any process of theirs still alive (a server killed
+        where the parent-death signal does not exist) is stopped, and endpoints meant to run are
+        started again by this server."""
+        with self.home.db.session() as s:
+            for ep in s.scalars(select(Endpoint).where(Endpoint.pid.is_not(None))):
+                _kill_stray(ep.pid, ep.name)
+                ep.pid, ep.port = None, None
+                if ep.state in ("PENDING", "STARTING", "STARTED", "STOPPING"):
+                    ep.state = "PENDING" if ep.desired == "STARTED" else "STOPPED"
+
     def _loop(self) -> None:
+        # Must not die: the endpoint processes get the parent-death signal when this thread ends.
         while not self.stopping.is_set():
-            with self.home.db.session() as s:
-                for ep in list(s.scalars(select(Endpoint))):
-                    self._step(s, ep)
-                known = {ep_id for (ep_id,) in s.execute(select(Endpoint.id))}
-            for ep_id in [k for k in self.procs if k not in known]:  # deleted endpoints
-                _terminate(self.procs.pop(ep_id))
+            try:
+                with self.home.db.session() as s:
+                    for ep in list(s.scalars(select(Endpoint))):
+                        self._step(s, ep)
+                    known = {ep_id for (ep_id,) in s.execute(select(Endpoint.id))}
+                for ep_id in [k for k in self.procs if k not in known]:  # deleted endpoints
+                    _terminate(self.procs.pop(ep_id))
+            except Exception:
+                log.exception("endpoint supervisor step failed; retrying")
             self.wake.wait(self.poll_s)
             self.wake.clear()
 
@@ -184,13 +215,16 @@ class Supervisor:
             ep.state, ep.error = "FAILED", f"cannot load {ep.model}: {exc}"
             return
         port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
-        port_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(port_file.parent)
         port_file.unlink(missing_ok=True)
-        log = open(self.home.blobs.path(f"endpoints/{ep.id}.log"), "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc", "--model-dir", str(model_dir),
-                                 "--name", ep.name, "--port-file", str(port_file)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep)))
+        log_path = self.home.blobs.path(f"endpoints/{ep.id}.log")
+        with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc",
+                                     "--model-dir", str(model_dir), "--name", ep.name, "--port-file", str(port_file)],
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent,
+                                    env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep),
+                                             **{TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}))
         self.procs[ep.id] = proc
         ep.state, ep.pid, ep.error, ep.updated_at = "STARTING", proc.pid, None, utcnow()
 
@@ -219,7 +253,8 @@ class Supervisor:
         if port_file.exists() and port_file.read_text().strip().isdigit():
             port = int(port_file.read_text())
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers={TOKEN_HEADER: self.token},
+                             timeout=2).status_code == 200:
                     ep.state, ep.port, ep.last_used_at = "STARTED", port, utcnow()
                     return
             except httpx.TransportError:
@@ -233,6 +268,31 @@ def _utc(dt):
     from datetime import timezone
 
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+# Loaded before any fork: the function run between fork and exec should only make the call.
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: have the kernel send SIGTERM to the child when the thread that started it ends
+    (the supervisor thread lives as long as the server)."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+
+
+def _kill_stray(pid: int, name: str) -> None:
+    """SIGTERM `pid` if it is still the endpoint process serving `name` (pids are reused)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if b"tunehouse.serve.endpoint_proc" in cmd and name.encode() in cmd:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _terminate(proc: subprocess.Popen) -> None:
@@ -279,14 +339,15 @@ def route_for(home: Home, supervisor: Supervisor, owner: str, name: str) -> str 
         return supervisor.url(ep)
 
 
-async def proxy(url: str, path: str, body: bytes, headers: dict[str, str]):
-    """Forward a completion request to an endpoint process, streaming the answer through."""
+async def proxy(url: str, path: str, body: bytes, headers: dict[str, str], token: str):
+    """Forward a completion request to an endpoint process, with the server's internal token,
+    streaming the answer through."""
     from starlette.background import BackgroundTask
     from starlette.responses import StreamingResponse
 
     client = httpx.AsyncClient(timeout=None)
     req = client.build_request("POST", url + path, content=body,
-                               headers={"content-type": "application/json",
+                               headers={"content-type": "application/json", TOKEN_HEADER: token,
                                         "user-agent": headers.get("user-agent", "")})
     resp = await client.send(req, stream=True)
 

@@ -1,11 +1,14 @@
 """Blob store: a local folder. Writes are atomic (temp name, fsync, rename), so a reader never
-sees a half-written blob and a crash leaves only a temp file that `sweep_temp` removes."""
+sees a half-written blob and a crash leaves only a temp file that `sweep_temp` removes.
+
+Datasets and weights are private to the server's user: files 0600, folders 0700."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +23,7 @@ class BlobWriter:
         self.tmp, self.final = tmp, final
         self.size = 0
         self._sha = hashlib.sha256()
-        self._fh: BinaryIO = open(tmp, "wb")
+        self._fh: BinaryIO = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
     def write(self, chunk: bytes) -> None:
         self._fh.write(chunk)
@@ -35,7 +38,7 @@ class BlobWriter:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.final.parent)
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
@@ -44,11 +47,28 @@ class BlobWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def private_dirs(path: Path) -> None:
+    """mkdir -p with mode 0700 for every folder it creates (Path.mkdir gives parents the default)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
 class BlobStore:
+    # The folders that hold one blob per file row: `<top>/<file id>…`.
+    FILE_TOPS = ("files", "uploads")
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.tmp_dir = self.root / ".tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.tmp_dir)
+        self.root.chmod(0o700)  # a store made by an older version was 0755
 
     def path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -80,7 +100,7 @@ class BlobStore:
         tmp = self.tmp_dir / uuid.uuid4().hex
         shutil.copytree(src, tmp)
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(final.parent)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -91,6 +111,24 @@ class BlobStore:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+    def sweep_orphans(self, file_ids: set[str], older_than_s: float) -> list[str]:
+        """Remove blobs of file rows that no longer exist (a crash between the bytes and the row,
+        a failed delete) and stale temp files; only those untouched for `older_than_s`. Returns
+        the keys removed."""
+        cutoff, gone = time.time() - older_than_s, []
+        for top in self.FILE_TOPS:
+            folder = self.root / top
+            for p in folder.iterdir() if folder.is_dir() else ():
+                file_id = p.name.split(".", 1)[0]
+                if file_id not in file_ids and p.lstat().st_mtime < cutoff:
+                    self.delete(f"{top}/{p.name}")
+                    gone.append(f"{top}/{p.name}")
+        for p in self.tmp_dir.iterdir():
+            if p.lstat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(f".tmp/{p.name}")
+        return gone
 
     def sweep_temp(self) -> None:
         """Remove temp files left by a crashed writer (called at start-up)."""

@@ -3,11 +3,13 @@ the other writes); any SQLAlchemy URL such as PostgreSQL works the same way."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunehouse.store.tables import Base
@@ -20,6 +22,19 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file 0600 (or tighten an older one) before SQLite opens it: SQLite
+    gives its -wal and -shm files the database file's mode."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return
+    path = Path(u.database)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists():
+            p.chmod(0o600)
 
 
 class Database:
@@ -38,6 +53,7 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create(self) -> None:
+        _private_sqlite_file(self.url)
         Base.metadata.create_all(self.engine)
 
     @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 from tunehouse.settings import Settings
 from tunehouse.signing import load_or_create_secret
 from tunehouse.store import keys
-from tunehouse.store.blobs import BlobStore
+from tunehouse.store.blobs import BlobStore, private_dirs
 from tunehouse.store.db import Database
 
 
@@ -23,7 +23,9 @@ class Home:
 
 
 def open_home(settings: Settings) -> Home:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # The home holds the secret, keys' hashes, datasets and weights: the server's user only.
+    private_dirs(settings.home)
+    settings.home.chmod(0o700)
     db = Database(settings.db_url)
     db.create()
     blobs = BlobStore(settings.blobs_path)

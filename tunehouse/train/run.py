@@ -13,6 +13,7 @@ anything else (or a signal) means the process died and the worker requeues the j
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import sys
 import time
@@ -45,6 +46,8 @@ class StoreReporter:
         self._first_step: int | None = None
 
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
+        message = server_paths_out(self.home, message)
+        fields = {k: server_paths_out(self.home, v) if isinstance(v, str) else v for k, v in fields.items()}
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
         with self.home.db.session() as s:
@@ -156,6 +159,7 @@ def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path
 
 
 def main(job_id: str) -> int:
+    os.umask(0o077)  # checkpoints, weights and caches it writes are the server user's alone
     settings = Settings()
     home = open_home(settings)
     registry = Registry(home)
@@ -168,7 +172,7 @@ def main(job_id: str) -> int:
     from tunehouse.train.sft import Cancelled, run_sft
 
     try:
-        spec = JobSpec.of(job)
+        spec = JobSpec.of(job, home.secret)  # the one place the job's secrets are opened
         inputs = resolve_inputs(home, job, spec, registry, reporter)
         output_dir = home.blobs.path(f"jobs/{job_id}/out")
         if spec.method == "dpo":
@@ -267,7 +271,17 @@ def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> N
         if job is None:
             return
         jobs.set_status(job, status)
-        jobs.add_event(s, job_id, type_, message, "info" if status == "completed" else "error")
+        jobs.add_event(s, job_id, type_, server_paths_out(home, message), "info" if status == "completed" else "error")
+
+
+def server_paths_out(home: Home, text: str) -> str:
+    """`text` with the server's own folders taken out: a path in the blob store reads as its blob
+    key (`jobs/ft-…/out/final`). Events are shown to API callers, who have no business knowing
+    where the server keeps its home."""
+    for root in (home.blobs.root, home.settings.home):
+        for form in {str(root), str(Path(root).resolve())}:
+            text = text.replace(form + "/", "").replace(form, ".")
+    return text
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ in this process: a crash cannot take the service down, and memory is returned wh
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tunehouse import jobs
 from tunehouse.settings import Settings
+from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Job
 
@@ -28,7 +30,9 @@ class Worker:
     def __init__(self, home: Home, worker_id: str | None = None, *, poll_s: float = 1.0,
                  heartbeat_s: float = 2.0, stale_after_s: float = 60.0):
         self.home = home
-        self.worker_id = worker_id or f"{socket.gethostname()}:{home.settings.home}"
+        # Stable across restarts of this worker (recover_own), without the home's path in the database.
+        home_tag = hashlib.sha256(str(home.settings.home.resolve()).encode()).hexdigest()[:12]
+        self.worker_id = worker_id or f"{socket.gethostname()}:{home_tag}"
         self.poll_s, self.heartbeat_s, self.stale_after_s = poll_s, heartbeat_s, stale_after_s
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -72,8 +76,8 @@ class Worker:
     # -- one job ----------------------------------------------------------------------------
     def _run_child(self, job_id: str, attempt: int) -> None:
         log_path = self.home.blobs.path(f"jobs/{job_id}/logs/attempt-{attempt}.log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        private_dirs(log_path.parent)
+        with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             self.child = subprocess.Popen([sys.executable, "-m", "tunehouse.train.run", job_id], env=self._child_env(),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
