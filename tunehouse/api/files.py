@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
 from tunehouse.api.schemas import MultipartAbort, MultipartComplete, MultipartInitiate, file_object
 from tunehouse.errors import InvalidInput
+from tunehouse.files import MAX_PARTS
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 def _public_base(request: Request) -> str:
-    configured = request.app.state.home.settings.public_url
-    return (configured or str(request.base_url)).rstrip("/")
+    """TUNEHOUSE_PUBLIC_URL, else the address this connection reached (the socket's, as bound).
+    Never the Host header: the client chooses it, and a forged one would send the bytes elsewhere."""
+    settings = request.app.state.home.settings
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host, port = request.scope.get("server") or (settings.host, settings.port)  # None on a unix socket
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.scope['scheme']}://{host}:{port}{request.scope.get('root_path', '')}".rstrip("/")
 
 
 @router.post("", status_code=302)
@@ -104,8 +111,8 @@ def multipart_initiate(body: MultipartInitiate, request: Request, caller: Curren
 
 
 @router.put("/{file_id}/parts/{part}")
-async def multipart_put(file_id: str, part: int, token: str, request: Request, session: SessionDep,
-                        files: FilesDep):
+async def multipart_put(file_id: str, part: Annotated[int, Path(ge=1, le=MAX_PARTS)], token: str, request: Request,
+                        session: SessionDep, files: FilesDep):
     etag = await files.receive_part(session, file_id, part, token, request.stream())
     return Response(status_code=200, headers={"ETag": f'"{etag}"'})
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tunehouse.serve.completions import Choice, Prepared
 from tunehouse.serve.engine import TokenEvent
@@ -27,9 +27,9 @@ class SamplingRequest(BaseModel):
     """Fields shared by both endpoints. Unknown fields (e.g. v3's `reasoning`) are ignored; `null`
     means "the default", as the SDKs send it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str
+    model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate at most; default min(512, room "
                                    "left). 0 (with echo) only scores the prompt.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.")
@@ -39,11 +39,12 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="64-bit signed.")
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
-    logprobs: bool | int | None = Field(None, description="bool (OpenAI chat) or the number of top log-probs.")
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="bool (OpenAI chat) or the number of top log-probs.")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = Field(False, description="Answer with the prompt (`prompt[0].text`) and, with logprobs, "
                                                  "each prompt token's log-prob (`prompt[0].logprobs`).")
@@ -66,8 +67,30 @@ class SamplingRequest(BaseModel):
         return min(int(self.logprobs), 20)
 
 
+class ContentPart(BaseModel):
+    """One part of list content; a text-only model refuses the non-text kinds with a 400."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A message's role and content are checked here; its other keys (name, tool_calls,
+    tool_call_id, ...) go to the chat template as sent."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+# Validated as ChatMessage (errors name `messages.<i>.<field>`), then handed on as the plain dict
+# the chat template reads.
+_Message = Annotated[ChatMessage, AfterValidator(lambda m: m.model_dump(exclude_unset=True))]
+
+
 class ChatRequest(SamplingRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=4096)
 
 
 class CompletionRequest(SamplingRequest):

@@ -17,10 +17,12 @@ import signal
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from tunehouse import jobs
 from tunehouse.downloads import build_download
+from tunehouse.errors import redact_paths
 from tunehouse.files import blob_key
 from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
@@ -184,11 +186,14 @@ def main(job_id: str) -> int:
     except Cancelled:
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
-        _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {exc}")
+        _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {redact_paths(str(exc))}")
         return 0
-    except Exception as exc:  # a bug or resource problem: say what, keep the trace in the log
+    except Exception:  # a bug or resource problem: the owner gets an id, the log (this process's stderr) the trace
+        eid = uuid.uuid4().hex[:12]
+        print(f"JOB_ERROR id {eid}:", file=sys.stderr)
         traceback.print_exc()
-        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: {type(exc).__name__}: {exc}")
+        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: internal error (id {eid}); the worker's log "
+                                                    "has the details.")
         return 0
     return _publish(home, job_id, spec)
 
@@ -244,7 +249,7 @@ def _push(home: Home, job_id: str, spec: JobSpec) -> None:
     except Exception as exc:  # the hub, the network or the token: say which, keep the job
         with home.db.session() as s:
             jobs.add_event(s, job_id, ev.WARNING, f"Could not push the output to {spec.hf_output_repo_name}: "
-                           f"{type(exc).__name__}: {exc}", level="warning")
+                           f"{type(exc).__name__}: {redact_paths(str(exc))}", level="warning")
         return
     with home.db.session() as s:
         job = s.get(Job, job_id)
