@@ -85,6 +85,10 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         lines = [f"{_field_path(e['loc'])}: {e['msg']} (got {_quote(e.get('input'))})" for e in errors[:5]]
         first = _field_path(errors[0]["loc"]) if errors else None
+        # A union reports each member's error; the deepest path under the first is the precise one
+        # (`messages.0.content.0.type`, not the str member's `messages.0.content`).
+        paths = [_field_path(e["loc"]) for e in errors]
+        first = max((p for p in paths if p == first or p.startswith(first + ".")), key=len, default=first)
         body = error_body("Invalid request: " + "; ".join(lines), "invalid_request_error", first, "invalid_field")
         return JSONResponse(body, status_code=400)
 
