@@ -119,6 +119,18 @@ CASES = [
     ("upload-part-name-rlo", "POST", "/v1/files/upload", {"files": {"file": ("x\u202egpj.jsonl", CHAT)}}, 400,
      "file_name"),
     ("upload-no-file-part", "POST", "/v1/files/upload", {"data": {"purpose": "fine-tune"}}, 400, "file"),
+    ("multipart-no-boundary", "POST", "/v1/files/upload",
+     {"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "body"),
+    ("multipart-truncated", "POST", "/v1/files/upload",
+     {"content": b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\nabc',
+      "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, "file"),
+    ("multipart-huge-part-header", "POST", "/v1/files",
+     {"content": b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="' + b"a" * 100_000
+      + b'.jsonl"\r\n\r\nabc\r\n--xyz--\r\n', "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+     400, "body"),
+    ("multipart-file-as-text", "POST", "/v1/files/upload", {"data": {"file": "not a file"}}, 400, "file"),
+    ("multipart-2000-parts", "POST", "/v1/files", {"files": [(f"x{i}", ("a", b"b")) for i in range(2000)]}, 400,
+     "body"),
     ("files-limit-negative", "GET", "/v1/files?limit=-1", {}, 400, "limit"),
     ("files-limit-text", "GET", "/v1/files?limit=ten", {}, 400, "limit"),
     ("files-order-unknown", "GET", "/v1/files?order=sideways", {}, 400, "order"),
@@ -325,3 +337,25 @@ def test_another_owner_gets_404_and_no_key_gets_401(server, owned, bobs_file, ro
     # Alice still sees hers: the 404 was about the owner, not a missing object.
     mine = httpx.get(server.url + f"/v1/fine-tunes/{owned['job']}", headers={"Authorization": f"Bearer {server.key}"})
     assert mine.status_code == 200
+
+
+def test_engine_failure_text_stays_in_the_log(client, monkeypatch):
+    """A generation failure (a 5xx domain error) carries engine text (model paths, CUDA messages):
+    JSON and streamed answers give only an error id."""
+    from tunehouse.serve import completions
+
+    async def fail(*_a, **_k):
+        raise completions.GenerationFailed("Generation failed: cannot load /root/.tunehouse/models/x")
+        yield  # an async generator, as `stream` is
+
+    async def fail_complete(*_a, **_k):
+        raise completions.GenerationFailed("Generation failed: cannot load /root/.tunehouse/models/x")
+
+    monkeypatch.setattr(completions, "stream", fail)
+    monkeypatch.setattr(completions, "complete", fail_complete)
+    r = client.post("/v1/chat/completions", json=_chat())
+    assert r.status_code == 500 and "/root" not in r.text and "Internal error (id " in r.text
+    streamed = client.post("/v1/chat/completions", json=_chat(stream=True))
+    assert streamed.status_code == 200 and "/root" not in streamed.text
+    assert "Internal error (id " in streamed.text and streamed.text.rstrip().endswith("[DONE]")
+    assert _local_port(client.get("/health")) == _local_port(streamed)
