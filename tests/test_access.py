@@ -158,3 +158,23 @@ def test_training_failure_event_names_no_server_path(live, monkeypatch, capsys, 
         assert f"JOB_ERROR id {eid}" in capsys.readouterr().err
     else:
         assert "file-1.jsonl" in last.message
+
+
+def test_event_paths_are_blob_keys(live):
+    """CHECKPOINT_SAVE / TRAINING_COMPLETE name their folder by blob key, not the server path."""
+    from tunehouse import jobs
+    from tunehouse.store.tables import Job
+    from tunehouse.train.run import StoreReporter
+
+    home = live.app.state.home
+    with home.db.session() as s:
+        s.add(Job(id="ft-paths", owner="alice", status="running", model="m", training_file="file-x", config={}))
+    reporter = StoreReporter(home, "ft-paths")
+    reporter.event("CHECKPOINT_SAVE", "Checkpoint saved", step=3,
+                   checkpoint_path=str(home.blobs.path("jobs/ft-paths/out/checkpoint-3")))
+    reporter.event("TRAINING_COMPLETE", "done", model_path="/opt/elsewhere/final")
+    events = httpx.get(f"{live.url}/v1/fine-tunes/ft-paths/events", headers=_h(live.key)).json()["data"]
+    assert [e["checkpoint_path"] for e in events] == ["jobs/ft-paths/out/checkpoint-3", None]
+    assert events[1]["model_path"] == "…/final"
+    with home.db.session() as s:
+        assert str(home.settings.home) not in str([e.fields for e in jobs.events(s, "ft-paths")])

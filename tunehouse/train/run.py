@@ -46,9 +46,20 @@ class StoreReporter:
         self._t0 = time.monotonic()
         self._first_step: int | None = None
 
+    def _public(self, value):
+        """Events are the owner's to read: a folder in the blob store is named by its key
+        (`jobs/ft-…/out/checkpoint-…`), any other absolute path by its last component."""
+        if not (isinstance(value, str) and value.startswith("/")):
+            return value
+        try:
+            return Path(value).resolve().relative_to(self.home.blobs.root.resolve()).as_posix()
+        except ValueError:
+            return redact_paths(value)
+
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
+        fields = {k: self._public(v) for k, v in fields.items()}
         with self.home.db.session() as s:
             jobs.add_event(s, self.job_id, type, message, level, **fields)
             job = s.get(Job, self.job_id)
