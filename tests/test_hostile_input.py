@@ -86,6 +86,9 @@ CASES = [
     ("presence-penalty-huge", "POST", "/v1/chat/completions", {"json": _chat(presence_penalty=1e308)}, 400,
      "presence_penalty"),
     ("temperature-string", "POST", "/v1/chat/completions", {"json": _chat(temperature="hot")}, 400, "temperature"),
+    ("top-k-2**80", "POST", "/v1/chat/completions", {"json": _chat(top_k=2**80)}, 400, "top_k"),
+    ("repetition-penalty-1e-300", "POST", "/v1/chat/completions", {"json": _chat(repetition_penalty=1e-300)}, 400,
+     "repetition_penalty"),
     ("n-zero", "POST", "/v1/chat/completions", {"json": _chat(n=0)}, 400, "n"),
     ("n-huge", "POST", "/v1/chat/completions", {"json": _chat(n=10**6)}, 400, "n"),
     ("max-tokens-negative", "POST", "/v1/chat/completions", {"json": _chat(max_tokens=-1)}, 400, "max_tokens"),
@@ -171,6 +174,8 @@ CASES = [
     ("ft-method-unknown", "POST", "/v1/fine-tunes",
      {"json": {"training_file": "file-x", "model": TINY, "training_method": {"method": "rlhf"}}}, 400, None),
     ("ft-training-file-int", "POST", "/v1/fine-tunes", {"json": {"training_file": 5, "model": TINY}}, 400, None),
+    ("ft-model-unknown", "POST", "/v1/fine-tunes", {"json": {"training_file": "file-x", "model": "x" * 600}}, 400,
+     "model"),
     ("ft-retrieve-bad-id", "GET", "/v1/fine-tunes/ft-%00", {}, 404, None),
     ("ft-metrics-resolution-negative", "GET", "/v1/fine-tunes/ft-x/metrics?resolution=-1", {}, 400, "resolution"),
     ("ft-metrics-step-text", "GET", "/v1/fine-tunes/ft-x/metrics?global_step_from=abc", {}, 400,
@@ -229,6 +234,15 @@ def test_hostile_request_gets_its_4xx_and_keeps_the_connection(client, case):
     health = client.get("/health")
     assert health.status_code == 200
     assert _local_port(health) == _local_port(r), "the server closed the kept-alive connection"
+
+
+def test_tiny_temperature_is_greedy_not_nan(client):
+    """1e-300 is within 0..2 but divides logits to inf in float32: it samples as temperature 0."""
+    body = _chat(max_tokens=4, seed=1)
+    tiny = client.post("/v1/chat/completions", json=body | {"temperature": 1e-300})
+    greedy = client.post("/v1/chat/completions", json=body | {"temperature": 0})
+    assert tiny.status_code == greedy.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
 
 
 def test_refused_part_upload_leaves_no_part_file(server, client):

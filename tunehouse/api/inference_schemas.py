@@ -32,11 +32,14 @@ class SamplingRequest(BaseModel):
     model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate at most; default min(512, room "
                                    "left). 0 (with echo) only scores the prompt.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.")
+    # Below 1e-5 is greedy (vLLM's rule): the logits divided by it overflow float32 to inf and NaN.
+    temperature: Annotated[float, AfterValidator(lambda t: 0.0 if t < 1e-5 else t)] | None = Field(
+        None, ge=0, le=2, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 = off.")
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="0 = off.")
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # The sampler divides and multiplies logits by it in float32: 1e-300 would be 0 there.
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: str | list[str] | None = Field(None, max_length=16)
