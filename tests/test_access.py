@@ -178,3 +178,12 @@ def test_event_paths_are_blob_keys(live):
     assert events[1]["model_path"] == "…/final"
     with home.db.session() as s:
         assert str(home.settings.home) not in str([e.fields for e in jobs.events(s, "ft-paths")])
+
+
+def test_endpoint_error_names_no_server_path():
+    from tunehouse.serve.endpoints import endpoint_object
+    from tunehouse.store.tables import Endpoint
+
+    ep = Endpoint(id="endpoint-1", owner="alice", name="alice/m-1", model="m", hardware="1x_cpu", state="FAILED",
+                  error="cannot load m: no config.json in /root/.tunehouse/models/m/merged")
+    assert endpoint_object(ep)["error"] == "cannot load m: no config.json in …/merged"

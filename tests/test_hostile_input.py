@@ -373,3 +373,17 @@ def test_engine_failure_text_stays_in_the_log(client, monkeypatch):
     assert streamed.status_code == 200 and "/root" not in streamed.text
     assert "Internal error (id " in streamed.text and streamed.text.rstrip().endswith("[DONE]")
     assert _local_port(client.get("/health")) == _local_port(streamed)
+
+
+def test_unexpected_error_mid_stream_ends_the_stream_with_an_id(client, monkeypatch):
+    from tunehouse.serve import completions
+
+    async def crash(*_a, **_k):
+        raise KeyError("/root/.tunehouse/blobs/jobs/x")
+        yield
+
+    monkeypatch.setattr(completions, "stream", crash)
+    r = client.post("/v1/chat/completions", json=_chat(stream=True))
+    assert r.status_code == 200 and "/root" not in r.text and "Internal error (id " in r.text
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert _local_port(client.get("/health")) == _local_port(r)

@@ -63,6 +63,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             body = internal_error(exc.message) if exc.status >= 500 else error_body(exc.message, exc.type,
                                                                                       exc.param, exc.code)
             yield f"data: {json.dumps(body)}\n\n"
+        except Exception as exc:  # headers are sent: the error id goes in a chunk, the detail to the log
+            yield f"data: {json.dumps(internal_error(exc, 'stream'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
