@@ -198,6 +198,10 @@ CASES = [
      {"json": {"model": TINY, "hardware": "1x_cpu", "inactive_timeout": -1}}, 400, "inactive_timeout"),
     ("endpoint-state-unknown", "POST", "/v1/endpoints", {"json": {"model": TINY, "hardware": "1x_cpu",
                                                                  "state": "FLYING"}}, 400, "state"),
+    ("endpoint-model-overlong", "POST", "/v1/endpoints", {"json": {"model": "m" * 600, "hardware": "1x_cpu"}}, 400,
+     "model"),
+    ("endpoint-display-name-overlong", "POST", "/v1/endpoints",
+     {"json": {"model": TINY, "hardware": "1x_cpu", "display_name": "d" * 300}}, 400, "display_name"),
     ("endpoint-patch-body-text", "PATCH", "/v1/endpoints/endpoint-x", {"json": "STOPPED"}, 400, "body"),
     ("admin-key-owner-slash", "POST", "/v1/admin/keys", {"json": {"owner": "a/b"}}, 400, "owner"),
     ("admin-key-owner-newline", "POST", "/v1/admin/keys", {"json": {"owner": "a\nb"}}, 400, "owner"),
@@ -234,6 +238,39 @@ def test_hostile_request_gets_its_4xx_and_keeps_the_connection(client, case):
     health = client.get("/health")
     assert health.status_code == 200
     assert _local_port(health) == _local_port(r), "the server closed the kept-alive connection"
+
+
+BIG = 10**20
+DEEP_CASES = [  # on alice's real job and endpoint, so the request gets past the ownership check
+    ("metrics-step-past-int64", "GET", "/v1/fine-tunes/{job}/metrics?global_step_from=-1&global_step_to=" + str(BIG),
+     {}, 400, "global_step_from"),
+    ("metrics-step-to-past-int64", "GET", "/v1/fine-tunes/{job}/metrics?global_step_to=" + str(BIG), {}, 400,
+     "global_step_to"),
+    ("download-step-past-int64", "GET", "/v1/finetune/download?ft_id={job}&checkpoint_step=" + str(BIG), {}, 400,
+     "checkpoint_step"),
+    ("download-ref-step-past-int64", "GET", "/v1/finetune/download?ft_id={job}:" + str(BIG), {}, 404, None),
+    ("download-checkpoint-nul", "GET", "/v1/finetune/download?ft_id={job}&checkpoint=%00", {}, 400, "checkpoint"),
+    ("endpoint-timeout-past-int32", "PATCH", "/v1/endpoints/{endpoint}", {"json": {"inactive_timeout": BIG}}, 400,
+     "inactive_timeout"),
+    ("endpoint-min-replicas-huge", "PATCH", "/v1/endpoints/{endpoint}",
+     {"json": {"autoscaling": {"min_replicas": BIG, "max_replicas": 1}}}, 400, "autoscaling.min_replicas"),
+    ("estimate-epochs-huge", "POST", "/v1/fine-tunes/estimate-price",
+     {"json": {"training_file": "{file}", "model": TINY, "n_epochs": BIG}}, 400, "n_epochs"),
+    ("from-checkpoint-step-huge", "POST", "/v1/fine-tunes",
+     {"json": {"training_file": "{file}", "from_checkpoint": "{job}:" + str(BIG)}}, 400, "from_checkpoint"),
+]
+
+
+@pytest.mark.parametrize("case", DEEP_CASES, ids=[c[0] for c in DEEP_CASES])
+def test_hostile_values_on_real_objects(client, owned, case):
+    _, method, path, kwargs, status, param = case
+    ids = {k: v for k, v in owned.items() if isinstance(v, str)}
+    kwargs = json.loads(json.dumps(kwargs).replace("{file}", ids["file"]).replace("{job}", ids["job"]))
+    r = client.request(method, path.format(**ids), **kwargs)
+    assert r.status_code == status, r.text
+    if param is not None:
+        assert r.json()["error"]["param"] == param
+    assert _local_port(client.get("/health")) == _local_port(r)
 
 
 def test_tiny_temperature_is_greedy_not_nan(client):
