@@ -340,6 +340,7 @@ def _owned_routes(o: dict) -> list[tuple[str, str, str, dict]]:
         ("ft-metrics", "GET", f"/v1/fine-tunes/{job}/metrics", {}),
         ("ft-download", "GET", f"/v1/finetune/download?ft_id={job}", {}),
         ("ft-from-checkpoint", "POST", "/v1/fine-tunes", {"json": {"training_file": "BOBS_FILE", "from_checkpoint": job}}),
+        ("ft-limits-of-job", "GET", f"/v1/fine-tunes/models/limits?model_name={job}", {}),
         ("ft-delete", "DELETE", f"/v1/fine-tunes/{job}", {}),
         ("file-retrieve", "GET", f"/v1/files/{fid}", {}),
         ("file-content", "GET", f"/v1/files/{fid}/content", {}),
@@ -424,3 +425,12 @@ def test_unexpected_error_mid_stream_ends_the_stream_with_an_id(client, monkeypa
     assert r.status_code == 200 and "/root" not in r.text and "Internal error (id " in r.text
     assert r.text.rstrip().endswith("data: [DONE]")
     assert _local_port(client.get("/health")) == _local_port(r)
+
+
+def test_lists_hold_only_the_callers_objects(server, owned):
+    bob = {"Authorization": f"Bearer {server.other_key}"}
+    seen = " ".join(httpx.get(server.url + path, headers=bob).text
+                    for path in ("/v1/fine-tunes", "/v1/files", "/v1/endpoints", "/v1/models"))
+    assert owned["job"] not in seen and owned["file"] not in seen and owned["endpoint"] not in seen
+    alice = {"Authorization": f"Bearer {server.key}"}
+    assert owned["job"] in httpx.get(server.url + "/v1/fine-tunes", headers=alice).text
