@@ -21,9 +21,10 @@ def _h(key: str) -> dict:
 
 @pytest.fixture
 def limited(tmp_path):
-    """Five wrong keys at once, then one more every 0.2 s (Retry-After rounds up to 1 s)."""
+    """Five wrong keys at once, then one more every 2 s (slow enough that a busy machine's own
+    request times do not refill the bucket mid-test)."""
     live, bg = _serve(Settings(home=tmp_path / "home", embedded_worker=False, auth_failure_burst=5,
-                               auth_failures_per_minute=300))
+                               auth_failures_per_minute=30))
     yield live
     bg.stop()
 
@@ -48,7 +49,8 @@ def test_300_wrong_keys_are_mostly_refused_with_429(live):
     """The reported burst, with the default settings (10 failures, then 6 a minute)."""
     with httpx.Client(base_url=live.url) as c:
         codes = [c.get("/v3/whoami", headers=_h("th-nope")).status_code for _ in range(300)]
-    assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}
+    # One refilled token (every 10 s) may let a slow run's later guess through; none more.
+    assert codes[:11] == [401] * 10 + [429] and codes[10:].count(429) >= len(codes[10:]) - 2
 
 
 def test_limiter_bucket_refills_and_forgets_full_buckets():
