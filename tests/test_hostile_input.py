@@ -273,6 +273,21 @@ def test_hostile_values_on_real_objects(client, owned, case):
     assert _local_port(client.get("/health")) == _local_port(r)
 
 
+def test_schema_bounds_keep_what_clients_send():
+    """The bounds refuse the hostile values only: the SDKs' own shapes still pass."""
+    from tunehouse.api.inference_schemas import ChatRequest
+
+    ok = ChatRequest.model_validate({
+        "model": TINY, "stop": "a long stop sequence, longer than sixteen", "seed": -(2**63), "logprobs": True,
+        "top_logprobs": 20, "messages": [{"role": "system", "content": "s"},
+                                         {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "u"},
+                                         {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+                                         {"role": "tool", "content": "r", "tool_call_id": "c"}]})
+    assert ok.messages[1] == {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "u"}
+    assert ok.messages[2] == {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}
+    assert ChatRequest.model_validate(_chat(logprobs=5)).top_k_logprobs() == 5
+
+
 def test_tiny_temperature_is_greedy_not_nan(client):
     """1e-300 is within 0..2 but divides logits to inf in float32: it samples as temperature 0."""
     body = _chat(max_tokens=4, seed=1)

@@ -42,7 +42,7 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="64-bit signed.")
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
