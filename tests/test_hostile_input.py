@@ -137,7 +137,7 @@ CASES = [
     ("files-limit-negative", "GET", "/v1/files?limit=-1", {}, 400, "limit"),
     ("files-limit-text", "GET", "/v1/files?limit=ten", {}, 400, "limit"),
     ("files-order-unknown", "GET", "/v1/files?order=sideways", {}, 400, "order"),
-    ("files-after-unknown", "GET", "/v1/files?after=file-nope", {}, 404, "id"),
+    ("files-after-unknown", "GET", "/v1/files?after=file-nope", {}, 404, "after"),
     ("file-bad-id", "GET", "/v1/files/file-%00%E2%80%AE..", {}, 404, "id"),
     ("put-bytes-no-token", "PUT", "/v1/files/file-x/bytes", {"content": b"x"}, 400, "token"),
     ("put-bytes-nested-token", "PUT", f"/v1/files/file-x/bytes?token={_token(b'[' * 5000)}", {"content": b"x"},

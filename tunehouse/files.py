@@ -96,7 +96,10 @@ class FileService:
             q = q.where(File.purpose == purpose)
         key = (File.created_at, File.id)
         if after:
-            last = self.get(s, owner, after)
+            try:
+                last = self.get(s, owner, after)
+            except NotFound as exc:
+                raise NotFound(exc.message, param="after", code=exc.code) from None
             newer = (File.created_at > last.created_at) | ((File.created_at == last.created_at) & (File.id > last.id))
             older = (File.created_at < last.created_at) | ((File.created_at == last.created_at) & (File.id < last.id))
             q = q.where(newer if order == "asc" else older)
