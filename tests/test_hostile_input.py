@@ -116,6 +116,8 @@ CASES = [
     ("file-name-folder", "POST", "/v1/files", {"data": {"file_name": "../x.jsonl"}}, 400, "file_name"),
     ("file-purpose-unknown", "POST", "/v1/files", {"data": {"file_name": "a.jsonl", "purpose": "x"}}, 400,
      "purpose"),
+    ("file-purpose-megabyte", "POST", "/v1/files", {"data": {"file_name": "a.jsonl", "purpose": "p" * 1_000_000}},
+     400, "purpose"),
     ("file-type-exe", "POST", "/v1/files", {"data": {"file_name": "a.exe"}}, 400, "file_type"),
     ("file-checksum-bad", "POST", "/v1/files", {"data": {"file_name": "a.jsonl", "checksum": "zz"}}, 400,
      "checksum"),

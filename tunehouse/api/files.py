@@ -13,6 +13,10 @@ from tunehouse.errors import InvalidInput
 from tunehouse.files import MAX_PARTS
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+# Type-level bounds only (a megabyte-long form field is not quoted back); the service checks the values.
+Purpose = Annotated[str, Form(max_length=32)]
+FileName = Annotated[str | None, Form(max_length=1024)]
+FileType = Annotated[str | None, Form(max_length=16)]
 
 
 def _public_base(request: Request) -> str:
@@ -28,8 +32,8 @@ def _public_base(request: Request) -> str:
 
 @router.post("", status_code=302)
 async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
-                       purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
-                       file_type: str | None = Form(None), checksum: str | None = Form(None),
+                       purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None,
+                       checksum: Annotated[str | None, Form(max_length=64)] = None,
                        file: UploadFile | None = File(None)):
     """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
     carries the bytes as a `file` part (curl, the openai SDK, which sends no `file_name`: the part's
@@ -64,8 +68,7 @@ def preprocess(file_id: str, caller: CurrentCaller, session: SessionDep, files: 
 
 @router.post("/upload")
 async def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: FilesDep, file: UploadFile,
-                         purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
-                         file_type: str | None = Form(None)):
+                         purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None):
     f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
                                    file_name=file_name or file.filename or "", file_type=file_type,
                                    chunks=_read_upload(file))
