@@ -41,6 +41,9 @@ def test_wrong_keys_get_429_then_the_right_key_works_after_the_window(limited):
         assert 1 <= wait <= 2
         # While blocked, the right key is refused too: a 200 would tell a guesser which guess was right.
         assert c.get("/v1/files", headers=_h(limited.key)).status_code == 429
+        # Another address (127.0.0.2 is loopback too on Linux) has its own bucket.
+        with httpx.Client(base_url=limited.url, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+            assert other.get("/v1/files", headers=_h(limited.key)).status_code == 200
         time.sleep(wait)
         assert c.get("/v1/files", headers=_h(limited.key)).status_code == 200
 
