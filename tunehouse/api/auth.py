@@ -20,7 +20,9 @@ class Caller:
 
 def authenticate(request: Request) -> Caller:
     limiter = request.app.state.auth_limiter
-    # The socket's peer, not X-Forwarded-For: a header the client writes cannot pick its own bucket.
+    # The socket's peer; uvicorn replaces it from X-Forwarded-For only when the peer is one of its
+    # trusted proxies (--forwarded-allow-ips, 127.0.0.1 by default), so a remote client cannot pick
+    # its own bucket.
     address = request.client.host if request.client else "unknown"
     if wait := limiter.retry_after(address):
         raise RateLimited(f"Too many requests with a wrong API key from {address}; retry in {wait} s.",
