@@ -104,7 +104,7 @@ CASES = [
     ("body-nested-5000", "POST", "/v1/chat/completions",
      {"content": "[" * 5000 + "]" * 5000, "headers": {"content-type": "application/json"}}, 400, "body"),
     ("body-not-json", "POST", "/v1/chat/completions",
-     {"content": "{not json", "headers": {"content-type": "application/json"}}, 400, None),
+     {"content": "{not json", "headers": {"content-type": "application/json"}}, 400, "body"),
     ("body-json-array", "POST", "/v1/chat/completions", {"json": [1, 2]}, 400, "body"),
     ("completion-prompt-int", "POST", "/v1/completions", {"json": {"model": TINY, "prompt": 5}}, 400, "prompt"),
     ("completion-no-prompt", "POST", "/v1/completions", {"json": {"model": TINY}}, 400, "prompt"),

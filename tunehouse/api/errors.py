@@ -46,15 +46,24 @@ _WHERE = ("body", "query", "path", "form", "header")
 _UNION_TAGS = ("str", "int", "float", "bool", "none")
 
 
-def _field_path(loc: tuple) -> str:
+def _field_path(loc: tuple, kind: str = "") -> str:
     """`messages.0.content` from pydantic's loc, less the union member tags it inserts
-    (`str`, `list[ContentPart]`, `constrained-int`), which no client field is named."""
+    (`str`, `list[ContentPart]`, `constrained-int`), which no client field is named. A body that
+    is not JSON is `body` (its loc holds the character offset)."""
+    if kind == "json_invalid":
+        return "body"
     parts = [str(p) for p in loc if p not in _WHERE and not (isinstance(p, str) and _is_union_tag(p))]
     return ".".join(parts) or "body"
 
 
 def _is_union_tag(part: str) -> bool:
     return part in _UNION_TAGS or "[" in part or "-" in part
+
+
+def _describe(e: dict) -> str:
+    if e.get("type") == "json_invalid":  # ctx.error is json's own words, with the line and column
+        return f"the body is not valid JSON ({(e.get('ctx') or {}).get('error', 'decode error')})"
+    return f"{e['msg']} (got {_quote(e.get('input'))})"
 
 
 def _quote(value) -> str:
@@ -83,11 +92,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_req: Request, exc: RequestValidationError):
         errors = exc.errors()
-        lines = [f"{_field_path(e['loc'])}: {e['msg']} (got {_quote(e.get('input'))})" for e in errors[:5]]
-        first = _field_path(errors[0]["loc"]) if errors else None
+        paths = [_field_path(e["loc"], e.get("type", "")) for e in errors]
+        lines = [f"{path}: {_describe(e)}" for path, e in list(zip(paths, errors))[:5]]
+        first = paths[0] if paths else None
         # A union reports each member's error; the deepest path under the first is the precise one
         # (`messages.0.content.0.type`, not the str member's `messages.0.content`).
-        paths = [_field_path(e["loc"]) for e in errors]
         first = max((p for p in paths if p == first or p.startswith(first + ".")), key=len, default=first)
         body = error_body("Invalid request: " + "; ".join(lines), "invalid_request_error", first, "invalid_field")
         return JSONResponse(body, status_code=400)
