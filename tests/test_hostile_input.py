@@ -204,6 +204,7 @@ CASES = [
      "model"),
     ("endpoint-display-name-overlong", "POST", "/v1/endpoints",
      {"json": {"model": TINY, "hardware": "1x_cpu", "display_name": "d" * 300}}, 400, "display_name"),
+    ("endpoints-mine-text", "GET", "/v1/endpoints?mine=maybe", {}, 400, "mine"),
     ("endpoint-patch-body-text", "PATCH", "/v1/endpoints/endpoint-x", {"json": "STOPPED"}, 400, "body"),
     ("admin-key-owner-slash", "POST", "/v1/admin/keys", {"json": {"owner": "a/b"}}, 400, "owner"),
     ("admin-key-owner-newline", "POST", "/v1/admin/keys", {"json": {"owner": "a\nb"}}, 400, "owner"),
