@@ -192,3 +192,16 @@ def test_endpoint_error_names_no_server_path():
     ep = Endpoint(id="endpoint-1", owner="alice", name="alice/m-1", model="m", hardware="1x_cpu", state="FAILED",
                   error="cannot load m: no config.json in /root/.tunehouse/models/m/merged")
     assert endpoint_object(ep)["error"] == "cannot load m: no config.json in …/merged"
+
+
+def test_upload_url_uses_the_public_url_setting(tmp_path):
+    live, bg = _serve(Settings(home=tmp_path / "home", embedded_worker=False,
+                               public_url="https://th.example.com/base/"))
+    try:
+        r = httpx.post(f"{live.url}/v1/files", headers=_h(live.key) | {"Host": "evil.example"},
+                       data={"file_name": "a.jsonl"}, follow_redirects=False)
+        assert r.status_code == 302 and r.headers["location"].startswith("https://th.example.com/base/v1/files/file-")
+    finally:
+        bg.stop()
+    with pytest.raises(ValueError):
+        Settings(home=tmp_path / "h2", public_url="javascript:alert(1)")
