@@ -3,6 +3,17 @@
 
 from __future__ import annotations
 
+import re
+
+# An absolute path of two or more components (not part of a URL: no `:` or word character before it).
+_ABS_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s/'\"`:,;()]+/)+([^\s/'\"`:,;()]*)")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with each absolute server path cut to its last component (`…/train.jsonl`): messages
+    the owner reads must not map the server's folders (home, site-packages)."""
+    return _ABS_PATH.sub(lambda m: "…/" + m.group(1), text)
+
 
 class TunehouseError(Exception):
     status = 400
@@ -53,3 +64,15 @@ class Conflict(TunehouseError):
 
 class PayloadTooLarge(TunehouseError):
     status = 413
+
+
+class Forbidden(TunehouseError):
+    """An admin-only action by a non-admin key (owned objects answer NotFound instead)."""
+
+    status = 403
+    type = "permission_error"
+
+
+class RateLimited(TunehouseError):
+    status = 429
+    type = "rate_limit_error"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import unicodedata
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,15 @@ FILE_TYPES = ("jsonl", "parquet", "csv")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_PART = 5 << 20
 MAX_PARTS = 250
+# Bidirectional controls make a name display differently from what it is ("a\u202egpj.jsonl" shows
+# as "ajsonl.jpg"); with the control characters (category Cc: newline, NUL, ...) they are refused.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe_chars(name: str) -> list[str]:
+    """The control and bidi characters of `name`, as `U+XXXX (NAME)`."""
+    bad = dict.fromkeys(c for c in name if c in BIDI_CONTROLS or unicodedata.category(c) == "Cc")
+    return [f"U+{ord(c):04X} ({unicodedata.name(c, 'control character')})" for c in bad]
 
 
 def blob_key(f: File, part: int | None = None) -> str:
@@ -44,6 +54,9 @@ def _check_meta(purpose: str, file_name: str, file_type: str | None, checksum: s
             f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}.", param="purpose"
         )
     name = (file_name or "").strip()
+    if bad := _unsafe_chars(name):
+        raise InvalidInput(f"file_name must not contain control or bidirectional characters; found "
+                           f"{', '.join(bad)}. Rename the file.", param="file_name", code="invalid_file_name")
     if not name or "/" in name or "\\" in name or len(name) > 255:
         raise InvalidInput(
             "file_name must be a plain file name (no folders, at most 255 characters).", param="file_name"
@@ -83,7 +96,10 @@ class FileService:
             q = q.where(File.purpose == purpose)
         key = (File.created_at, File.id)
         if after:
-            last = self.get(s, owner, after)
+            try:
+                last = self.get(s, owner, after)
+            except NotFound as exc:
+                raise NotFound(exc.message, param="after", code=exc.code) from None
             newer = (File.created_at > last.created_at) | ((File.created_at == last.created_at) & (File.id > last.id))
             older = (File.created_at < last.created_at) | ((File.created_at == last.created_at) & (File.id < last.id))
             q = q.where(newer if order == "asc" else older)
@@ -220,6 +236,8 @@ class FileService:
     async def receive_part(self, s: Session, file_id: str, part: int, token: str,
                            chunks: AsyncIterator[bytes]) -> str:
         f = self._claim_token(s, file_id, token, part=part)
+        if not f.multipart or not 1 <= part <= f.multipart["num_parts"]:  # before any byte is written
+            raise Unauthorized("This upload URL is not for a part of a multipart upload.", param="token")
         md5 = hashlib.md5()
         with self.home.blobs.writer(blob_key(f, part)) as w:
             async for chunk in chunks:

@@ -169,7 +169,7 @@ def _context_defaults(values: dict, start: Start, registry: Registry, s: Session
     seq_limit = start.limits.get(f"max_seq_length_{method}")
     if "max_seq_length" not in values and seq_limit:
         out["max_seq_length"] = min(_default("max_seq_length"), seq_limit)
-    if out.get("batch_size", "max") == "max" and start.model:
+    if out.get("batch_size", "max") == "max" and start.model and start.limits:  # no limits: unknown model
         lora = out.get("lora", True)
         bounds = start.limits["lora_training" if lora else "full_training"]
         folder = start.weights or (registry.path(start.model, s) if registry.is_materialised(start.model) else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from tunehouse.api.schemas import PriceEstimate
-from tunehouse.errors import TunehouseError
+from tunehouse.errors import TunehouseError, redact_paths
 from tunehouse.files import FileService
 from tunehouse.job_requests import resolve_parent
 from tunehouse.models.registry import Registry
@@ -81,7 +81,7 @@ def _count(s: Session, owner: str, body: PriceEstimate, files: FileService, regi
         n_train = count_tokens(s, files, registry, train, model) * max(body.n_epochs, 1)
         n_val = count_tokens(s, files, registry, val, model) * max(body.n_evals, 0) if val is not None else 0
     except (ValueError, KeyError, TypeError) as exc:  # rows the validator passed but the tokenizer cannot take
-        raise Unavailable(f"The files could not be tokenized for {model}: {exc}") from None
+        raise Unavailable(f"The files could not be tokenized for {model}: {redact_paths(str(exc))}") from None
     return n_train, n_val
 
 

@@ -6,6 +6,7 @@ Built by callers (the CLI, tests), never at import time, so every test gets its 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,8 +21,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default an SQLite file in the home (WAL mode).")
     blob_dir: Path | None = Field(None, description="Blob store folder; default `blobs/` in the home.")
     public_url: str | None = Field(
-        None, description="Base URL clients reach this server at; upload `Location`s use it. Default: the request's Host."
-    )
+        None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Base URL clients reach this server at; upload URLs use it. Default: the address the "
+                    "request reached (never its Host header, which the client writes).")
     model_cache: Path | None = Field(
         None, description="Where built-in models are converted/built; default the home. Shareable between homes."
     )
@@ -31,6 +33,11 @@ class Settings(BaseSettings):
     upload_token_ttl_s: int = Field(3600, description="Lifetime of the signed upload URL, seconds.")
     max_file_bytes: int = Field(int(50.1 * GIB), description="Largest accepted upload (50.1 GiB, as the SDKs).")
     multipart_threshold_bytes: int = Field(5 * GIB, description="Files above this use the multipart flow.")
+    docs: Literal["off", "key", "public"] = Field(
+        "off", description="/docs and /openapi.json: off, behind an API key, or public (they map every route).")
+    auth_failure_burst: int = Field(10, ge=1, description="Wrong API keys one client address may send at once "
+                                    "before it is answered 429.")
+    auth_failures_per_minute: float = Field(6, gt=0, description="How fast that allowance refills.")
     serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")
     serve_max_loaded_models: int = Field(2, ge=1, description="Base/full fine-tuned weights kept in memory (LRU).")
     serve_max_loaded_adapters: int = Field(8, ge=1, description="LoRA adapters kept attached per base (LRU).")

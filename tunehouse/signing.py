@@ -44,18 +44,23 @@ def sign(secret: bytes, file_id: str, nonce: str, ttl_s: int, part: int = 0) -> 
     return f"{_b64(payload)}.{_b64(mac)}"
 
 
+MAX_TOKEN_CHARS = 512  # ours are ~170; anything much longer is not one of ours
+
+
 def verify(secret: bytes, token: str, file_id: str, part: int = 0) -> str:
     """Return the token's nonce if it is authentic, unexpired and for this file and part;
-    raise ValueError with the reason otherwise."""
+    raise ValueError with the reason otherwise. The signature is checked before the payload is
+    parsed: only bytes this server signed ever reach the JSON parser."""
+    body, _, mac = token.partition(".")
+    if not mac or len(token) > MAX_TOKEN_CHARS:
+        raise ValueError("malformed upload token")
     try:
-        body, mac = token.split(".", 1)
-        payload = _unb64(body)
-        ok = hmac.compare_digest(hmac.new(secret, payload, hashlib.sha256).digest(), _unb64(mac))
-        data = json.loads(payload)
-    except (ValueError, json.JSONDecodeError) as exc:
+        payload, given = _unb64(body), _unb64(mac)
+    except ValueError as exc:  # binascii.Error is a ValueError
         raise ValueError("malformed upload token") from exc
-    if not ok:
+    if not hmac.compare_digest(hmac.new(secret, payload, hashlib.sha256).digest(), given):
         raise ValueError("upload token signature is invalid")
+    data = json.loads(payload)
     if data.get("f") != file_id or data.get("p") != part:
         raise ValueError("upload token is for another file or part")
     if data["e"] < time.time():

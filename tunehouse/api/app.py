@@ -7,7 +7,8 @@ from __future__ import annotations
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 
 from tunehouse import __version__
 from tunehouse.api import errors
@@ -15,9 +16,12 @@ from tunehouse.api import files as files_routes
 from tunehouse.api import fine_tunes as fine_tune_routes
 from tunehouse.api import endpoints as endpoint_routes
 from tunehouse.api import inference as inference_routes
+from tunehouse.api import keys as key_routes
 from tunehouse.api import models as model_routes
+from tunehouse.api.auth import authenticate
 from tunehouse.api.deps import CurrentCaller
 from tunehouse.api.paths import NormalisePaths
+from tunehouse.api.ratelimit import FailureLimiter
 from tunehouse.files import FileService
 from tunehouse.models.registry import Registry
 from tunehouse.serve.endpoints import Supervisor, model_dir_for
@@ -47,7 +51,10 @@ def create_app(settings: Settings) -> FastAPI:
             worker.stop()
         engine.close()
 
-    app = FastAPI(title="tunehouse", version=__version__, lifespan=lifespan)
+    public_docs = settings.docs == "public"
+    app = FastAPI(title="tunehouse", version=__version__, lifespan=lifespan, docs_url="/docs" if public_docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if public_docs else None)
+    app.state.auth_limiter = FailureLimiter(settings.auth_failure_burst, settings.auth_failures_per_minute)
     app.state.home = home
     app.state.files = FileService(home)
     app.state.registry = registry
@@ -63,6 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inference_routes.router)
     app.include_router(model_routes.router)
     app.include_router(endpoint_routes.router)
+    app.include_router(key_routes.router)
+    if settings.docs == "key":
+        _keyed_docs(app)
 
     @app.get("/health", tags=["meta"])
     def health():
@@ -77,6 +87,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(NormalisePaths)
     return app
+
+
+def _keyed_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs for callers sending an API key (scripts, curl). The Swagger page
+    fetches the schema without the key, so a browser needs `docs: public`."""
+    keyed = [Depends(authenticate)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tunehouse API")
 
 
 class _LazyEngine:

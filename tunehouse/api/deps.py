@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from tunehouse.api.auth import Caller, authenticate
+from tunehouse.api.auth import Caller, authenticate, authenticate_admin
 from tunehouse.files import FileService
 from tunehouse.models.registry import Registry
 from tunehouse.serve.engine import Engine
@@ -41,6 +41,7 @@ HomeDep = Annotated[Home, Depends(_home)]
 # scope="function": commit before the response is sent, so a client never reads stale state.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 CurrentCaller = Annotated[Caller, Depends(authenticate)]
+AdminCaller = Annotated[Caller, Depends(authenticate_admin)]
 FilesDep = Annotated[FileService, Depends(_files)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 EngineDep = Annotated[Engine, Depends(_engine)]

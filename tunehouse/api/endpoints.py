@@ -14,18 +14,20 @@ router = APIRouter(prefix="/v1", tags=["endpoints"])
 
 
 class Autoscaling(BaseModel):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, le=2**31 - 1)
+    max_replicas: int = Field(1, ge=1, le=2**31 - 1)
 
 
+# Lengths are the columns' (PostgreSQL refuses longer values with an error, not a 400).
 class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
-    hardware: str
+    model: str = Field(max_length=512)
+    hardware: str = Field(max_length=128)
     autoscaling: Autoscaling = Autoscaling()
     state: str = "STARTED"
-    display_name: str | None = None
-    inactive_timeout: int | None = Field(None, ge=0, description="Minutes without requests before it stops; 0 = never.")
+    display_name: str | None = Field(None, max_length=256)
+    inactive_timeout: int | None = Field(None, ge=0, le=2**31 - 1,
+                                         description="Minutes without requests before it stops; 0 = never.")
     availability_zone: str | None = None
 
 
@@ -33,8 +35,8 @@ class EndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="ignore")
     autoscaling: Autoscaling | None = None
     state: str | None = None
-    display_name: str | None = None
-    inactive_timeout: int | None = Field(None, ge=0)
+    display_name: str | None = Field(None, max_length=256)
+    inactive_timeout: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 @router.get("/hardware")

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
 from tunehouse.api.schemas import MultipartAbort, MultipartComplete, MultipartInitiate, file_object
 from tunehouse.errors import InvalidInput
+from tunehouse.files import MAX_PARTS
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+# Type-level bounds only (a megabyte-long form field is not quoted back); the service checks the values.
+Purpose = Annotated[str, Form(max_length=32)]
+FileName = Annotated[str | None, Form(max_length=1024)]
+FileType = Annotated[str | None, Form(max_length=16)]
 
 
 def _public_base(request: Request) -> str:
-    configured = request.app.state.home.settings.public_url
-    return (configured or str(request.base_url)).rstrip("/")
+    """TUNEHOUSE_PUBLIC_URL, else the address this connection reached (the socket's, as bound).
+    Never the Host header: the client chooses it, and a forged one would send the bytes elsewhere."""
+    settings = request.app.state.home.settings
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host, port = request.scope.get("server") or (settings.host, settings.port)  # None on a unix socket
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.scope['scheme']}://{host}:{port}{request.scope.get('root_path', '')}".rstrip("/")
 
 
 @router.post("", status_code=302)
 async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
-                       purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
-                       file_type: str | None = Form(None), checksum: str | None = Form(None),
+                       purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None,
+                       checksum: Annotated[str | None, Form(max_length=64)] = None,
                        file: UploadFile | None = File(None)):
     """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
     carries the bytes as a `file` part (curl, the openai SDK, which sends no `file_name`: the part's
@@ -57,8 +68,7 @@ def preprocess(file_id: str, caller: CurrentCaller, session: SessionDep, files: 
 
 @router.post("/upload")
 async def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: FilesDep, file: UploadFile,
-                         purpose: str = Form("fine-tune"), file_name: str | None = Form(None),
-                         file_type: str | None = Form(None)):
+                         purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None):
     f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
                                    file_name=file_name or file.filename or "", file_type=file_type,
                                    chunks=_read_upload(file))
@@ -104,8 +114,8 @@ def multipart_initiate(body: MultipartInitiate, request: Request, caller: Curren
 
 
 @router.put("/{file_id}/parts/{part}")
-async def multipart_put(file_id: str, part: int, token: str, request: Request, session: SessionDep,
-                        files: FilesDep):
+async def multipart_put(file_id: str, part: Annotated[int, Path(ge=1, le=MAX_PARTS)], token: str, request: Request,
+                        session: SessionDep, files: FilesDep):
     etag = await files.receive_part(session, file_id, part, token, request.stream())
     return Response(status_code=200, headers={"ETag": f'"{etag}"'})
 

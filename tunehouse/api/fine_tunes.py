@@ -16,6 +16,8 @@ from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_par
 from tunehouse.pricing import estimate
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"])
+# Steps are compared in SQL: a bound past int64 is an overflow in the driver, not an empty answer.
+StepQuery = Annotated[int | None, Query(ge=0, le=2**63 - 1)]
 
 
 @router.get("/fine-tunes/models/limits")
@@ -93,8 +95,8 @@ def list_checkpoints(job_id: str, caller: CurrentCaller, session: SessionDep):
 
 
 @router.get("/fine-tunes/{job_id}/metrics")
-def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global_step_from: int | None = None,
-                 global_step_to: int | None = None, logged_at_from: datetime | None = None,
+def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global_step_from: StepQuery = None,
+                 global_step_to: StepQuery = None, logged_at_from: datetime | None = None,
                  logged_at_to: datetime | None = None, resolution: int | None = Query(None, ge=1)):
     """Rows for optimizer steps and logging times in the inclusive bounds given (ISO-8601 times,
     as the v3 SDK sends them), thinned to at most `resolution` rows."""
@@ -105,7 +107,7 @@ def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global
 
 @router.get("/finetune/download")
 def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, request: Request,
-             checkpoint: str | None = None, checkpoint_step: int | None = None):
+             checkpoint: str | None = None, checkpoint_step: StepQuery = None):
     key, step = parse_checkpoint_ref(ft_id)
     job = jobs.get_owned(session, caller.owner, key)
     path = build_download(session, home, job, checkpoint, checkpoint_step or step)

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunehouse.api import inference_schemas as wire
 from tunehouse.api.deps import CurrentCaller, EngineDep, HomeDep, RegistryDep
-from tunehouse.api.errors import error_body
+from tunehouse.api.errors import error_body, internal_error
 from tunehouse.errors import TunehouseError
 from tunehouse.serve import completions, endpoints, models, tool_calls
 
@@ -78,7 +78,11 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 async for chunk in it:
                     yield f"data: {json.dumps(chunk)}\n\n"
         except TunehouseError as exc:  # a chunk with `error` makes the SDKs raise its message
-            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+            body = internal_error(exc.message) if exc.status >= 500 else error_body(exc.message, exc.type,
+                                                                                      exc.param, exc.code)
+            yield f"data: {json.dumps(body)}\n\n"
+        except Exception as exc:  # headers are sent: the error id goes in a chunk, the detail to the log
+            yield f"data: {json.dumps(internal_error(exc, 'stream'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunehouse.api import inference_policy
 from tunehouse.errors import InvalidInput
@@ -35,25 +35,28 @@ class SamplingRequest(BaseModel):
     `inference_policy` (metadata accepted, the rest refused); `null` means "the default", as the
     SDKs send it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
+    model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate at most; default min(512, room "
                                    "left). 0 (with echo) only scores the prompt.")
     max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name for max_tokens.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1.")
+    # Below 1e-5 is greedy (vLLM's rule): the logits divided by it overflow float32 to inf and NaN.
+    temperature: Annotated[float, AfterValidator(lambda t: 0.0 if t < 1e-5 else t)] | None = Field(
+        None, ge=0, le=2, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="0 = off.")
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="0 = off.")
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # The sampler divides and multiplies logits by it in float32: 1e-300 would be 0 there.
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="64-bit signed.")
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
-    logprobs: bool | int | None = Field(None, description="bool (OpenAI chat) or the number of top log-probs "
-                                        "(0: the chosen token's alone).")
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="bool (OpenAI chat) or the number of top log-probs (0: the chosen token's alone).")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = Field(False, description="Answer with the prompt (`prompt[0].text`) and, with logprobs, "
                                                  "each prompt token's log-prob (`prompt[0].logprobs`).")
@@ -131,8 +134,30 @@ class SamplingRequest(BaseModel):
         return int(self.logprobs)
 
 
+class ContentPart(BaseModel):
+    """One part of list content; a text-only model refuses the non-text kinds with a 400."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A message's role and content are checked here; its other keys (name, tool_calls,
+    tool_call_id, ...) go to the chat template as sent."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+# Validated as ChatMessage (errors name `messages.<i>.<field>`), then handed on as the plain dict
+# the chat template reads.
+_Message = Annotated[ChatMessage, AfterValidator(lambda m: m.model_dump(exclude_unset=True))]
+
+
 class ChatRequest(SamplingRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=4096)
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the model's chat "
                                                         "template (e.g. enable_thinking).")
     tools: list[dict[str, Any]] | None = Field(None, description="OpenAI function tools (serve/tool_calls.py).")

@@ -85,8 +85,8 @@ class PriceEstimate(BaseModel):
     validation_file: str | None = None
     model: str | None = None
     from_checkpoint: str | None = None
-    n_epochs: int = 1
-    n_evals: int = 0
+    n_epochs: int = Field(1, ge=1, le=2**31 - 1)
+    n_evals: int = Field(0, ge=0, le=2**31 - 1)
 
 
 def event_object(ev) -> dict:

@@ -60,11 +60,28 @@ def keys_list(home: HomeDir = None):
     from tunehouse.store.home import open_home
 
     h = open_home(settings_for(home))
-    table = Table("prefix", "owner", "admin", "created", "revoked")
+    table = Table("id", "prefix", "owner", "admin", "created", "revoked")
     with h.db.session() as s:
         for k in keys.list_keys(s):
-            table.add_row(k.prefix + "…", k.owner, str(k.is_admin), str(k.created_at)[:19], str(k.revoked))
+            table.add_row(str(k.id), k.prefix + "…", k.owner, str(k.is_admin), str(k.created_at)[:19], str(k.revoked))
     console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix, as `keys list` shows them.")],
+                home: HomeDir = None):
+    """Revoke a key: requests with it are refused from the next one on."""
+    from tunehouse.errors import TunehouseError
+    from tunehouse.store import keys
+    from tunehouse.store.home import open_home
+
+    h = open_home(settings_for(home))
+    try:
+        with h.db.session() as s:
+            row = keys.revoke(s, key)
+            console.print(f"Revoked key {row.id} ({row.prefix}…, owner {row.owner}).")
+    except TunehouseError as exc:
+        fail(exc)
 
 
 @models_app.command("list")

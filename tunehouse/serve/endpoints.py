@@ -32,7 +32,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tunehouse.errors import InvalidInput, NotFound
+from tunehouse.errors import InvalidInput, NotFound, redact_paths
 from tunehouse.serve.hardware import is_cpu, local_devices, match_hardware
 from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
@@ -121,7 +121,8 @@ def endpoint_object(ep: Endpoint) -> dict:
     return {"object": "endpoint", "id": ep.id, "name": ep.name, "display_name": ep.display_name or ep.name,
             "model": ep.model, "hardware": ep.hardware, "type": "dedicated", "owner": ep.owner, "state": ep.state,
             "autoscaling": {"min_replicas": ep.min_replicas, "max_replicas": ep.max_replicas},
-            "inactive_timeout": ep.inactive_timeout, "created_at": iso(ep.created_at), "error": ep.error}
+            "inactive_timeout": ep.inactive_timeout, "created_at": iso(ep.created_at),
+            "error": redact_paths(ep.error) if ep.error else None}  # load errors name weight folders
 
 
 class Supervisor:

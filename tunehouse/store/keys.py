@@ -9,6 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.store.tables import ApiKey
 
 PREFIX = "th-"
@@ -40,3 +41,28 @@ def any_keys(session: Session) -> bool:
 
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def find(session: Session, ref: str | int) -> ApiKey:
+    """A key by its id or by the start of its prefix (what `keys list` shows); an ambiguous
+    prefix is refused rather than guessed."""
+    ref = str(ref).strip().rstrip("…")
+    if ref.isdigit():
+        row = session.get(ApiKey, int(ref))
+        rows = [row] if row else []
+    else:
+        rows = list(session.scalars(select(ApiKey).where(ApiKey.prefix.startswith(ref, autoescape=True)))) if ref else []
+    if not rows:
+        raise NotFound(f"No API key with id or prefix {ref!r}; `tunehouse keys list` shows them.", param="key")
+    if len(rows) > 1:
+        raise InvalidInput(f"Prefix {ref!r} matches {len(rows)} keys; give the key's id.", param="key")
+    return rows[0]
+
+
+def revoke(session: Session, ref: str | int) -> ApiKey:
+    """Revoke a key: every request with it is refused from the next one on (keys are looked up
+    on each request, nothing is cached)."""
+    row = find(session, ref)
+    row.revoked = True
+    session.flush()
+    return row

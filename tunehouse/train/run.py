@@ -18,10 +18,12 @@ import signal
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from tunehouse import jobs
 from tunehouse.downloads import build_download
+from tunehouse.errors import redact_paths
 from tunehouse.files import blob_key
 from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
@@ -45,11 +47,22 @@ class StoreReporter:
         self._t0 = time.monotonic()
         self._first_step: int | None = None
 
+    def _public(self, value):
+        """Events are the owner's to read: a folder in the blob store is named by its key
+        (`jobs/ft-…/out/checkpoint-…`), any other absolute path by its last component."""
+        if not (isinstance(value, str) and value.startswith("/")):
+            return value
+        try:
+            return Path(value).resolve().relative_to(self.home.blobs.root.resolve()).as_posix()
+        except ValueError:
+            return redact_paths(value)
+
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
         message = server_paths_out(self.home, message)
         fields = {k: server_paths_out(self.home, v) if isinstance(v, str) else v for k, v in fields.items()}
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
+        fields = {k: self._public(v) for k, v in fields.items()}
         with self.home.db.session() as s:
             jobs.add_event(s, self.job_id, type, message, level, **fields)
             job = s.get(Job, self.job_id)
@@ -189,11 +202,14 @@ def main(job_id: str) -> int:
     except Cancelled:
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
-        _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {exc}")
+        _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {redact_paths(str(exc))}")
         return 0
-    except Exception as exc:  # a bug or resource problem: say what, keep the trace in the log
+    except Exception:  # a bug or resource problem: the owner gets an id, the log (this process's stderr) the trace
+        eid = uuid.uuid4().hex[:12]
+        print(f"JOB_ERROR id {eid}:", file=sys.stderr)
         traceback.print_exc()
-        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: {type(exc).__name__}: {exc}")
+        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: internal error (id {eid}); the worker's log "
+                                                    "has the details.")
         return 0
     return _publish(home, job_id, spec)
 
@@ -249,7 +265,7 @@ def _push(home: Home, job_id: str, spec: JobSpec) -> None:
     except Exception as exc:  # the hub, the network or the token: say which, keep the job
         with home.db.session() as s:
             jobs.add_event(s, job_id, ev.WARNING, f"Could not push the output to {spec.hf_output_repo_name}: "
-                           f"{type(exc).__name__}: {exc}", level="warning")
+                           f"{type(exc).__name__}: {redact_paths(str(exc))}", level="warning")
         return
     with home.db.session() as s:
         job = s.get(Job, job_id)

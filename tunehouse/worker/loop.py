@@ -8,6 +8,7 @@ in this process: a crash cannot take the service down, and memory is returned wh
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Job
 
+log = logging.getLogger("tunehouse.worker")
 CANCEL_GRACE_S = 30  # after SIGTERM, the child gets this long to stop before SIGKILL
 
 
@@ -118,7 +120,12 @@ class Worker:
                 jobs.requeue_or_fail(s, job, "the worker shut down")
             else:
                 how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-                jobs.requeue_or_fail(s, job, f"the training process died ({how}); log: {_tail(log_path)}")
+                # The log tail holds server paths and stack text: it goes to this process's log,
+                # and the job's events (which the owner reads) carry only the log file's name.
+                log.warning("job %s: the training process died (%s); %s ends: %s", job_id, how, log_path,
+                            _tail(log_path))
+                jobs.requeue_or_fail(s, job, f"the training process died ({how}; the worker's log "
+                                             f"{log_path.name} has the details)")
 
     def _child_env(self) -> dict[str, str]:
         st: Settings = self.home.settings
