@@ -31,7 +31,15 @@ def _private_sqlite_file(url: str) -> None:
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
         return
     path = Path(u.database)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # Never open and close an existing database file here: closing any descriptor of it drops
+    # every POSIX lock this process holds on it, and SQLite connections of this process that
+    # are open already then fail ("disk I/O error", seen when a second home was opened in a
+    # process serving the first).
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if p.exists():
             p.chmod(0o600)
