@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from tunehouse import signing
 from tunehouse.data.formats import check_file
 from tunehouse.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from tunehouse.ids import new_file_id
+from tunehouse.store.blobs import BlobWriter
 from tunehouse.store.home import Home
 from tunehouse.store.tables import File, utcnow
 
@@ -118,24 +120,47 @@ class FileService:
         s.flush()
         return f, signing.sign(self.home.secret, f.id, nonce, self.settings.upload_token_ttl_s)
 
-    async def receive(self, s: Session, file_id: str, token: str, chunks: AsyncIterator[bytes],
+    async def receive(self, file_id: str, token: str, chunks: AsyncIterator[bytes],
                       content_length: int | None) -> File:
-        """Step 2: stream the PUT body to the blob store in constant memory."""
-        f = self._claim_token(s, file_id, token, part=0)
+        """Step 2: stream the PUT body to the blob store in constant memory. Disk writes and
+        database calls run in worker threads, never on the event loop, and the only write
+        transaction is the short one that marks the file stored once its bytes are safe on disk."""
+        nonce = self._verify(file_id, token, part=0)
+        f = await run_in_threadpool(self._uploading, file_id, nonce)
         self._check_size(content_length)
         with self.home.blobs.writer(blob_key(f)) as w:
-            async for chunk in chunks:
-                w.write(chunk)
-                self._check_size(w.size)
+            await self._stream_to(w, chunks)
             if f.checksum and w.sha256 != f.checksum:
                 raise InvalidInput(
                     f"The uploaded bytes do not match the announced checksum ({w.sha256} != {f.checksum}); "
                     "the upload was discarded. Upload the file again.", param="checksum")
+            await run_in_threadpool(w.sync)
+            return await run_in_threadpool(self._mark_stored, f.id, nonce, w)
+
+    def _mark_stored(self, file_id: str, nonce: str, w: BlobWriter) -> File:
+        """Uploading → stored, once: a conditional UPDATE, so of two PUTs racing with one URL only
+        the first wins; its blob is renamed into place inside that transaction (a rename is quick)."""
+        with self.home.db.session() as s:
+            won = s.execute(update(File).where(File.id == file_id, File.state == "uploading",
+                                               File.upload_nonce == nonce)
+                            .values(state="stored", upload_nonce=None, bytes=w.size, checksum=w.sha256))
+            if won.rowcount != 1:
+                raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
+                                   param="token")
             w.commit()
-            f.bytes, f.checksum = w.size, w.sha256
-        f.state, f.upload_nonce = "stored", None
-        s.flush()
-        return f
+            return s.get(File, file_id)
+
+    async def _stream_to(self, w: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
+        """Body chunks (a few KiB each from the server) gathered into 1 MiB writes in a thread."""
+        buf = bytearray()
+        async for chunk in chunks:
+            buf += chunk
+            self._check_size(w.size + len(buf))
+            if len(buf) >= 1 << 20:
+                await run_in_threadpool(w.write, bytes(buf))
+                buf.clear()
+        if buf:
+            await run_in_threadpool(w.write, bytes(buf))
 
     def preprocess(self, s: Session, owner: str, file_id: str) -> File:
         """Step 3: validate the stored bytes and record the report on the file."""
@@ -145,25 +170,42 @@ class FileService:
         return self.validate(s, f)
 
     def validate(self, s: Session, f: File) -> File:
+        """Check the stored bytes and record the report. The check (seconds for a big file) runs
+        before any write, and the write is committed at once, so the caller holds no write lock
+        over what it does next (a job create goes on to load models and reach the hub)."""
+        self._check(f)
+        s.commit()
+        return f
+
+    def _check(self, f: File) -> None:
         report = check_file(self.content_path(f), purpose=f.purpose)
         f.validation_report = report.to_validation_report(f.id)
         f.processing_status = "COMPLETED" if report.passed else "FAILED"
         f.line_count = report.num_lines
         f.num_samples = report.num_samples
         f.dataset_format = report.dataset_format
-        s.flush()
-        return f
 
-    async def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
-                             file_type: str | None, chunks: AsyncIterator[bytes]) -> File:
-        f, token = self.begin(s, owner, purpose=purpose, file_name=file_name, file_type=file_type, checksum=None)
+    def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
+                       file_type: str | None, chunks: Iterable[bytes]) -> File:
+        """Bytes and report first, the row last: the database is written once, briefly, when the
+        file is complete, and a failed upload leaves no row (its blob is removed)."""
+        ftype = _check_meta(purpose, file_name, file_type, None)
+        f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
+                 state="stored", upload_nonce=None)
+        with self.home.blobs.writer(blob_key(f)) as w:
+            for chunk in chunks:
+                w.write(chunk)
+                self._check_size(w.size)
+            w.commit()
         try:
-            await self.receive(s, f.id, token, chunks, None)
+            f.bytes, f.checksum = w.size, w.sha256
+            self._check(f)
+            s.add(f)
+            s.commit()
         except BaseException:
-            s.delete(f)
-            s.flush()
+            self.home.blobs.delete(blob_key(f))
             raise
-        return self.validate(s, f)
+        return f
 
     # -- multipart (files over 5 GiB) -------------------------------------------------------
     def initiate_multipart(self, s: Session, owner: str, *, file_name: str, file_size: int, num_parts: int,
@@ -184,22 +226,17 @@ class FileService:
         ttl = self.settings.upload_token_ttl_s
         return f, [signing.sign(self.home.secret, f.id, nonce, ttl, part=n) for n in range(1, num_parts + 1)]
 
-    async def receive_part(self, s: Session, file_id: str, part: int, token: str,
-                           chunks: AsyncIterator[bytes]) -> str:
-        f = self._claim_token(s, file_id, token, part=part, single_use=False)
-        md5 = hashlib.md5()
-        with self.home.blobs.writer(blob_key(f, part)) as w:
-            async for chunk in chunks:
-                w.write(chunk)
-                md5.update(chunk)
-                self._check_size(w.size)
+    async def receive_part(self, file_id: str, part: int, token: str, chunks: AsyncIterator[bytes]) -> str:
+        """One part's bytes to its own blob; its ETag is the MD5 of those bytes. Nothing is written to
+        the database: `complete_multipart` checks the ETags against the part blobs themselves, so
+        parts uploaded in parallel never contend for the file's row."""
+        nonce = self._verify(file_id, token, part=part)
+        f = await run_in_threadpool(self._uploading, file_id, nonce)
+        with self.home.blobs.writer(blob_key(f, part), md5=True) as w:
+            await self._stream_to(w, chunks)
+            await run_in_threadpool(w.sync)
             w.commit()
-        etag = md5.hexdigest()
-        mp = dict(f.multipart)
-        mp["etags"] = {**mp["etags"], str(part): etag}
-        f.multipart = mp
-        s.flush()
-        return etag
+        return w.md5
 
     def complete_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str,
                            parts: Iterable[tuple[int, str]]) -> File:
@@ -209,22 +246,25 @@ class FileService:
         expected = list(range(1, mp["num_parts"] + 1))
         if [n for n, _ in parts] != expected:
             raise InvalidInput(f"parts must list part numbers {expected[0]}..{expected[-1]} once each.", param="parts")
-        for n, etag in parts:
-            if mp["etags"].get(str(n)) != etag.strip('"'):
-                raise InvalidInput(f"part {n} was not uploaded or its etag does not match.", param="parts")
         with self.home.blobs.writer(blob_key(f)) as w:
-            for n, _ in parts:
-                with open(self.home.blobs.path(blob_key(f, n)), "rb") as fh:
+            for n, etag in parts:
+                path = self.home.blobs.path(blob_key(f, n))
+                if not path.is_file():
+                    raise InvalidInput(f"part {n} was not uploaded.", param="parts")
+                md5 = hashlib.md5()
+                with open(path, "rb") as fh:
                     while chunk := fh.read(8 << 20):
                         w.write(chunk)
+                        md5.update(chunk)
+                if md5.hexdigest() != etag.strip('"'):
+                    raise InvalidInput(f"part {n}: its etag does not match the uploaded bytes.", param="parts")
             if f.checksum and w.sha256 != f.checksum:
                 raise InvalidInput("The assembled file does not match the announced checksum; upload it again.",
                                    param="checksum")
             w.commit()
-            f.bytes, f.checksum = w.size, w.sha256
         self.home.blobs.delete(f"uploads/{f.id}")
+        f.bytes, f.checksum = w.size, w.sha256
         f.state, f.upload_nonce, f.multipart = "stored", None, None
-        s.flush()
         return self.validate(s, f)
 
     def abort_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str) -> None:
@@ -234,12 +274,16 @@ class FileService:
         s.flush()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _claim_token(self, s: Session, file_id: str, token: str, *, part: int, single_use: bool = True) -> File:
+    def _verify(self, file_id: str, token: str, *, part: int) -> str:
         try:
-            nonce = signing.verify(self.home.secret, token, file_id, part)
+            return signing.verify(self.home.secret, token, file_id, part)
         except ValueError as exc:
             raise Unauthorized(f"Upload URL rejected: {exc}.", param="token") from None
-        f = s.get(File, file_id)
+
+    def _uploading(self, file_id: str, nonce: str) -> File:
+        """The file a signed URL is for, while that URL is still good (a read: no lock taken)."""
+        with self.home.db.session() as s:
+            f = s.get(File, file_id)
         if f is None or f.state != "uploading" or f.upload_nonce != nonce:
             raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
                                param="token")

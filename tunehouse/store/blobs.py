@@ -16,25 +16,37 @@ from typing import BinaryIO
 class BlobWriter:
     """Streams bytes to a temp file, hashing as it goes; `commit()` makes the blob visible."""
 
-    def __init__(self, tmp: Path, final: Path):
+    def __init__(self, tmp: Path, final: Path, *, md5: bool = False):
         self.tmp, self.final = tmp, final
         self.size = 0
-        self._sha = hashlib.sha256()
+        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
         self._fh: BinaryIO = open(tmp, "wb")
 
     def write(self, chunk: bytes) -> None:
         self._fh.write(chunk)
         self._sha.update(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
         self.size += len(chunk)
 
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    @property
+    def md5(self) -> str:
+        """The S3-style ETag of the bytes; only for a writer opened with `md5=True`."""
+        return self._md5.hexdigest()
+
+    def sync(self) -> None:
+        """Flush and fsync the bytes (the slow part of a commit; call it before taking a lock)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
     def commit(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self.sync()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.tmp, self.final)
 
@@ -60,9 +72,9 @@ class BlobStore:
         return self.path(key).exists()
 
     @contextmanager
-    def writer(self, key: str) -> Iterator[BlobWriter]:
+    def writer(self, key: str, *, md5: bool = False) -> Iterator[BlobWriter]:
         """Yields a writer; the blob appears only if `commit()` was called inside the block."""
-        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key))
+        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key), md5=md5)
         try:
             yield w
         finally:
