@@ -18,6 +18,7 @@ from together import Together
 
 from jobs_support import wait_for, write_chat
 from tunehouse import jobs
+from tunehouse.store.db import Database
 from tunehouse.train.checkpoint import STATE_FILE, list_files
 
 TINY = "tunehouse/tiny-llama"
@@ -51,6 +52,52 @@ def _locked() -> OperationalError:
 def _inject_child_faults(monkeypatch, spec: str) -> None:
     monkeypatch.setenv("TUNEHOUSE_TEST_FAULTS", spec)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")])))
+
+
+def test_existing_home_gets_unique_metrics(tmp_path):
+    """A database made before metrics were unique, holding the rows a resume duplicated: opening it
+    keeps the last row of each step and adds the unique index, with no migration tool."""
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY);
+        CREATE TABLE metrics (id INTEGER PRIMARY KEY, job_id VARCHAR(64) REFERENCES jobs(id), step INTEGER,
+                              "values" JSON, created_at DATETIME);
+        INSERT INTO jobs VALUES ('ft-a');
+        INSERT INTO metrics (job_id, step, "values") VALUES
+            ('ft-a', 1, '{"v": 1}'), ('ft-a', 2, '{"v": 2}'), ('ft-a', 3, '{"v": 3}'),
+            ('ft-a', 2, '{"v": 20}'), ('ft-a', 3, '{"v": 30}'), ('ft-a', 4, '{"v": 40}');
+    """)
+    con.close()
+    db = Database(f"sqlite:///{path}")
+    db.create()
+    db.create()  # idempotent
+    with db.session() as s:
+        assert [(m.step, m.values["v"]) for m in jobs.metrics(s, "ft-a")] == [(1, 1), (2, 20), (3, 30), (4, 40)]
+    with pytest.raises(Exception, match="UNIQUE"), db.session() as s:
+        s.execute(jobs.Metric.__table__.insert().values(job_id="ft-a", step=1, values={}))
+    with db.session() as s:  # a resumed run reporting step 2 drops what the dead one wrote from there
+        jobs.record_metric(s, "ft-a", 2, {"v": 200}, drop_later=True)
+        jobs.record_metric(s, "ft-a", 2, {"v": 201})  # a retried write replaces, never duplicates
+    with db.session() as s:
+        assert [(m.step, m.values["v"]) for m in jobs.metrics(s, "ft-a")] == [(1, 1), (2, 201)]
+
+
+def test_retrying_runs_again_after_transient_errors_only(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.create()
+    calls = []
+
+    def flaky(s):
+        calls.append(1)
+        if len(calls) < 3:
+            raise _locked()
+        return "done"
+
+    assert db.retrying(flaky) == "done" and len(calls) == 3
+    with pytest.raises(ValueError):
+        db.retrying(lambda s: (calls.append(1), int("x")))
+    assert len(calls) == 4, "a bug is not retried"
 
 
 def test_worker_loop_survives_database_errors(live_worker, tmp_path, monkeypatch):
