@@ -220,7 +220,7 @@ class FileService:
         nonce = secrets.token_hex(16)
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
                  checksum=checksum, state="uploading", upload_nonce=nonce, bytes=file_size,
-                 multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts, "etags": {}})
+                 multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts})
         s.add(f)
         s.flush()
         ttl = self.settings.upload_token_ttl_s

@@ -42,7 +42,7 @@ class File(Base):
     checksum: Mapped[str | None] = mapped_column(String(64), index=True)  # sha256 hex
     state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading | stored
     upload_nonce: Mapped[str | None] = mapped_column(String(64))  # single-use token; cleared once used
-    multipart: Mapped[dict | None] = mapped_column(JSON)  # {"upload_id", "num_parts", "etags": {n: etag}}
+    multipart: Mapped[dict | None] = mapped_column(JSON)  # {"upload_id", "num_parts"}; ETags are the parts' MD5s
     processing_status: Mapped[str] = mapped_column(String(16), default="PENDING")
     validation_report: Mapped[dict | None] = mapped_column(JSON)
     line_count: Mapped[int | None] = mapped_column(Integer)
