@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -116,3 +117,22 @@ def test_uploads_and_chat_while_a_job_trains(live_worker, tmp_path):
     with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
         for file_id, i in ids.items():
             assert h.get(f"{url}/v1/files/{file_id}/content").content == _dataset(i), f"upload {i} intact"
+
+
+def test_an_upload_in_progress_survives_another_process_opening_the_home(tmp_path):
+    """Every training child opens the home, which sweeps the blob store's temp files: it used to
+    delete the temp file of an upload still being received, whose commit then failed."""
+    from tunehouse.store.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    with store.writer("files/a.jsonl") as w:
+        w.write(b"first half ")
+        BlobStore(tmp_path / "blobs").sweep_temp()  # what a training child starting now does
+        w.write(b"second half")
+        w.commit()
+    assert store.path("files/a.jsonl").read_bytes() == b"first half second half"
+    stale = store.tmp_dir / "dead.part"
+    stale.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    store.sweep_temp()
+    assert not stale.exists(), "what a crashed writer left long ago is still removed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,7 +105,15 @@ class BlobStore:
         else:
             p.unlink(missing_ok=True)
 
-    def sweep_temp(self) -> None:
-        """Remove temp files left by a crashed writer (called at start-up)."""
+    def sweep_temp(self, older_than_s: float = 3600) -> None:
+        """Remove temp files left by a crashed writer (called at start-up). Only old ones: every
+        process opening the home calls this (a training child too), and a fresh temp file is an
+        upload in progress in another process, whose commit would fail if it vanished."""
+        cutoff = time.time() - older_than_s
         for p in self.tmp_dir.iterdir():
+            try:
+                if p.stat().st_mtime >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
