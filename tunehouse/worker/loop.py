@@ -94,8 +94,14 @@ class Worker:
             self.child = subprocess.Popen([sys.executable, "-m", "tunehouse.train.run", job_id], env=self._child_env(),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
-            rc = self._supervise(job_id, self.child)
-        self.child = None
+            try:
+                rc = self._supervise(job_id, self.child)
+            except BaseException:  # no child trains on unsupervised; its job is requeued once stale
+                self.child.kill()
+                self.child.wait()
+                raise
+            finally:
+                self.child = None
         self._record_exit(job_id, rc, log_path)
 
     def _supervise(self, job_id: str, child: subprocess.Popen) -> int:
