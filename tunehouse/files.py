@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
