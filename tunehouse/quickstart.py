@@ -33,6 +33,7 @@ from tunehouse.client import Client
 from tunehouse.data import coqa
 from tunehouse.evaluate import compare
 from tunehouse.settings import Settings
+from tunehouse.train.wire import to_request
 
 console = Console()
 TERMINAL = ("completed", "cancelled", "error", "user_error")
@@ -49,7 +50,7 @@ class Plan:
     held_out_turns: int
     dpo_stories: int  # training stories turned into preference pairs (one pair per turn)
     dpo_valid_stories: int  # held-out stories for the DPO job's validation (accuracy, KL)
-    sft: dict  # the SFT job's hyperparameters (wire names; lora_r/lora_alpha go into training_type)
+    sft: dict  # the SFT job's hyperparameters (config field names; train/wire.py nests them)
     dpo: dict  # the DPO job's hyperparameters (wire names)
     max_tokens: int  # answer length cap when evaluating
     bf16: bool  # TUNEHOUSE_BF16=1 for the training child (bf16 autocast on CPUs that have it)
@@ -202,7 +203,7 @@ def upload(client: Client, files: Files) -> dict[str, str]:
 def fine_tune(client: Client, ids: dict[str, str], plan: Plan) -> dict:
     console.rule("4. Fine-tune with LoRA (SFT)")
     job = client.create_job({"training_file": ids["train"], "model": plan.model, "suffix": "coqa",
-                             "training_type": _lora(plan.sft), **_hyper(plan.sft)})
+                             **to_request({"lora": True, **plan.sft}, "sft")})
     console.print(f"Job {job['id']} → model {job['model_output_name']}")
     return follow(client, job["id"], "SFT")
 
@@ -229,7 +230,7 @@ def preference_tune(client: Client, ids: dict[str, str], sft: dict, plan: Plan) 
     console.rule("6. Continue with DPO from the SFT job")
     job = client.create_job({"training_file": ids["prefs"], "validation_file": ids["prefs_valid"],
                              "from_checkpoint": sft["id"], "suffix": "coqa-dpo",
-                             "training_method": {"method": "dpo", "dpo_beta": 0.1}, **_hyper(plan.dpo)})
+                             **to_request({"dpo_beta": 0.1, **plan.dpo}, "dpo")})
     console.print(f"Job {job['id']} from {sft['id']} → model {job['model_output_name']}")
     done = follow(client, job["id"], "DPO")
     rows = client.list_metrics(job["id"])
@@ -259,14 +260,6 @@ print(reply.choices[0].message.content)''', style="cyan", markup=False, highligh
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _lora(hyper: dict) -> dict:
-    return {"type": "Lora", **{k: hyper[k] for k in ("lora_r", "lora_alpha") if k in hyper}}
-
-
-def _hyper(hyper: dict) -> dict:
-    return {k: v for k, v in hyper.items() if k not in ("lora_r", "lora_alpha")}
-
-
 def follow(client: Client, job_id: str, label: str, poll_s: float = 1.0) -> dict:
     """Poll the job until it ends, drawing a progress bar (step/total, train loss, ETA) and
     printing each new event above it; returns the final job. A job that does not complete ends
