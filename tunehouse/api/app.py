@@ -27,6 +27,7 @@ from tunehouse.models.registry import Registry
 from tunehouse.serve.endpoints import Supervisor, model_dir_for
 from tunehouse.settings import Settings
 from tunehouse.store.home import open_home
+from tunehouse.web import router as web_routes
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(model_routes.router)
     app.include_router(endpoint_routes.router)
     app.include_router(key_routes.router)
+    app.include_router(web_routes.router)  # the dashboard, at /
     if settings.docs == "key":
         _keyed_docs(app)
 
