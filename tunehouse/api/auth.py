@@ -33,7 +33,7 @@ def authenticate(request: Request) -> Caller:
     scheme, _, token = header.partition(" ")
     if not header and (cookie := request.cookies.get(SESSION_COOKIE)):
         if request.method not in ("GET", "HEAD") and request.headers.get(WEB_HEADER) != "1":
-            raise Forbidden(f"A dashboard request that changes state must send `{WEB_HEADER}: 1`.")
+            raise Forbidden("A dashboard request that changes state must send `X-Tunehouse-Web: 1`.")
         scheme, token = "bearer", cookie
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Missing API key: send `Authorization: Bearer <key>` "
