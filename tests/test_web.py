@@ -137,7 +137,7 @@ def test_upload_bad_file_shows_errors_by_line(page, server, tmp_path):
 def test_upload_good_file_start_job_watch_curves_cancel(page, server, tmp_path):
     """Upload through the page, start a job on the tiny model from the form, count the loss
     curve's points twice while it runs, then cancel it from its page."""
-    good = write_chat(tmp_path / "good.jsonl", 64)
+    good = write_chat(tmp_path / "good.jsonl", 200)
     sign_in(page, server.url, server.key)
     page.goto(server.url + "/#/files")
     page.get_by_label("Dataset (.jsonl, .parquet, .csv)").set_input_files(str(good))
@@ -146,11 +146,11 @@ def test_upload_good_file_start_job_watch_curves_cancel(page, server, tmp_path):
     page.get_by_role("button", name="Fine-tune on this file").click()
     page.get_by_label("Base model").select_option(TINY)
     page.get_by_label("Method").select_option("sft")
-    page.get_by_label("Epochs").fill("400")
+    page.get_by_label("Epochs").fill("20")
     page.get_by_label("Batch size").fill("1")
     page.get_by_label("Suffix").fill("live")
     page.get_by_role("button", name="Start job").click()
-    page.wait_for_url(re.compile(r".*#/jobs/ft-"))
+    page.wait_for_function("() => location.hash.startsWith('#/jobs/ft-')", timeout=120_000)  # builds the tiny model
     loss = page.locator("figure.chart[data-metric=loss]")
     loss.wait_for(timeout=120_000)
     page.wait_for_function("() => Number(document.querySelector('figure[data-metric=loss]').dataset.points) >= 2",

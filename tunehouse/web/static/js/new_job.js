@@ -53,12 +53,17 @@ export async function render(view, { params }) {
     if (from) body.from_checkpoint = from; else body.model = form.model.value;
     if (form.validation_file.value) body.validation_file = form.validation_file.value;
     if (form.suffix.value) body.suffix = form.suffix.value;
+    const submit = form.querySelector("button[type=submit]");
+    submit.disabled = true;
+    submit.textContent = "Starting…"; // the first job on a model may load or convert it first
     try {
       const job = await api("/v1/fine-tunes", { method: "POST", body });
       toast(`Started ${job.id}`);
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
       view.querySelector("#job-error").textContent = err.message;
+      submit.disabled = false;
+      submit.textContent = "Start job";
     }
   });
 }
