@@ -75,7 +75,7 @@ def done_job(server, tmp_path_factory):
     path = write_chat(tmp_path_factory.mktemp("d") / "small.jsonl", 16)
     with api(server) as c:
         body = {"model": TINY, "training_file": upload(server, path), "n_epochs": 2, "n_checkpoints": 2,
-                "batch_size": 4, "learning_rate": 3e-3, "suffix": "done", "lora": True}
+                "batch_size": 4, "learning_rate": 3e-3, "suffix": "done", "training_type": {"type": "Lora", "lora_r": 8}}
         job = c.post("/v1/fine-tunes", json=body).json()
     return wait_status(server, job["id"], {"completed"})
 
@@ -173,7 +173,7 @@ def test_compare_two_runs(page, server, done_job, tmp_path):
     second = write_chat(tmp_path / "second.jsonl", 12, seed=3)
     with api(server) as c:
         body = {"model": TINY, "training_file": upload(server, second), "n_epochs": 2, "batch_size": 4,
-                "learning_rate": 1e-3, "suffix": "other", "lora": True}
+                "learning_rate": 1e-3, "suffix": "other", "training_type": {"type": "Lora", "lora_r": 8}}
         other = c.post("/v1/fine-tunes", json=body).json()
     wait_status(server, other["id"], {"completed"})
     sign_in(page, server.url, server.key)
@@ -235,3 +235,34 @@ def test_other_owner_sees_nothing(page, server, done_job):
     sync_api.expect(page.get_by_role("heading", name="Job not found")).to_be_visible()
     page.goto(f"{server.url}/#/files")
     sync_api.expect(page.locator("#file-rows")).to_contain_text("No files yet")
+
+
+def test_eval_result_stored_listed_and_shown(page, server, done_job, tmp_path):
+    """`tunehouse eval` against the server posts its summary; the API lists it for its owner only;
+    the Evaluations page shows its table and a chart per metric."""
+    from typer.testing import CliRunner
+
+    from tunehouse.cli import app
+
+    held = write_chat(tmp_path / "held_out.jsonl", 3, seed=7)
+    result = CliRunner().invoke(app, ["eval", "--model", TINY, "--model", done_job["model_output_name"], "--file",
+                                      str(held), "--out", str(tmp_path / "out"), "--base-url", server.url,
+                                      "--api-key", server.key, "--max-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    eval_id = json.loads(result.stdout[result.stdout.index("{"):])["evaluation_id"]
+    with api(server) as c:
+        listed = c.get("/v1/evaluations").json()["data"]
+        assert [e["id"] for e in listed] == [eval_id]
+        assert listed[0]["file"] == "held_out.jsonl"  # the name only, not the client's folders
+        assert [m["model"] for m in listed[0]["models"]] == [TINY, done_job["model_output_name"]]
+        assert c.post("/v1/evaluations", json={"file": "x", "max_tokens": 1, "models": []}).status_code == 400
+    with api(server, server.other_key) as c:
+        assert c.get("/v1/evaluations").json()["data"] == []
+        assert c.get(f"/v1/evaluations/{eval_id}").status_code == 404
+        assert c.delete(f"/v1/evaluations/{eval_id}").status_code == 404
+    sign_in(page, server.url, server.key)
+    page.goto(f"{server.url}/#/evaluations")
+    section = page.locator(f"section[data-eval='{eval_id}']")
+    sync_api.expect(section.locator("tbody tr")).to_have_count(2)
+    for metric in ("exact_match", "f1", "valid_loss", "perplexity"):
+        sync_api.expect(section.locator(f"figure[data-metric={metric}] .bar")).to_have_count(2)
