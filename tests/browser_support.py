@@ -13,11 +13,27 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def playwright_sync_api():
+    """playwright.sync_api; missing, a skip locally and a failure under CI (`make test` installs it)."""
+    try:
+        import playwright.sync_api as sync_api
+    except ImportError:
+        message = "playwright missing: `make test` installs the dev extra (pip install -e '.[dev]')"
+        if _ci():
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+    return sync_api
+
+
 def chromium_path() -> str:
     path = os.environ.get("TUNEHOUSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not os.path.exists(path):
         message = "chromium missing: `make test` installs it (apt-get install -y chromium)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if _ci():
             pytest.fail(message)
         pytest.skip(message)
     return path

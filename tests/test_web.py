@@ -11,12 +11,12 @@ import time
 import httpx
 import pytest
 
-from browser_support import launch, sign_in
+from browser_support import launch, playwright_sync_api, sign_in
 from conftest import DATA, _serve
 from jobs_support import write_chat
 from tunehouse.settings import Settings
 
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = playwright_sync_api()
 TINY = "tunehouse/tiny-llama"
 
 

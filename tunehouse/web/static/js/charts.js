@@ -13,11 +13,14 @@ export function plottable(row) {
   return Object.keys(row).filter((k) => !SKIP.test(k) && typeof row[k] === "number");
 }
 
-function options(title, labels, width, many) {
+// Steps are integers: tick only at whole numbers.
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+
+function options(labels, width, many) {
   return {
-    title, width, height: 220,
+    width, height: 220,
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { size: 60 }],
+    axes: [{ label: "step", incrs: STEP_INCRS }, { size: 60 }],
     cursor: { drag: { x: true, y: false } },
     series: [{ label: "step" }, ...labels.map((label, i) => ({
       label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
@@ -46,14 +49,18 @@ class Chart {
     this.el.dataset.points = String(data[1] ? data[1].filter((v) => v != null).length : 0);
     if (this.plot && this.plot.series.length - 1 !== data.length - 1) { this.plot.destroy(); this.plot = null; }
     if (!this.plot) {
-      const width = Math.max(320, this.el.clientWidth - 12);
-      this.plot = new uPlot(options(this.title, this.labels, width, n > 200), data, this.el);
+      this.plot = new uPlot(options(this.labels, this.width(), n > 200), data, this.el);
+      // Follow the grid column's width (window resizes, sidebars); uPlot draws at a fixed size.
+      this.resize = new ResizeObserver(() => this.plot?.setSize({ width: this.width(), height: 220 }));
+      this.resize.observe(this.el);
     } else {
       this.plot.setData(data);
     }
   }
 
-  destroy() { this.plot?.destroy(); }
+  width() { return Math.max(280, this.el.clientWidth - 16); }
+
+  destroy() { this.resize?.disconnect(); this.plot?.destroy(); this.plot = null; }
 }
 
 // Live charts of one job: append rows as they arrive, redraw each group's chart.

@@ -19,6 +19,8 @@ function download(id, step) {
 
 export async function render(view, { id }) {
   let job;
+  // The job and its curves' rows in parallel: with 10,000 rows the rows are what the page waits for.
+  const firstRows = api(`/v1/fine-tunes/${id}/metrics`).catch(() => ({ metrics: [] }));
   try {
     job = await api(`/v1/fine-tunes/${id}`);
   } catch (err) {
@@ -74,9 +76,9 @@ export async function render(view, { id }) {
     shownEvents = Math.max(shownEvents, events.length);
   }
 
-  async function loadMetrics() {
+  async function loadMetrics(pending) {
     const from = charts.lastStep + 1;
-    const rows = (await api(`/v1/fine-tunes/${id}/metrics?global_step_from=${from}`)).metrics;
+    const rows = (await (pending || api(`/v1/fine-tunes/${id}/metrics?global_step_from=${from}`))).metrics;
     if (rows.length) view.querySelector("#no-metrics")?.remove();
     charts.add(rows);
   }
@@ -91,12 +93,11 @@ export async function render(view, { id }) {
     }).join("") || `<tr><td colspan="4" class="muted">None yet.</td></tr>`;
   }
 
-  async function tick() {
+  async function tick(first = false) {
     try {
-      job = await api(`/v1/fine-tunes/${id}`);
+      if (!first) job = await api(`/v1/fine-tunes/${id}`);
       drawJob();
-      await loadMetrics();
-      await loadCheckpoints();
+      await Promise.all([loadMetrics(first ? firstRows : null), loadCheckpoints()]);
     } catch (err) {
       toast(err.message);
     }
@@ -110,7 +111,6 @@ export async function render(view, { id }) {
     if (!confirm(`Delete ${id} and its weights?`)) return;
     try { await api(`/v1/fine-tunes/${id}`, { method: "DELETE" }); location.hash = "#/jobs"; } catch (err) { toast(err.message); }
   });
-  drawJob();
-  await tick();
+  await tick(true);
   return () => { stopped = true; clearTimeout(timer); charts.destroy(); };
 }
