@@ -266,3 +266,66 @@ def test_eval_result_stored_listed_and_shown(page, server, done_job, tmp_path):
     sync_api.expect(section.locator("tbody tr")).to_have_count(2)
     for metric in ("exact_match", "f1", "valid_loss", "perplexity"):
         sync_api.expect(section.locator(f"figure[data-metric={metric}] .bar")).to_have_count(2)
+
+
+def test_continue_from_checkpoint_with_dpo(page, server, done_job, tmp_path):
+    """From a checkpoint row to a DPO job on a preference file, with its DPO fields; its page then
+    charts the DPO metrics, chosen and rejected on one chart."""
+    pairs = tmp_path / "pairs.jsonl"
+    words = ["red", "blue", "green", "cat", "dog", "sun"]
+    pairs.write_text("".join(json.dumps({"input": {"messages": [{"role": "user", "content": f"Say {w}."}]},
+                                         "preferred_output": [{"role": "assistant", "content": w}],
+                                         "non_preferred_output": [{"role": "assistant", "content": words[i - 1]}]}) + "\n"
+                             for i, w in enumerate(words)))
+    upload(server, pairs)
+    sign_in(page, server.url, server.key)
+    page.goto(f"{server.url}/#/jobs/{done_job['id']}")
+    page.locator("#checkpoints tr").filter(has_text="Intermediate").first.get_by_role("link", name="Continue").click()
+    sync_api.expect(page.get_by_role("heading", name=re.compile(f"Continue from {done_job['id']}:\\d+"))).to_be_visible()
+    sync_api.expect(page.get_by_label("Method")).to_have_value("dpo")
+    training = page.get_by_label("Training file")
+    training.select_option(training.locator("option", has_text="pairs.jsonl").get_attribute("value"))
+    page.get_by_label("dpo_beta").fill("0.2")
+    page.get_by_label("Batch size").fill("2")
+    page.get_by_role("button", name="Start job").click()
+    page.wait_for_function("() => location.hash.startsWith('#/jobs/ft-')", timeout=120_000)
+    job_id = page.evaluate("location.hash").rsplit("/", 1)[1]
+    job = wait_status(server, job_id, {"completed"})
+    assert job["training_method"]["method"] == "dpo" and job["training_method"]["dpo_beta"] == 0.2
+    assert job["from_checkpoint"].startswith(done_job["id"] + ":")
+    sync_api.expect(page.locator("#status")).to_have_text("completed", timeout=30_000)
+    sync_api.expect(page.locator("figure[data-metric='logps (chosen, rejected)'] .u-legend .u-series")).to_have_count(3)
+
+
+def test_models_and_endpoint_lifecycle(page, server, done_job):
+    sign_in(page, server.url, server.key)
+    page.goto(f"{server.url}/#/models")
+    models = page.get_by_role("table", name="Models")
+    sync_api.expect(models).to_contain_text(TINY)
+    sync_api.expect(models.get_by_role("row").filter(has_text=done_job["model_output_name"])).to_contain_text("fine-tuned")
+    form = page.locator("#ep-form")
+    form.get_by_label("Model").select_option(done_job["model_output_name"])
+    sync_api.expect(form.get_by_label("Hardware").locator("option")).to_contain_text(["1x_cpu"])
+    form.get_by_label("Name").fill("web-ep")
+    form.get_by_role("button", name="Create endpoint").click()
+    row = page.locator("#ep-rows tr").filter(has_text="web-ep")
+    sync_api.expect(row).to_contain_text("STARTED", timeout=120_000)
+    row.get_by_role("button", name="Stop").click()
+    sync_api.expect(row).to_contain_text("STOPPED", timeout=60_000)
+    row.get_by_role("button", name="Delete").click()
+    sync_api.expect(row).to_have_count(0)
+    with api(server) as c:
+        assert c.get("/v1/endpoints").json()["data"] == []
+
+
+def test_jobs_list_filters(page, server, done_job):
+    sign_in(page, server.url, server.key)
+    rows = page.locator("#rows tr[data-id]")
+    rows.first.wait_for()
+    page.get_by_label("Search").fill(done_job["model_output_name"])
+    sync_api.expect(rows).to_have_count(1)
+    page.get_by_label("Search").fill("")
+    page.get_by_label("Status").select_option("error")
+    sync_api.expect(rows).to_have_count(0)
+    page.get_by_label("Status").select_option("completed")
+    sync_api.expect(rows.first).to_contain_text("completed")

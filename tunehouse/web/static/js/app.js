@@ -16,6 +16,7 @@ const routes = [
 const view = document.getElementById("view");
 let cleanup = null;
 let me = null;
+let visits = 0; // counts navigations, so a slow page that finishes late does not take over
 
 function query() {
   const hash = location.hash || "#/jobs";
@@ -34,9 +35,16 @@ async function show() {
   const route = routes.find(([re]) => re.test(path));
   if (!route) { location.hash = "#/jobs"; return; }
   const match = path.match(route[0]);
+  const visit = ++visits;
   const page = await route[1]();
-  view.innerHTML = "";
-  cleanup = (await page.render(view, { id: match[1], params, me })) || null;
+  if (visit !== visits) return; // the user has moved on while the module loaded
+  // Each visit renders into its own element: a page left while it awaited data then writes into
+  // a detached element, never over the page that replaced it.
+  const root = document.createElement("div");
+  view.replaceChildren(root);
+  const done = (await page.render(root, { id: match[1], params, me })) || null;
+  if (visit === visits) cleanup = done;
+  else if (done) done(); // left while the page was loading: stop its timers at once
 }
 
 function signIn(error = "") {

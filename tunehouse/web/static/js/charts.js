@@ -1,12 +1,17 @@
 // Metric curves with uPlot (vendored, global `uPlot`). Rows are /metrics rows: {"train/global_step",
-// name: number, ...}. Keys are grouped so that a train_X and valid_X share a chart, and DPO's
-// "rewards/chosen", "rewards/rejected", ... share one per prefix.
+// name: number, ...}. Keys are grouped so that train_X and valid_X (or valid/X) share a chart, and
+// DPO's "logps/chosen" and "logps/rejected" share one.
 const COLORS = ["#2457c5", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#e67700", "#495057"];
 const SKIP = /(step|epoch|timestamp)$/;
 
 export function groupOf(key) {
-  if (key.includes("/")) return key.split("/")[0];
-  return key.replace(/^(train|valid|eval)_/, "");
+  const name = key.replace(/^(train|valid|eval)[_/]/, ""); // train and validation share a chart
+  const parts = name.split("/");
+  const side = parts[parts.length - 1];
+  if (parts.length > 1 && (side === "chosen" || side === "rejected")) {
+    return `${parts.slice(0, -1).join("/")} (chosen, rejected)`; // DPO: both sides on one chart
+  }
+  return name;
 }
 
 export function plottable(row) {

@@ -79,12 +79,14 @@ export async function render(view, { id }) {
   async function loadMetrics(pending) {
     const from = charts.lastStep + 1;
     const rows = (await (pending || api(`/v1/fine-tunes/${id}/metrics?global_step_from=${from}`))).metrics;
+    if (stopped) return;
     if (rows.length) view.querySelector("#no-metrics")?.remove();
     charts.add(rows);
   }
 
   async function loadCheckpoints() {
     const cps = (await api(`/v1/fine-tunes/${id}/checkpoints`)).data;
+    if (stopped) return;
     view.querySelector("#checkpoints").innerHTML = cps.map((c) => {
       const step = /intermediate/i.test(c.checkpoint_type) ? c.step : 0;
       return `<tr><td class="num">${esc(c.step)}</td><td>${esc(c.checkpoint_type)}</td><td>${esc(c.created_at.slice(0, 19).replace("T", " "))}</td>
@@ -96,6 +98,7 @@ export async function render(view, { id }) {
   async function tick(first = false) {
     try {
       if (!first) job = await api(`/v1/fine-tunes/${id}`);
+      if (stopped) return;
       drawJob();
       await Promise.all([loadMetrics(first ? firstRows : null), loadCheckpoints()]);
     } catch (err) {

@@ -57,8 +57,11 @@ export async function render(view, { params }) {
     view.querySelector("#next").disabled = page >= pages - 1;
   }
 
+  let alive = true;
   async function load() {
-    jobs = (await api("/v1/fine-tunes")).data.sort((a, b) => b.created_at.localeCompare(a.created_at));
+    const listed = (await api("/v1/fine-tunes")).data;
+    if (!alive) return; // the page was left while the list was on its way
+    jobs = listed.sort((a, b) => b.created_at.localeCompare(a.created_at));
     draw();
   }
 
@@ -76,5 +79,5 @@ export async function render(view, { params }) {
   view.querySelector("#next").addEventListener("click", () => { page++; draw(); });
   await load();
   const timer = setInterval(() => load().catch(() => {}), 3000);
-  return () => clearInterval(timer);
+  return () => { alive = false; clearInterval(timer); };
 }

@@ -50,5 +50,5 @@ export async function render(view) {
   });
   await load();
   const timer = setInterval(() => load().catch(() => {}), 2000);
-  return () => clearInterval(timer);
+  return () => clearInterval(timer); // a load in flight then only fills the detached table
 }
