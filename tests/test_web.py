@@ -143,7 +143,7 @@ def test_upload_good_file_start_job_watch_curves_cancel(page, server, tmp_path):
     page.get_by_label("Dataset (.jsonl, .parquet, .csv)").set_input_files(str(good))
     page.get_by_role("button", name="Upload").click()
     sync_api.expect(page.locator("#upload-status")).to_contain_text("valid")
-    page.get_by_role("button", name="Fine-tune on this file").click()
+    page.get_by_role("link", name="Fine-tune on this file").click()
     page.get_by_label("Base model").select_option(TINY)
     page.get_by_label("Method").select_option("sft")
     page.get_by_label("Epochs").fill("20")

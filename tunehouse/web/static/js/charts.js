@@ -52,6 +52,13 @@ class Chart {
   set(data) {
     const n = data[0].length;
     this.el.dataset.points = String(data[1] ? data[1].filter((v) => v != null).length : 0);
+    // The canvas says nothing to a screen reader: the figure's label gives each series' last value.
+    this.el.setAttribute("aria-label", `${this.title}: ` + this.labels.map((label, i) => {
+      const col = data[i + 1] || [];
+      let j = col.length - 1;
+      while (j >= 0 && col[j] == null) j--;
+      return j < 0 ? `${label} no data` : `${label} ${Number(col[j]).toPrecision(4)} at step ${data[0][j]}`;
+    }).join("; "));
     if (this.plot && this.plot.series.length - 1 !== data.length - 1) { this.plot.destroy(); this.plot = null; }
     if (!this.plot) {
       this.plot = new uPlot(options(this.labels, this.width(), n > 200), data, this.el);

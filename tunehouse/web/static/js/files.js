@@ -47,7 +47,7 @@ function report(f) {
     ${errors.length ? `<table aria-label="Validation errors"><thead><tr><th>Line</th><th>Field</th><th>Rule</th><th>Message</th></tr></thead><tbody>
       ${errors.map((e) => `<tr class="problem"><td class="num">${esc(e.line ?? "–")}</td><td><code>${esc(e.field ?? "")}</code></td><td>${esc(e.rule)}</td><td>${esc(e.message)}</td></tr>`).join("")}
     </tbody></table>` : ""}
-    ${r.valid && f.purpose === "fine-tune" ? `<p><a href="#/new?file=${esc(f.id)}"><button type="button">Fine-tune on this file</button></a></p>` : ""}`;
+    ${r.valid && f.purpose === "fine-tune" ? `<p><a class="button" href="#/new?file=${esc(f.id)}">Fine-tune on this file</a></p>` : ""}`;
 }
 
 export async function render(view) {

@@ -33,9 +33,9 @@ export async function render(view, { id }) {
     <div class="row card" id="actions">
       <button id="cancel" type="button" class="danger">Cancel</button>
       <button id="delete" type="button" class="danger">Delete</button>
-      <a id="download" download><button type="button" class="plain">Download model</button></a>
-      <a href="#/new?from=${esc(job.id)}"><button type="button" class="plain">Continue training</button></a>
-      <a id="play"><button type="button" class="plain">Open in playground</button></a>
+      <a id="download" class="button plain" download>Download model</a>
+      <a class="button plain" href="#/new?from=${esc(job.id)}">Continue training</a>
+      <a id="play" class="button plain">Open in playground</a>
       <span id="progress" class="muted"></span>
     </div>
     <h2>Curves</h2>

@@ -24,7 +24,7 @@ export async function render(view, { params }) {
         ${["pending", "queued", "running", "completed", "cancelled", "error", "user_error"].map((s) => `<option>${s}</option>`).join("")}
       </select></label>
       <label>Search <input id="f-text" type="search" placeholder="model, output name or id"></label>
-      <a href="#/new"><button type="button">New job</button></a>
+      <a class="button" href="#/new">New job</a>
       <button id="compare" type="button" class="plain" disabled>Compare selected</button>
     </div>
     <table aria-label="Jobs">
