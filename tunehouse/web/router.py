@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from tunehouse.api.auth import SESSION_COOKIE, verify_key
+from tunehouse.errors import NotFound
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(include_in_schema=False)
@@ -31,7 +32,7 @@ def index():
 def static(path: str):
     target = (STATIC / path).resolve()
     if not target.is_relative_to(STATIC.resolve()) or not target.is_file():
-        return Response(status_code=404)
+        raise NotFound("No such dashboard asset.", param="path")
     return FileResponse(target, headers={"Cache-Control": "no-cache"})  # revalidated: an upgrade shows at once
 
 
