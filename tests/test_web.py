@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from browser_support import launch, playwright_sync_api, sign_in
-from conftest import DATA, _serve
+from conftest import _serve
 from jobs_support import write_chat
 from tunehouse.settings import Settings
 
