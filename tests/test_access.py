@@ -150,7 +150,7 @@ def test_training_failure_event_names_no_server_path(live, monkeypatch, capsys, 
         s.add(Job(id="ft-raises", owner="alice", status="running", model="m", training_file="file-x", config={}))
     monkeypatch.setenv("TUNEHOUSE_HOME", str(home.settings.home))
 
-    def boom(_job):
+    def boom(*_args):
         raise exc
 
     monkeypatch.setattr(run.JobSpec, "of", staticmethod(boom))

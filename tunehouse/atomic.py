@@ -27,3 +27,11 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_temp_dirs(parent: Path) -> None:
+    """Remove the temporary folders (`.name.*`) that a killed `atomic_dir` left in `parent`."""
+    if Path(parent).is_dir():
+        for p in Path(parent).iterdir():
+            if p.name.startswith(".") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)

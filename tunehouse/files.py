@@ -18,11 +18,13 @@ from pathlib import Path
 
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from tunehouse import jobs, signing
 from tunehouse.data.formats import check_file
 from tunehouse.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from tunehouse.ids import new_file_id
+from tunehouse.store.blobs import BlobWriter
 from tunehouse.store.home import Home
 from tunehouse.store.tables import File, utcnow
 
@@ -141,44 +143,47 @@ class FileService:
         s.flush()
         return f, signing.sign(self.home.secret, f.id, nonce, self.settings.upload_token_ttl_s)
 
-    async def receive(self, s: Session, file_id: str, token: str, chunks: AsyncIterator[bytes],
+    async def receive(self, file_id: str, token: str, chunks: AsyncIterator[bytes],
                       content_length: int | None) -> File:
-        """Step 2: stream the PUT body to the blob store in constant memory. The token is spent
-        before the first byte is read; a PUT that fails leaves no bytes and gives the token back,
-        so the client (or its SDK's retry) can send the same URL again."""
-        nonce = self._spend_token(file_id, token)
-        try:
-            self._check_size(content_length)
-            with self.home.db.session() as r:
-                f = r.get(File, file_id)
-            key = blob_key(f)
-            size, sha = await self._write(f, chunks)
-        except BaseException:
-            self._return_token(file_id, nonce)
-            raise
-        # Short transactions of their own: the request's session may hold an old read snapshot,
-        # and SQLite refuses to turn that into a write once another writer has committed.
-        with self.home.db.session() as w:
-            f = w.get(File, file_id)
-            if f is None or f.state != "uploading":  # swept as stale while the bytes streamed
-                self.home.blobs.delete(key)
-                raise Unauthorized("The upload expired while its bytes were sent; start a new upload.",
-                                   param="token")
-            f.bytes, f.checksum, f.state = size, sha, "stored"
-        return f
-
-    async def _write(self, f: File, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
-        """Stream `chunks` to the file's blob; (size, sha256). Nothing stays on disk on failure."""
+        """Step 2: stream the PUT body to the blob store in constant memory. Disk writes and
+        database calls run in worker threads, never on the event loop, and the only write
+        transaction is the short one that marks the file stored once its bytes are safe on disk."""
+        nonce = self._verify(file_id, token, part=0)
+        f = await run_in_threadpool(self._uploading, file_id, nonce)
+        self._check_size(content_length)
         with self.home.blobs.writer(blob_key(f)) as w:
-            async for chunk in chunks:
-                w.write(chunk)
-                self._check_size(w.size)
+            await self._stream_to(w, chunks)
             if f.checksum and w.sha256 != f.checksum:
                 raise InvalidInput(
                     f"The uploaded bytes do not match the announced checksum ({w.sha256} != {f.checksum}); "
                     "the upload was discarded. Upload the file again.", param="checksum")
+            await run_in_threadpool(w.sync)
+            return await run_in_threadpool(self._mark_stored, f.id, nonce, w)
+
+    def _mark_stored(self, file_id: str, nonce: str, w: BlobWriter) -> File:
+        """Uploading → stored, once: a conditional UPDATE, so of two PUTs racing with one URL only
+        the first wins; its blob is renamed into place inside that transaction (a rename is quick)."""
+        with self.home.db.session() as s:
+            won = s.execute(update(File).where(File.id == file_id, File.state == "uploading",
+                                               File.upload_nonce == nonce)
+                            .values(state="stored", upload_nonce=None, bytes=w.size, checksum=w.sha256))
+            if won.rowcount != 1:
+                raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
+                                   param="token")
             w.commit()
-        return w.size, w.sha256
+            return s.get(File, file_id)
+
+    async def _stream_to(self, w: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
+        """Body chunks (a few KiB each from the server) gathered into 1 MiB writes in a thread."""
+        buf = bytearray()
+        async for chunk in chunks:
+            buf += chunk
+            self._check_size(w.size + len(buf))
+            if len(buf) >= 1 << 20:
+                await run_in_threadpool(w.write, bytes(buf))
+                buf.clear()
+        if buf:
+            await run_in_threadpool(w.write, bytes(buf))
 
     def preprocess(self, s: Session, owner: str, file_id: str) -> File:
         """Step 3: validate the stored bytes and record the report on the file."""
@@ -188,31 +193,43 @@ class FileService:
         return self.validate(s, f)
 
     def validate(self, s: Session, f: File) -> File:
+        """Check the stored bytes and record the report. The check (seconds for a big file) runs
+        before any write, and the write is committed at once, so the caller holds no write lock
+        over what it does next (a job create goes on to load models and reach the hub)."""
+        self._check(f)
+        s.commit()
+        return f
+
+    def _check(self, f: File) -> None:
         report = check_file(self.content_path(f), purpose=f.purpose)
         f.validation_report = report.to_validation_report(f.id)
         f.processing_status = "COMPLETED" if report.passed else "FAILED"
         f.line_count = report.num_lines
         f.num_samples = report.num_samples
         f.dataset_format = report.dataset_format
-        s.flush()
-        return f
 
-    async def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
-                             file_type: str | None, chunks: AsyncIterator[bytes]) -> File:
-        """The bytes first, then the row: no row (and no write lock) while the body streams, and a
-        failed body leaves nothing."""
+    def upload_oneshot(self, s: Session, owner: str, *, purpose: str, file_name: str,
+                       file_type: str | None, chunks: Iterable[bytes]) -> File:
+        """Bytes and report first, the row last: the database is written once, briefly, when the
+        file is complete, and a failed upload leaves no row (its blob is removed)."""
         ftype = _check_meta(purpose, file_name, file_type, None)
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
-                 checksum=None, state="stored")
-        f.bytes, f.checksum = await self._write(f, chunks)
+                 state="stored", upload_nonce=None)
+        with self.home.blobs.writer(blob_key(f)) as w:
+            for chunk in chunks:
+                w.write(chunk)
+                self._check_size(w.size)
+            w.commit()
         try:
+            f.bytes, f.checksum = w.size, w.sha256
+            self._check(f)
             self.sweep(s)
             s.add(f)
-            s.flush()
+            s.commit()
         except BaseException:
             self.home.blobs.delete(blob_key(f))
             raise
-        return self.validate(s, f)
+        return f
 
     # -- multipart (files over 5 GiB) -------------------------------------------------------
     def initiate_multipart(self, s: Session, owner: str, *, file_name: str, file_size: int, num_parts: int,
@@ -227,30 +244,25 @@ class FileService:
         nonce = secrets.token_hex(16)
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
                  checksum=checksum, state="uploading", upload_nonce=nonce, bytes=file_size,
-                 multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts, "etags": {}})
+                 multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts})
         s.add(f)
         s.flush()
         ttl = self.settings.upload_token_ttl_s
         return f, [signing.sign(self.home.secret, f.id, nonce, ttl, part=n) for n in range(1, num_parts + 1)]
 
-    async def receive_part(self, s: Session, file_id: str, part: int, token: str,
-                           chunks: AsyncIterator[bytes]) -> str:
-        f = self._claim_token(s, file_id, token, part=part)
+    async def receive_part(self, file_id: str, part: int, token: str, chunks: AsyncIterator[bytes]) -> str:
+        """One part's bytes to its own blob; its ETag is the MD5 of those bytes. Nothing is written to
+        the database: `complete_multipart` checks the ETags against the part blobs themselves, so
+        parts uploaded in parallel never contend for the file's row."""
+        nonce = self._verify(file_id, token, part=part)
+        f = await run_in_threadpool(self._uploading, file_id, nonce)
         if not f.multipart or not 1 <= part <= f.multipart["num_parts"]:  # before any byte is written
             raise Unauthorized("This upload URL is not for a part of a multipart upload.", param="token")
-        md5 = hashlib.md5()
-        with self.home.blobs.writer(blob_key(f, part)) as w:
-            async for chunk in chunks:
-                w.write(chunk)
-                md5.update(chunk)
-                self._check_size(w.size)
+        with self.home.blobs.writer(blob_key(f, part), md5=True) as w:
+            await self._stream_to(w, chunks)
+            await run_in_threadpool(w.sync)
             w.commit()
-        etag = md5.hexdigest()
-        mp = dict(f.multipart)
-        mp["etags"] = {**mp["etags"], str(part): etag}
-        f.multipart = mp
-        s.flush()
-        return etag
+        return w.md5
 
     def complete_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str,
                            parts: Iterable[tuple[int, str]]) -> File:
@@ -260,22 +272,25 @@ class FileService:
         expected = list(range(1, mp["num_parts"] + 1))
         if [n for n, _ in parts] != expected:
             raise InvalidInput(f"parts must list part numbers {expected[0]}..{expected[-1]} once each.", param="parts")
-        for n, etag in parts:
-            if mp["etags"].get(str(n)) != etag.strip('"'):
-                raise InvalidInput(f"part {n} was not uploaded or its etag does not match.", param="parts")
         with self.home.blobs.writer(blob_key(f)) as w:
-            for n, _ in parts:
-                with open(self.home.blobs.path(blob_key(f, n)), "rb") as fh:
+            for n, etag in parts:
+                path = self.home.blobs.path(blob_key(f, n))
+                if not path.is_file():
+                    raise InvalidInput(f"part {n} was not uploaded.", param="parts")
+                md5 = hashlib.md5()
+                with open(path, "rb") as fh:
                     while chunk := fh.read(8 << 20):
                         w.write(chunk)
+                        md5.update(chunk)
+                if md5.hexdigest() != etag.strip('"'):
+                    raise InvalidInput(f"part {n}: its etag does not match the uploaded bytes.", param="parts")
             if f.checksum and w.sha256 != f.checksum:
                 raise InvalidInput("The assembled file does not match the announced checksum; upload it again.",
                                    param="checksum")
             w.commit()
-            f.bytes, f.checksum = w.size, w.sha256
         self.home.blobs.delete(f"uploads/{f.id}")
+        f.bytes, f.checksum = w.size, w.sha256
         f.state, f.upload_nonce, f.multipart = "stored", None, None
-        s.flush()
         return self.validate(s, f)
 
     def abort_multipart(self, s: Session, owner: str, *, upload_id: str, file_id: str) -> None:
@@ -285,37 +300,20 @@ class FileService:
         s.flush()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _claim_token(self, s: Session, file_id: str, token: str, *, part: int) -> File:
-        """A multipart part's token: reusable until the upload completes (a part may be retried)."""
-        nonce = self._verify(file_id, token, part)
-        f = s.get(File, file_id)
-        if f is None or f.state != "uploading" or f.upload_nonce != nonce:
-            raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
-                               param="token")
-        return f
-
-    def _spend_token(self, file_id: str, token: str) -> str:
-        """Use a single-part token once: one conditional UPDATE, committed at once, so of two
-        concurrent PUTs exactly one sees its row change."""
-        nonce = self._verify(file_id, token, 0)
-        with self.home.db.session() as w:
-            spent = w.execute(update(File).where(File.id == file_id, File.state == "uploading",
-                                                 File.upload_nonce == nonce).values(upload_nonce=None)).rowcount
-        if spent != 1:
-            raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
-                               param="token")
-        return nonce
-
-    def _verify(self, file_id: str, token: str, part: int) -> str:
+    def _verify(self, file_id: str, token: str, *, part: int) -> str:
         try:
             return signing.verify(self.home.secret, token, file_id, part)
         except ValueError as exc:
             raise Unauthorized(f"Upload URL rejected: {exc}.", param="token") from None
 
-    def _return_token(self, file_id: str, nonce: str) -> None:
-        with self.home.db.session() as w:
-            w.execute(update(File).where(File.id == file_id, File.state == "uploading",
-                                         File.upload_nonce.is_(None)).values(upload_nonce=nonce))
+    def _uploading(self, file_id: str, nonce: str) -> File:
+        """The file a signed URL is for, while that URL is still good (a read: no lock taken)."""
+        with self.home.db.session() as s:
+            f = s.get(File, file_id)
+        if f is None or f.state != "uploading" or f.upload_nonce != nonce:
+            raise Unauthorized("Upload URL was already used or the upload was cancelled; start a new upload.",
+                               param="token")
+        return f
 
     def _own_multipart(self, s: Session, owner: str, upload_id: str, file_id: str) -> File:
         f = s.get(File, file_id)

@@ -87,6 +87,26 @@ def metrics(s: Session, job_id: str, step_from: int | None = None, step_to: int 
     return list(s.execute(q.order_by(Metric.step, Metric.id)))
 
 
+def record_metric(s: Session, job_id: str, step: int, values: dict, *, drop_later: bool = False) -> None:
+    """Write a step's metrics, replacing what an earlier try wrote for it (a resumed job redoes
+    the steps after its last checkpoint). `drop_later` also drops the steps after it: the first
+    step a training process reports, so a resumed run leaves no row of the dead one behind.
+    Delete-then-insert in one transaction: portable, and safe to run again after a failed commit."""
+    stale = Metric.step >= step if drop_later else Metric.step == step
+    s.execute(sql_delete(Metric).where(Metric.job_id == job_id, stale))
+    s.add(Metric(job_id=job_id, step=step, values=values))
+    s.flush()
+
+
+def record_checkpoint(s: Session, job_id: str, step: int, checkpoint_type: str, blob_key: str) -> None:
+    """Record a checkpoint folder once, however often the write is retried or the step redone."""
+    same = select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.step == step,
+                                       Checkpoint.checkpoint_type == checkpoint_type)
+    if s.scalar(same.limit(1)) is None:
+        s.add(Checkpoint(job_id=job_id, step=step, checkpoint_type=checkpoint_type, blob_key=blob_key))
+        s.flush()
+
+
 def _as_utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 

@@ -35,7 +35,7 @@ def count_tokens(s: Session, files: FileService, registry: Registry, f: File, mo
         else:
             total += len(tokenize_row(row, tokenizer, train_on_inputs=True, max_seq_length=1 << 30).input_ids)
     f.token_counts = {**(f.token_counts or {}), model: total}
-    s.flush()
+    s.commit()  # now: the next file's tokenizing (seconds) must not run inside this write transaction
     return total
 
 

@@ -79,7 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         _keyed_docs(app)
 
     @app.get("/health", tags=["meta"])
-    def health():
+    async def health():  # on the event loop: under load it must not queue for a request thread
         return {"status": "ok", "version": __version__}
 
     @app.get("/v3/whoami", tags=["meta"])

@@ -32,17 +32,17 @@ def _public_base(request: Request) -> str:
 
 
 @router.post("", status_code=302)
-async def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
-                       purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None,
-                       checksum: Annotated[str | None, Form(max_length=64)] = None,
-                       file: UploadFile | None = File(None)):
+def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep,
+                 purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None,
+                 checksum: Annotated[str | None, Form(max_length=64)] = None,
+                 file: UploadFile | None = File(None)):
     """Step 1 of the SDK upload: answer 302 with a signed, absolute PUT URL. A multipart body that
     carries the bytes as a `file` part (curl, the openai SDK, which sends no `file_name`: the part's
     own name is used) is stored in one go instead and answered 200 with the file object."""
     if file is not None:
-        f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
-                                       file_name=file_name or file.filename or "", file_type=file_type,
-                                       chunks=_read_upload(file))
+        f = files.upload_oneshot(session, caller.owner, purpose=purpose,
+                                 file_name=file_name or file.filename or "", file_type=file_type,
+                                 chunks=_read_upload(file))
         return JSONResponse(file_object(f))  # 200: the route's declared status is the SDKs' 302
     if not file_name:
         raise InvalidInput("Send either `file_name` (the together SDKs' three-step upload) or the bytes as "
@@ -59,11 +59,12 @@ async def begin_upload(request: Request, caller: CurrentCaller, session: Session
 
 
 @router.put("/{file_id}/bytes")
-async def put_bytes(file_id: str, token: str, request: Request, session: SessionDep, files: FilesDep):
+async def put_bytes(file_id: str, token: str, request: Request, files: FilesDep):
     """Step 2: the unauthenticated PUT of the raw bytes; the token in the URL is the authority.
-    Both SDKs need exactly 200."""
+    Both SDKs need exactly 200. Async to stream the body; the service keeps disk and database
+    work off the event loop."""
     length = request.headers.get("content-length")
-    await files.receive(session, file_id, token, request.stream(), int(length) if length else None)
+    await files.receive(file_id, token, request.stream(), int(length) if length else None)
     return JSONResponse({"id": file_id, "object": "file", "status": "uploaded"}, status_code=200)
 
 
@@ -73,11 +74,11 @@ def preprocess(file_id: str, caller: CurrentCaller, session: SessionDep, files: 
 
 
 @router.post("/upload")
-async def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: FilesDep, file: UploadFile,
-                         purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None):
-    f = await files.upload_oneshot(session, caller.owner, purpose=purpose,
-                                   file_name=file_name or file.filename or "", file_type=file_type,
-                                   chunks=_read_upload(file))
+def upload_oneshot(caller: CurrentCaller, session: SessionDep, files: FilesDep, file: UploadFile,
+                   purpose: Purpose = "fine-tune", file_name: FileName = None, file_type: FileType = None):
+    f = files.upload_oneshot(session, caller.owner, purpose=purpose,
+                             file_name=file_name or file.filename or "", file_type=file_type,
+                             chunks=_read_upload(file))
     return file_object(f)
 
 
@@ -121,8 +122,8 @@ def multipart_initiate(body: MultipartInitiate, request: Request, caller: Curren
 
 @router.put("/{file_id}/parts/{part}")
 async def multipart_put(file_id: str, part: Annotated[int, Path(ge=1, le=MAX_PARTS)], token: str, request: Request,
-                        session: SessionDep, files: FilesDep):
-    etag = await files.receive_part(session, file_id, part, token, request.stream())
+                        files: FilesDep):
+    etag = await files.receive_part(file_id, part, token, request.stream())
     return Response(status_code=200, headers={"ETag": f'"{etag}"'})
 
 
@@ -139,8 +140,10 @@ def multipart_abort(body: MultipartAbort, caller: CurrentCaller, session: Sessio
     return {"upload_id": body.upload_id, "file_id": body.file_id, "aborted": True}
 
 
-async def _read_upload(file: UploadFile):
+def _read_upload(file: UploadFile):
+    """The form part's bytes; the routes that read it are sync (run in the thread pool), so the
+    upload's disk writes, hashing and validation never block the event loop."""
     if file is None:
         raise InvalidInput("Attach the dataset as the `file` part.", param="file")
-    while chunk := await file.read(1 << 20):
+    while chunk := file.file.read(1 << 20):
         yield chunk

@@ -19,25 +19,37 @@ from typing import BinaryIO
 class BlobWriter:
     """Streams bytes to a temp file, hashing as it goes; `commit()` makes the blob visible."""
 
-    def __init__(self, tmp: Path, final: Path):
+    def __init__(self, tmp: Path, final: Path, *, md5: bool = False):
         self.tmp, self.final = tmp, final
         self.size = 0
-        self._sha = hashlib.sha256()
+        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
         self._fh: BinaryIO = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
     def write(self, chunk: bytes) -> None:
         self._fh.write(chunk)
         self._sha.update(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
         self.size += len(chunk)
 
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    @property
+    def md5(self) -> str:
+        """The S3-style ETag of the bytes; only for a writer opened with `md5=True`."""
+        return self._md5.hexdigest()
+
+    def sync(self) -> None:
+        """Flush and fsync the bytes (the slow part of a commit; call it before taking a lock)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
     def commit(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self.sync()
         private_dirs(self.final.parent)
         os.replace(self.tmp, self.final)
 
@@ -80,9 +92,9 @@ class BlobStore:
         return self.path(key).exists()
 
     @contextmanager
-    def writer(self, key: str) -> Iterator[BlobWriter]:
+    def writer(self, key: str, *, md5: bool = False) -> Iterator[BlobWriter]:
         """Yields a writer; the blob appears only if `commit()` was called inside the block."""
-        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key))
+        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key), md5=md5)
         try:
             yield w
         finally:
@@ -130,7 +142,15 @@ class BlobStore:
                 gone.append(f".tmp/{p.name}")
         return gone
 
-    def sweep_temp(self) -> None:
-        """Remove temp files left by a crashed writer (called at start-up)."""
+    def sweep_temp(self, older_than_s: float = 3600) -> None:
+        """Remove temp files left by a crashed writer (called at start-up). Only old ones: every
+        process opening the home calls this (a training child too), and a fresh temp file is an
+        upload in progress in another process, whose commit would fail if it vanished."""
+        cutoff = time.time() - older_than_s
         for p in self.tmp_dir.iterdir():
+            try:
+                if p.stat().st_mtime >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -42,7 +42,7 @@ class File(Base):
     checksum: Mapped[str | None] = mapped_column(String(64), index=True)  # sha256 hex
     state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading | stored
     upload_nonce: Mapped[str | None] = mapped_column(String(64))  # single-use token; cleared once used
-    multipart: Mapped[dict | None] = mapped_column(JSON)  # {"upload_id", "num_parts", "etags": {n: etag}}
+    multipart: Mapped[dict | None] = mapped_column(JSON)  # {"upload_id", "num_parts"}; ETags are the parts' MD5s
     processing_status: Mapped[str] = mapped_column(String(16), default="PENDING")
     validation_report: Mapped[dict | None] = mapped_column(JSON)
     line_count: Mapped[int | None] = mapped_column(Integer)
@@ -86,7 +86,10 @@ class Event(Base):
 
 
 class Metric(Base):
+    """One row per (job, step): a resumed job rewrites the steps it redoes (`jobs.record_metric`)."""
+
     __tablename__ = "metrics"
+    __table_args__ = (Index("ux_metrics_job_step", "job_id", "step", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column(Integer, index=True)

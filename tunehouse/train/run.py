@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from tunehouse import jobs
+from tunehouse.atomic import sweep_temp_dirs
 from tunehouse.downloads import build_download
 from tunehouse.errors import redact_paths
 from tunehouse.files import blob_key
@@ -29,7 +30,8 @@ from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
 from tunehouse.store.home import Home, open_home
-from tunehouse.store.tables import Checkpoint, File, Job, Metric
+from tunehouse.store.db import is_transient
+from tunehouse.store.tables import File, Job
 from tunehouse.train import events as ev
 
 EXIT_CANCELLED = 3
@@ -63,52 +65,65 @@ class StoreReporter:
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
         fields = {k: self._public(v) for k, v in fields.items()}
-        with self.home.db.session() as s:
-            jobs.add_event(s, self.job_id, type, message, level, **fields)
-            job = s.get(Job, self.job_id)
-            if job is not None and fields.get("wandb_url"):  # the job shows the run's address too
-                job.progress = {**(job.progress or {}), "wandb_url": fields["wandb_url"]}
-            if job is not None and fields.get("total_steps"):
-                job.progress = {**(job.progress or {}), "total_steps": fields["total_steps"],
-                                "param_count": fields.get("param_count"), "token_count": fields.get("token_count")}
-            if job is not None and type == ev.EPOCH_COMPLETE:
-                job.progress = {**(job.progress or {}),
-                                "epochs_completed": (job.progress or {}).get("epochs_completed", 0) + 1}
-            if job is not None and fields.get("early_stopping_best_step") is not None:
-                job.progress = {**(job.progress or {}), "early_stopped": True,
-                                "early_stopping_best_step": fields["early_stopping_best_step"],
-                                "early_stopping_best_metric": fields.get("early_stopping_best_metric_value")}
-            if job is not None and type == ev.EVAL_COMPLETE:
-                job.progress = {**(job.progress or {}),
-                                "evals_completed": (job.progress or {}).get("evals_completed", 0) + 1}
+        self.home.db.retrying(lambda s: self._write_event(s, type, message, level, fields), what=f"event {type}")
+
+    def _write_event(self, s, type: str, message: str, level: str, fields: dict) -> None:
+        jobs.add_event(s, self.job_id, type, message, level, **fields)
+        job = s.get(Job, self.job_id)
+        if job is None:
+            return
+        if fields.get("wandb_url"):  # the job shows the run's address too
+            job.progress = {**(job.progress or {}), "wandb_url": fields["wandb_url"]}
+        if fields.get("total_steps"):
+            job.progress = {**(job.progress or {}), "total_steps": fields["total_steps"],
+                            "param_count": fields.get("param_count"), "token_count": fields.get("token_count")}
+        if type == ev.EPOCH_COMPLETE:
+            job.progress = {**(job.progress or {}),
+                            "epochs_completed": (job.progress or {}).get("epochs_completed", 0) + 1}
+        if fields.get("early_stopping_best_step") is not None:
+            job.progress = {**(job.progress or {}), "early_stopped": True,
+                            "early_stopping_best_step": fields["early_stopping_best_step"],
+                            "early_stopping_best_metric": fields.get("early_stopping_best_metric_value")}
+        if type == ev.EVAL_COMPLETE:
+            job.progress = {**(job.progress or {}),
+                            "evals_completed": (job.progress or {}).get("evals_completed", 0) + 1}
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        if self._first_step is None:
+        first = self._first_step is None
+        if first:
             self._first_step = step - 1  # a resumed run starts past 0
-        with self.home.db.session() as s:
-            s.add(Metric(job_id=self.job_id, step=step, values=values))
+        rate = (time.monotonic() - self._t0) / max(step - self._first_step, 1)
+
+        def write(s) -> None:
+            # the first step this process reports also drops the rows a dead try wrote after it
+            jobs.record_metric(s, self.job_id, step, values, drop_later=first)
             job = s.get(Job, self.job_id)
             if job is not None:
                 prog = dict(job.progress or {})
                 total = prog.get("total_steps") or step
-                rate = (time.monotonic() - self._t0) / max(step - self._first_step, 1)
                 prog.update(steps_completed=step, seconds_remaining=round(rate * (total - step), 1))
                 job.progress = prog
 
+        self.home.db.retrying(write, what=f"metrics of step {step}")
+
     def checkpoint(self, step: int, path: Path, checkpoint_type: str) -> None:
         key = str(Path(path).resolve().relative_to(self.home.blobs.root.resolve()))
-        with self.home.db.session() as s:
-            s.add(Checkpoint(job_id=self.job_id, step=step, checkpoint_type=checkpoint_type, blob_key=key))
+        self.home.db.retrying(lambda s: jobs.record_checkpoint(s, self.job_id, step, checkpoint_type, key),
+                              what=f"checkpoint of step {step}")
 
     def should_stop(self) -> bool:
         if self.stop_signal or self._stop:
             return True
         if time.monotonic() - self._checked_at > 1.0:  # one small query a second at most
             self._checked_at = time.monotonic()
-            with self.home.db.session() as s:
-                job = s.get(Job, self.job_id)
-                # cancelled, deleted, or requeued to another worker: stop before the next step
-                self._stop = job is None or job.status not in jobs.ACTIVE
+            try:
+                with self.home.db.session() as s:
+                    job = s.get(Job, self.job_id)
+                    # cancelled, deleted, or requeued to another worker: stop before the next step
+                    self._stop = job is None or job.status not in jobs.ACTIVE
+            except Exception as exc:  # a transient read error: ask again at the next step
+                if not is_transient(exc):
+                    raise
         return self._stop
 
 
@@ -188,6 +203,8 @@ def main(job_id: str) -> int:
         spec = JobSpec.of(job, home.secret)  # the one place the job's secrets are opened
         inputs = resolve_inputs(home, job, spec, registry, reporter)
         output_dir = home.blobs.path(f"jobs/{job_id}/out")
+        for parent in (output_dir, output_dir / "checkpoints"):
+            sweep_temp_dirs(parent)  # what a killed try left half-written
         if spec.method == "dpo":
             from tunehouse.train.dpo import run_dpo, weights_stamp
 
@@ -223,33 +240,38 @@ def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
     Compressing is real work: the default download (merged weights for LoRA, the model for full
     training) is packed into a zstd tar, so the first download is instant. Uploading records the
     archive's SHA-256 and path on the event: the blob store is the archive's home already."""
-    with home.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status == "cancel_requested":
-            return EXIT_CANCELLED
-        jobs.set_status(job, "compressing")
-        jobs.add_event(s, job_id, "COMPRESSING_MODEL", "Compressing output model")
+    if not _advance(home, job_id, ("compressing", "COMPRESSING_MODEL", "Compressing output model")):
+        return EXIT_CANCELLED
     with home.db.session() as s:
         archive = build_download(s, home, s.get(Job, job_id), None, None)
-    with home.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status == "cancel_requested":
-            return EXIT_CANCELLED
-        jobs.add_event(s, job_id, "MODEL_COMPRESSION_COMPLETE",
-                       f"Model compression complete: {archive.name}, {archive.stat().st_size / 2**20:.1f} MiB")
-        jobs.set_status(job, "uploading")
-        jobs.add_event(s, job_id, "MODEL_UPLOADING", "Uploading output model")
+    size = f"{archive.name}, {archive.stat().st_size / 2**20:.1f} MiB"
+    if not _advance(home, job_id, (None, "MODEL_COMPRESSION_COMPLETE", f"Model compression complete: {size}"),
+                    ("uploading", "MODEL_UPLOADING", "Uploading output model")):
+        return EXIT_CANCELLED
     digest = _sha256(archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
-    with home.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status == "cancel_requested":
-            return EXIT_CANCELLED
-        jobs.add_event(s, job_id, "MODEL_UPLOAD_COMPLETE", "Model upload complete", model_path=job.model_output_name,
-                       hash=digest)
+    if not _advance(home, job_id, (None, "MODEL_UPLOAD_COMPLETE", "Model upload complete"), digest=digest):
+        return EXIT_CANCELLED
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
+
+
+def _advance(home: Home, job_id: str, *steps: tuple[str | None, str, str], digest: str | None = None) -> bool:
+    """Each (new status or None, event type, message) in one transaction, retried on a transient
+    error; False when the job was deleted or a cancel was requested meanwhile."""
+    def write(s) -> bool:
+        job = s.get(Job, job_id)
+        if job is None or job.status == "cancel_requested":
+            return False
+        for status, type_, message in steps:
+            if status:
+                jobs.set_status(job, status)
+            fields = {"model_path": job.model_output_name, "hash": digest} if digest else {}
+            jobs.add_event(s, job_id, type_, message, **fields)
+        return True
+
+    return home.db.retrying(write, what=steps[-1][1])
 
 
 def _push(home: Home, job_id: str, spec: JobSpec) -> None:
@@ -282,12 +304,14 @@ def _sha256(path: Path) -> str:
 
 
 def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:
-    with home.db.session() as s:
+    def write(s) -> None:
         job = s.get(Job, job_id)
         if job is None:
             return
         jobs.set_status(job, status)
         jobs.add_event(s, job_id, type_, server_paths_out(home, message), "info" if status == "completed" else "error")
+
+    home.db.retrying(write, what=type_)
 
 
 def server_paths_out(home: Home, text: str) -> str:

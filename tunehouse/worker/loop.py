@@ -21,6 +21,7 @@ from pathlib import Path
 from tunehouse import jobs
 from tunehouse.settings import Settings
 from tunehouse.store.blobs import private_dirs
+from tunehouse.store.db import is_transient
 from tunehouse.store.home import Home
 from tunehouse.store.tables import Job
 
@@ -55,12 +56,26 @@ class Worker:
             self.thread.join(timeout)
 
     def run_forever(self) -> None:
-        with self.home.db.session() as s:
-            jobs.recover_own(s, self.worker_id)  # what this worker held when it last died
+        """Never ends on an exception: a database error (locked, connection lost) or a bug in one
+        round is logged, and the loop goes on after a pause that grows while errors repeat
+        (0.5 s doubling to 30 s)."""
+        recovered, pause = False, 0.5
         while not self.stopping.is_set():
-            with self.home.db.session() as s:
-                jobs.recover_stale(s, self.stale_after_s)
-            if not self.run_once():
+            try:
+                if not recovered:
+                    with self.home.db.session() as s:
+                        jobs.recover_own(s, self.worker_id)  # what this worker held when it last died
+                    recovered = True
+                with self.home.db.session() as s:
+                    jobs.recover_stale(s, self.stale_after_s)
+                busy = self.run_once()
+                pause = 0.5
+            except Exception:
+                log.exception("worker %s: round failed; retrying in %.1f s", self.worker_id, pause)
+                self.stopping.wait(pause)
+                pause = min(pause * 2, 30.0)
+                continue
+            if not busy:
                 self.wake.wait(self.poll_s)
                 self.wake.clear()
 
@@ -83,17 +98,28 @@ class Worker:
             self.child = subprocess.Popen([sys.executable, "-m", "tunehouse.train.run", job_id], env=self._child_env(),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
-            rc = self._supervise(job_id, self.child)
-        self.child = None
+            try:
+                rc = self._supervise(job_id, self.child)
+            except BaseException:  # no child trains on unsupervised; its job is requeued once stale
+                self.child.kill()
+                self.child.wait()
+                raise
+            finally:
+                self.child = None
         self._record_exit(job_id, rc, log_path)
 
     def _supervise(self, job_id: str, child: subprocess.Popen) -> int:
-        term_sent_at, beat_at = None, 0.0
+        term_sent_at, beat_at, status = None, 0.0, "running"
         while (rc := child.poll()) is None:
             if time.monotonic() - beat_at >= self.heartbeat_s:
                 beat_at = time.monotonic()
-                with self.home.db.session() as s:
-                    status = jobs.heartbeat(s, job_id, self.worker_id)
+                try:
+                    with self.home.db.session() as s:
+                        status = jobs.heartbeat(s, job_id, self.worker_id)
+                except Exception as exc:  # keep supervising; the next beat tries again
+                    if not is_transient(exc):
+                        raise
+                    log.warning("worker %s: heartbeat of %s failed: %s", self.worker_id, job_id, exc)
             wants_stop = status in (None, "cancel_requested") or self.stopping.is_set()
             if wants_stop and term_sent_at is None:
                 child.send_signal(signal.SIGTERM)
@@ -104,14 +130,13 @@ class Worker:
         return rc
 
     def _record_exit(self, job_id: str, rc: int, log_path: Path) -> None:
-        with self.home.db.session() as s:
+        def write(s) -> bool:
             job = s.get(Job, job_id)
-            if job is None:  # deleted while running: drop what the child left behind
-                self.home.blobs.delete(f"jobs/{job_id}")
-                return
+            if job is None:
+                return False
             job.exit_code = rc
             if job.status in jobs.TERMINAL:
-                return
+                return True
             if job.status == "cancel_requested":
                 jobs.set_status(job, "cancelled")
                 jobs.add_event(s, job_id, "JOB_STOPPED", "Job cancelled")
@@ -126,6 +151,11 @@ class Worker:
                             _tail(log_path))
                 jobs.requeue_or_fail(s, job, f"the training process died ({how}; the worker's log "
                                              f"{log_path.name} has the details)")
+            return True
+
+        # retried: a lost write here would leave the job `running` until its heartbeat goes stale
+        if not self.home.db.retrying(write, what=f"exit of {job_id}"):
+            self.home.blobs.delete(f"jobs/{job_id}")  # deleted while running: drop what the child left
 
     def _child_env(self) -> dict[str, str]:
         st: Settings = self.home.settings
