@@ -1,7 +1,7 @@
 """Screenshots of the dashboard for the README: the jobs list, a job page with its curves, a run
 comparison and the playground, taken in headless Chromium against a throwaway server (temporary
 home, embedded worker, the tiny test model). Run: `make screenshots` (or python docs/screenshots.py);
-it writes docs/jobs.png, docs/job.png, docs/compare.png and docs/playground.png."""
+it writes docs/jobs.png, docs/job.png, docs/compare.png, docs/files.png and docs/playground.png."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def main() -> None:
         return r.raise_for_status().json()["id"]
 
     train, val = upload(chat_file(tmp / "train.jsonl", 160, 0)), upload(chat_file(tmp / "val.jsonl", 20, 5))
+    bad = tmp / "broken.jsonl"  # for the files page: a report with errors on lines 2 and 4
+    bad.write_text(chat_file(tmp / "one.jsonl", 1, 0).read_text()
+                   + json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n"
+                   + chat_file(tmp / "one.jsonl", 1, 1).read_text()
+                   + json.dumps({"messages": [{"role": "user", "content": 7}, {"role": "assistant"}]}) + "\n")
+    upload(bad)
     jobs = []
     for suffix, lr in (("lr3e-3", 3e-3), ("lr1e-3", 1e-3)):
         body = {"model": TINY, "training_file": train, "validation_file": val, "n_epochs": 6, "n_evals": 6,
@@ -76,6 +82,11 @@ def main() -> None:
         page.locator("#compare-charts figure canvas").first.wait_for()
         page.screenshot(path=DOCS / "compare.png", full_page=True)
 
+        page.goto(f"{bg.url}/#/files")
+        page.locator("#file-rows tr").filter(has_text="broken.jsonl").get_by_role("button", name="Report").click()
+        page.locator("#report tr.problem").first.wait_for()
+        page.screenshot(path=DOCS / "files.png", full_page=True)
+
         page.goto(f"{bg.url}/#/playground?model={done['model_output_name']}&base={TINY}")
         page.get_by_label("Max tokens").fill("16")
         page.get_by_label("System prompt").fill("You answer with two words.")
@@ -86,7 +97,8 @@ def main() -> None:
         page.screenshot(path=DOCS / "playground.png")
         browser.close()
     bg.stop()
-    print("wrote", *(str(DOCS / n) for n in ("jobs.png", "job.png", "compare.png", "playground.png")), file=sys.stderr)
+    print("wrote", *(str(DOCS / n) for n in ("jobs.png", "job.png", "compare.png", "files.png", "playground.png")),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
