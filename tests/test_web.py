@@ -136,7 +136,7 @@ def test_upload_bad_file_shows_errors_by_line(page, server, tmp_path):
 
 def test_upload_good_file_start_job_watch_curves_cancel(page, server, tmp_path):
     """Upload through the page, start a job on the tiny model from the form, count the loss
-    curve's points twice while it runs, then cancel it from its page."""
+    curve's points twice while it runs, then cancel it from its page and delete it."""
     good = write_chat(tmp_path / "good.jsonl", 200)
     sign_in(page, server.url, server.key)
     page.goto(server.url + "/#/files")
@@ -167,6 +167,12 @@ def test_upload_good_file_start_job_watch_curves_cancel(page, server, tmp_path):
     job_id = page.url.rsplit("/", 1)[1]
     assert wait_status(server, job_id, {"cancelled"}, timeout=120)["status"] == "cancelled"
     sync_api.expect(page.locator("#status")).to_have_text("cancelled", timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete … and its weights?"
+    page.get_by_role("button", name="Delete").click()
+    sync_api.expect(page.get_by_role("heading", name="Fine-tuning jobs")).to_be_visible()
+    sync_api.expect(page.locator(f"#rows tr[data-id='{job_id}']")).to_have_count(0)
+    with api(server) as c:
+        assert c.get(f"/v1/fine-tunes/{job_id}").status_code == 404
 
 
 def test_compare_two_runs(page, server, done_job, tmp_path):
