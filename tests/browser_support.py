@@ -1,4 +1,4 @@
-"""Headless Chromium for the dashboard tests: Debian's /usr/bin/chromium driven by Playwright (its
+"""Headless Chromium for the dashboard tests: Debian's chromium (or $TUNEHOUSE_CHROMIUM) driven by Playwright (its
 own browser download cannot work here). Missing, the tests skip locally and fail under CI=true,
 where `make test` installs it."""
 
