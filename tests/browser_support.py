@@ -1,6 +1,6 @@
-"""Headless Chromium for the dashboard tests: Debian's chromium (or $TUNEHOUSE_CHROMIUM) driven by Playwright (its
-own browser download cannot work here). Missing, the tests skip locally and fail under CI=true,
-where `make test` installs it."""
+"""Headless Chromium for the dashboard tests: Debian's chromium (or $TUNEHOUSE_CHROMIUM) driven
+by Playwright (its own browser download cannot work here). Missing, the tests skip locally and
+fail under CI=true, where `make test` installs it."""
 
 from __future__ import annotations
 
