@@ -10,7 +10,7 @@ V1STAMP := $(V1)/.installed
 # This machine's CPU build of torch; GPU users install their CUDA torch first (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench clean chromium screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,17 +33,26 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tunehouse quickstart
 
-test: $(STAMP) $(V1STAMP)
+# The dashboard tests drive Debian's chromium headless through Playwright (whose own browser
+# download cannot work offline); they fail under CI=true when it is missing.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: $(STAMP) $(V1STAMP) chromium
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) $(V1STAMP)
+test-fast: $(STAMP) $(V1STAMP) chromium
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP) $(V1STAMP)  # ~40 min on 2 cores; each bench's last line is its JSON summary
+bench: $(STAMP) $(V1STAMP) chromium  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
 	$(BIN)/python bench/train_sft.py
 	$(BIN)/python bench/train_dpo.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/dashboard.py
+
+screenshots: $(STAMP) chromium  # the dashboard images in the README (docs/*.png)
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) $(V1)

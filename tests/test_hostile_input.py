@@ -215,6 +215,15 @@ CASES = [
     ("docs-off", "GET", "/docs", {}, 404, None),
     ("openapi-off", "GET", "/openapi.json", {}, 404, None),
     ("no-route", "POST", "/v1/nothing-here", {"json": {}}, 404, None),
+    ("eval-no-models", "POST", "/v1/evaluations", {"json": {"file": "f", "max_tokens": 1, "models": []}}, 400, "models"),
+    ("eval-em-above-one", "POST", "/v1/evaluations", {"json": {"file": "f", "max_tokens": 1, "models": [
+        {"label": "a", "model": "a", "exact_match": 2, "f1": 0, "n_turns": 1}]}}, 400, "models.0.exact_match"),
+    ("eval-max-tokens-past-int32", "POST", "/v1/evaluations", {"json": {"file": "f", "max_tokens": 10**20, "models": [
+        {"label": "a", "model": "a", "exact_match": 1, "f1": 1, "n_turns": 1}]}}, 400, "max_tokens"),
+    ("eval-unknown", "GET", "/v1/evaluations/eval-x", {}, 404, "eval_id"),
+    ("session-key-overlong", "POST", "/ui/session", {"json": {"api_key": "x" * 1000}}, 400, "api_key"),
+    ("session-body-text", "POST", "/ui/session", {"json": "key"}, 400, None),
+    ("static-outside", "GET", "/static/%2e%2e/router.py", {}, 404, None),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Mint and recognise ids: files `file-<uuid4>`, jobs `ft-<uuid4>`."""
+"""Mint and recognise ids: files `file-<uuid4>`, jobs `ft-<uuid4>`, evaluations `eval-<uuid4>`."""
 
 from __future__ import annotations
 
@@ -15,3 +15,7 @@ def new_file_id() -> str:
 
 def new_job_id() -> str:
     return f"ft-{uuid.uuid4()}"
+
+
+def new_eval_id() -> str:
+    return f"eval-{uuid.uuid4()}"

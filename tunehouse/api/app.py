@@ -15,6 +15,7 @@ from tunehouse.api import errors
 from tunehouse.api import files as files_routes
 from tunehouse.api import fine_tunes as fine_tune_routes
 from tunehouse.api import endpoints as endpoint_routes
+from tunehouse.api import evaluations as evaluation_routes
 from tunehouse.api import inference as inference_routes
 from tunehouse.api import keys as key_routes
 from tunehouse.api import models as model_routes
@@ -27,6 +28,7 @@ from tunehouse.models.registry import Registry
 from tunehouse.serve.endpoints import Supervisor, model_dir_for
 from tunehouse.settings import Settings
 from tunehouse.store.home import open_home
+from tunehouse.web import router as web_routes
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -71,6 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(model_routes.router)
     app.include_router(endpoint_routes.router)
     app.include_router(key_routes.router)
+    app.include_router(evaluation_routes.router)
+    app.include_router(web_routes.router)  # the dashboard, at /
     if settings.docs == "key":
         _keyed_docs(app)
 

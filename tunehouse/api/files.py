@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from tunehouse.api.auth import WEB_HEADER
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
 from tunehouse.api.schemas import MultipartAbort, MultipartComplete, MultipartInitiate, file_object
 from tunehouse.errors import InvalidInput
@@ -49,7 +50,12 @@ def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, f
     f, token = files.begin(session, caller.owner, purpose=purpose, file_name=file_name,
                            file_type=file_type, checksum=checksum)
     location = f"{_public_base(request)}/v1/files/{f.id}/bytes?token={token}"
-    return Response(status_code=302, headers={"Location": location, "X-Together-File-Id": f.id})
+    headers = {"Location": location, "X-Together-File-Id": f.id}
+    if request.headers.get(WEB_HEADER) == "1":
+        # The dashboard's fetch() cannot read a 302's Location (an opaque redirect): it gets the
+        # same headers on a 200, the 2xx form the v3 SDK also accepts (api-reference §4.2).
+        return JSONResponse({"id": f.id, "upload_url": location}, headers=headers)
+    return Response(status_code=302, headers=headers)
 
 
 @router.put("/{file_id}/bytes")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request
+import orjson
+from fastapi import APIRouter, Body, Query, Request, Response
 
 from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
@@ -102,7 +103,9 @@ def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global
     as the v3 SDK sends them), thinned to at most `resolution` rows."""
     job = jobs.get_owned(session, caller.owner, job_id)
     rows = jobs.metrics(session, job.id, global_step_from, global_step_to, logged_at_from, logged_at_to)
-    return {"metrics": [{"train/global_step": m.step, **m.values} for m in jobs.thin(rows, resolution)]}
+    body = {"metrics": [{"train/global_step": m.step, **m.values} for m in jobs.thin(rows, resolution)]}
+    # orjson straight to bytes: FastAPI's encoder took ~400 ms for a 10,000-row job (the dashboard's curves).
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/finetune/download")

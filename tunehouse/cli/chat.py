@@ -103,16 +103,31 @@ def eval_models(model: Annotated[list[str], typer.Option("--model", help="A mode
     from tunehouse.evaluate import compare
 
     client = client_for(base_url, api_key)  # resolves the URL and key as every other command does
-    client.close()
     try:
         result = compare.compare(model, file, base_url=client.base_url, api_key=client.api_key,
                                  max_tokens=max_tokens, concurrency=concurrency, console=None if json_out else err)
+        evaluation_id = _post_result(client, result)
     except compare.CompareError as exc:
         err.print(f"[red]Error:[/red] {exc}")
         raise typer.Exit(1)
+    finally:
+        client.close()
     json_path, svg_path = compare.write_outputs(result, out)
     if json_out:
-        print(json.dumps({"models": result["models"], "json": str(json_path), "svg": str(svg_path)}, indent=2))
+        print(json.dumps({"models": result["models"], "json": str(json_path), "svg": str(svg_path),
+                          "evaluation_id": evaluation_id}, indent=2))
         return
     console.print(compare.results_table(result))
-    console.print(f"Wrote {json_path} and {svg_path}")
+    console.print(f"Wrote {json_path} and {svg_path}"
+                  + (f"; stored on the server as {evaluation_id} (dashboard: Evaluations)" if evaluation_id else ""))
+
+
+def _post_result(client, result: dict) -> str | None:
+    """Store the summary on the server so its dashboard shows it. Another OpenAI-compatible server
+    has no /v1/evaluations: the result then stays local (None)."""
+    body = {"file": result["file"], "max_tokens": result["max_tokens"], "models": result["models"]}
+    try:
+        return client.request("POST", "/v1/evaluations", json=body)["id"]
+    except ApiError as exc:
+        err.print(f"[yellow]Not stored on the server:[/yellow] {exc}")
+        return None

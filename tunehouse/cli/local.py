@@ -31,7 +31,8 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
     if new_key:
         console.print(f"[bold]Created the admin API key[/bold] (shown once; also stored in "
                       f"{settings.admin_key_path}):\n  {new_key}")
-    console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home})")
+    console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home}); "
+                  f"dashboard: open http://{settings.host}:{settings.port}/ and sign in with an API key")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 

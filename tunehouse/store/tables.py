@@ -138,3 +138,15 @@ class Endpoint(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Evaluation(Base):
+    """A `tunehouse eval` result posted to the server: the per-model summary rows, kept per owner."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    file: Mapped[str] = mapped_column(String(512))  # the held-out file's name, as the client gave it
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    models: Mapped[list] = mapped_column(JSON)  # [{label, model, exact_match, f1, valid_loss, perplexity, n_turns, seconds}]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
