@@ -2,7 +2,7 @@
 learning rate, take the optimizer step, and write checkpoints after a step.
 
 `run` below is either recipe's `_Run`: both carry cfg, model, tokenizer, optimizer, reporter,
-steps_per_epoch, total_steps and output_dir.
+steps_per_epoch, total_steps, output_dir and dist (train/distributed.py: rank 0 alone writes).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import distributed
 from tunehouse.train import events as ev
 from tunehouse.train.lora import add_lora, load_lora, merge
 from tunehouse.train.schedule import lr_multiplier
@@ -60,7 +61,7 @@ def resume(resume_from: Path | None, optimizer: torch.optim.Optimizer, total_ste
     if state["total_steps"] != total_steps:
         raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
                          f"this data and config give {total_steps}")
-    ckpt.restore_optimizer_and_rng(resume_from, optimizer)
+    ckpt.restore_optimizer_and_rng(resume_from, optimizer)  # cut to this rank's shards under FSDP
     return state["step"], state["metrics"]
 
 
@@ -74,16 +75,27 @@ def learning_rate(cfg, step: int, total_steps: int) -> float:
 def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float, lr: float) -> float:
     """Clip the accumulated gradients (0 = no clipping), step at `lr`, clear them; the grad norm."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    grads = [p.grad for p in params if p.grad is not None]
+    # Under FSDP the gradients are shards: their norm is a DTensor, made whole (one all-reduce).
+    grad_norm = distributed._full(torch.nn.utils.get_total_norm(grads))
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return float(grad_norm)
 
 
 def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
-    """A checkpoint of `run` at `step` (+ the merged model for LoRA when `merged`)."""
+    """A checkpoint of `run` at `step` (+ the merged model for LoRA when `merged`), written by
+    rank 0 alone. Under FSDP every rank first takes part in gathering the weights and optimizer
+    moments, so the folder is the one a single process writes (and resumes on any count)."""
+    sharded = run.dist.world > 1 and not run.cfg.lora
+    weights = distributed.full_state_dict(run.model) if sharded else None
+    optimizer_state = distributed.full_optimizer_state(run.optimizer) if sharded else None
+    if not run.dist.is_main:
+        return Path(folder)
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
              "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
@@ -96,7 +108,8 @@ def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> 
 
     return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
                                 config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
-                                extra=write_merged if merged else None)
+                                extra=write_merged if merged else None, state_dict=weights,
+                                optimizer_state=optimizer_state)
 
 
 def after_step(run, step: int, in_epoch: int, history: list[dict], intermediate: set[int]) -> None:
