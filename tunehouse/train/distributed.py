@@ -211,9 +211,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     """The module's whole state dict on rank 0 (CPU tensors), None on the others. Every rank must
-    call it (each sharded tensor is all-gathered, one at a time, to bound memory)."""
-    out = {}
-    for name, value in module.state_dict().items():
+    call it (each sharded tensor is all-gathered, one at a time, to bound memory). A tied weight
+    (SmolLM2's embeddings = LM head) is one tensor under two names: kept under the first, as
+    `save_pretrained` of the unsharded model does."""
+    out, seen = {}, set()
+    for name, value in module.state_dict(keep_vars=True).items():  # the parameters themselves: ties show
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         full = _full(value)
         if is_main():
             out[name] = full.detach().to("cpu", copy=True)
