@@ -66,7 +66,10 @@ def long_job(c, tmp_path, rows: int = 48):
 
 
 def test_devices_of_a_worker(tmp_path):
-    assert training_devices(Settings(home=tmp_path)) == (None, 1)  # this CPU: one process
+    from tunehouse.serve.hardware import local_devices
+
+    if not local_devices().count:
+        assert training_devices(Settings(home=tmp_path)) == (None, 1)  # a CPU: one process
     assert training_devices(Settings(home=tmp_path, num_processes=2)) == (None, 2)
     assert training_devices(Settings(home=tmp_path, gpus="2,3")) == ([2, 3], 2)
     assert training_devices(Settings(home=tmp_path, gpus="0,1,2,3", num_processes=2)) == ([0, 1], 2)
@@ -75,7 +78,13 @@ def test_devices_of_a_worker(tmp_path):
 
 
 def test_a_job_through_the_sdk_trains_on_two_processes(live2, tmp_path):
+    import httpx
+
     c = sdk(live2)
+    limits = c.fine_tuning.model_limits(model_name=TINY)
+    assert limits.training_hardware == {"processes": 2, "backend": "gloo", "gpus": None, "gpu_type": None}
+    hardware = httpx.get(f"{live2.url}/v1/hardware", headers={"Authorization": f"Bearer {live2.key}"}).json()
+    assert hardware["training"]["processes"] == 2
     f = c.files.upload(write_chat(tmp_path / "train.jsonl", 12))
     job = c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, n_epochs=2, n_checkpoints=2,
                                batch_size=4, learning_rate=3e-3)

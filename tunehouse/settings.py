@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     serve_max_loaded_adapters: int = Field(8, ge=1, description="LoRA adapters kept attached per base (LRU).")
     serve_adapter_memory_mb: float = Field(1024, gt=0, description="Memory for attached LoRA adapters per base, "
                                            "MiB; beyond it the least recently used are dropped.")
-    serve_dtype: str = Field("float32", description="Inference weights dtype: float32, bfloat16 or float16.")
+    serve_dtype: str = Field("auto", description="Inference weights dtype: auto (bfloat16 on a GPU with bf16, else "
+                             "float32), float32, bfloat16 or float16.")
     serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
 
     def model_post_init(self, _context) -> None:

@@ -115,6 +115,8 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
     tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    if kernels := recipe.fused_kernels(causal_lm, device):
+        reporter.event(ev.WARNING, kernels, level="info")
     if cfg.lora and init_adapter is not None:
         model.load_adapter(str(init_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
@@ -347,6 +349,7 @@ def _frozen_reference(run: _Run) -> Iterator[None]:
 
     device = run.dist.device
     run.frozen = AutoModelForCausalLM.from_pretrained(run.reference_path, dtype=torch.float32)
+    recipe.fused_kernels(run.frozen, device)  # the policy's kernels: π = ρ exactly at step 1
     run.frozen.to(device).eval().requires_grad_(False)
     if attention.enable(run.frozen) != (run.mask_dtype is None):  # same architecture as the policy
         raise RuntimeError("the frozen reference and the policy disagree on packed attention")

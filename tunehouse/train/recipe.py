@@ -52,6 +52,25 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
     return tokenizer, causal_lm, model
 
 
+def fused_kernels(causal_lm, device: torch.device) -> str | None:
+    """On CUDA, Liger's Triton kernels for RMSNorm, RoPE and SwiGLU when `liger-kernel` is
+    installed (never required); what was done, for an event, or None. The LM head stays
+    train/head.py's (fused with the log-softmax at trained positions only), so Liger's own fused
+    cross-entropy is left off. DPO's frozen reference copy gets the same kernels as the policy."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return None
+    try:
+        _apply_liger_kernel_to_instance(model=causal_lm, rope=True, swiglu=True, rms_norm=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as exc:  # an architecture Liger does not know: the plain modules run
+        return f"Liger kernels not applied: {type(exc).__name__}: {exc}"
+    return "Liger fused kernels in use (RMSNorm, RoPE, SwiGLU)"
+
+
 def resume(resume_from: Path | None, optimizer: torch.optim.Optimizer, total_steps: int) -> tuple[int, list[dict]]:
     """(steps done, metrics so far): (0, []) for a fresh run; else the folder's, with the optimizer
     and RNG state restored (the weights came with `load_policy`)."""
