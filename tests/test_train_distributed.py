@@ -150,14 +150,18 @@ def say_rows(n: int) -> list[dict]:
 def test_dpo_on_two_processes_gives_the_losses_of_one(tmp_path, tiny_model_dir, lora):  # noqa: F811
     data = write_jsonl(tmp_path / "say.jsonl", say_rows(10))  # 10 pairs, batch 4: the last step has 2
     cfg = dict(model="tunehouse/tiny-llama", training_file="file-test", batch_size=4, gradient_accumulation_steps=2,
-               learning_rate=1e-2 if lora else 1e-3, max_seq_length=64, random_seed=0, dpo_beta=0.5, lora=lora)
+               learning_rate=1e-2 if lora else 1e-3, max_seq_length=64, random_seed=0, dpo_beta=0.5, lora=lora,
+               n_evals=1)  # evaluations at steps 0 and 3 (on sampled training pairs): loss and exact KL
     paths = dict(model_path=tiny_model_dir, training_path=data)
     ranks = torchrun(tmp_path, "two", "dpo", cfg, reference_cache_dir=tmp_path / "cache", **paths)
     _, one = one_process(tmp_path, "one", "dpo", cfg, **paths)
     assert_two_ranks_and_rank0_alone_reported(ranks)
     two = ranks[0]["metrics"]
     assert losses(two)[0] == pytest.approx(0.693147, abs=1e-6)  # π = ρ at step 1: the gathered reference is right
-    assert losses(two) == pytest.approx(one.losses(), abs=1e-5) and len(two) == 3
+    assert losses(two) == pytest.approx(one.losses(), abs=1e-5) and len(two) == 3 + 1  # + step 0's evaluation
+    assert [s for s, v in two if "kl" in v] == [0, 3]
+    assert losses(two, "valid_loss") == pytest.approx(one.losses("valid_loss"), abs=1e-5)
+    assert losses(two, "kl") == pytest.approx(one.losses("kl"), abs=1e-6) and losses(two, "kl")[1] > 0
     for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
         assert losses(two, key) == pytest.approx(one.losses(key), rel=1e-4, abs=1e-5), key
     assert len(list((tmp_path / "cache").iterdir())) == 1  # written once, by rank 0

@@ -52,11 +52,10 @@ class Dist:
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
-    def describe(self) -> str:
-        """"1 process (cpu)", "2 processes (gloo)", "4 processes (nccl)": for the TRAINING_START event."""
-        if self.world == 1:
-            return f"1 process ({self.device.type})"
-        return f"{self.world} processes ({self.backend})"
+    def started(self) -> str:
+        """The TRAINING_START message: "Training started" (one process, as always), "Training
+        started on 2 processes (gloo)", "… on 4 processes (nccl)"."""
+        return "Training started" if self.world == 1 else f"Training started on {self.world} processes ({self.backend})"
 
 
 def setup() -> Dist:

@@ -157,7 +157,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
-    reporter.event(ev.TRAINING_START, f"Training started on {d.describe()}", total_steps=total_steps,
+    reporter.event(ev.TRAINING_START, d.started(), total_steps=total_steps,
                    param_count=trainable, processes=d.world, token_count=sum(
                        pair.num_tokens for pair in train_pairs) * cfg.n_epochs)
     wandb = open_wandb(cfg, reporter) if d.is_main else NullWandb()

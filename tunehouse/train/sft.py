@@ -104,7 +104,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
-    reporter.event(ev.TRAINING_START, f"Training started on {d.describe()}", total_steps=total_steps,
+    reporter.event(ev.TRAINING_START, d.started(), total_steps=total_steps,
                    param_count=trainable, processes=d.world, token_count=sum(
                        ex.num_tokens for row in train_rows for ex in row) * cfg.n_epochs)
     masks = None if attention.enable(causal_lm) else mask_dtype(autocast)
