@@ -131,3 +131,24 @@ def test_cancel_reaches_every_rank_and_leaves_no_partial_checkpoint(live2, tmp_p
     out = live2.settings.blobs_path / "jobs" / job.id / "out"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(f"step-{cp.step:06d}" for cp in cps)
     assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_and_the_job_resumes(tmp_path, model_cache):
+    """A rank that stops answering (SIGSTOP) makes the others' next collective time out after
+    dist_timeout_s: the attempt fails (torchrun ends the stopped rank) and the job is requeued,
+    never left in `running`."""
+    server, bg = _serve(Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True,
+                                 num_processes=2, dist_timeout_s=20))
+    try:
+        c = sdk(server)
+        job = long_job(c, tmp_path)
+        wait_checkpoint(server, job.id)
+        os.kill(ranks_of(server)[1], signal.SIGSTOP)
+        done = wait_for(c, job.id, timeout=400)
+        events = c.fine_tuning.list_events(job.id).data
+        assert done.status == "completed", [e.message for e in events]
+        assert [e.type for e in events].count("JOB_RESTARTED") == 1
+        assert any("Resuming from the checkpoint at step" in e.message for e in events)
+    finally:
+        bg.stop()

@@ -138,6 +138,10 @@ def test_full_weights_under_fsdp_give_the_losses_and_checkpoint_of_one(tmp_path,
     (mid_step, mid_two, _), _ = ranks[0]["checkpoints"]
     _, resumed = one_process(tmp_path, "resumed", "sft", cfg, resume_from=Path(mid_two), **paths)
     assert resumed.losses() == pytest.approx(one.losses()[mid_step:], abs=1e-5)
+    # and 1 process's checkpoint resumes on 2: the full moments cut back into shards
+    mid_one = tmp_path / "one" / "checkpoints" / Path(mid_two).name
+    again = torchrun(tmp_path, "resumed-two", "sft", cfg, resume_from=mid_one, **paths)
+    assert losses(again[0]["metrics"]) == pytest.approx(one.losses()[mid_step:], abs=1e-5)
 
 
 def say_rows(n: int) -> list[dict]:
