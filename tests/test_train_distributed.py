@@ -73,6 +73,18 @@ def assert_same_tensors(a: Path, b: Path, atol: float = 1e-3) -> None:
         assert torch.allclose(x[k], y[k], atol=atol), k
 
 
+def test_each_rank_takes_every_nth_row_in_as_many_micro_batches_as_the_others():
+    from tunehouse.train.distributed import Dist, micro_batches
+
+    two = [Dist(rank=r, world=2) for r in (0, 1)]
+    assert micro_batches(5, 4, Dist()) == [[0, 1], [2], [3], [4]]  # one process: as always
+    # 5 rows, accumulation 4 on 2 ranks: 2 micro-batches each, rank 0 rows 0, 2, 4 and rank 1 rows 1, 3
+    assert [micro_batches(5, 4, d) for d in two] == [[[0, 2], [4]], [[1], [3]]]
+    assert [micro_batches(5, 1, d) for d in two] == [[[0, 2, 4]], [[1, 3]]]
+    # a step's last row alone: rank 1 has an empty micro-batch (it runs a stand-in with weight 0)
+    assert [micro_batches(1, 2, d) for d in two] == [[[0]], [[]]]
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tiny_model_dir, chat_file):  # noqa: F811
     tmp = tmp_path_factory.mktemp("lora")
