@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_recipe.py SPEC.json
 
 SPEC (JSON): method ("sft" | "dpo"), cfg (config fields), model_path, training_path, output_dir,
-optional resume_from and reference_cache_dir. Each rank writes SPEC.rank<r>.json with the world
+optional resume_from, validation_path and reference_cache_dir. Each rank writes SPEC.rank<r>.json with the world
 size and rank it saw inside (so a test can prove the ranks existed) and what its reporter got:
 rank 0 the real metrics, the others nothing (their reporter is a null one).
 """
@@ -23,8 +23,8 @@ def main(spec_path: str) -> None:
     d = distributed.setup()
     reporter = MemoryReporter()
     paths = {k: Path(spec[k]) if spec.get(k) else None for k in ("model_path", "training_path", "output_dir",
-                                                                   "resume_from")}
-    common = dict(validation_path=None, reporter=reporter, **paths)
+                                                                   "resume_from", "validation_path")}
+    common = dict(reporter=reporter, **paths)
     if spec["method"] == "dpo":
         from tunehouse.train.config import DPOConfig
         from tunehouse.train.dpo import run_dpo
