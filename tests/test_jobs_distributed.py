@@ -59,7 +59,7 @@ def wait_checkpoint(live, job_id: str, timeout: float = 180) -> int:
     raise AssertionError("no checkpoint appeared")
 
 
-def long_job(c, tmp_path, rows: int = 48):
+def long_job(c, tmp_path, rows: int = 120):
     f = c.files.upload(write_chat(tmp_path / "long.jsonl", rows))
     return c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, n_epochs=2, n_checkpoints=4,
                                 batch_size=2, packing=False, learning_rate=1e-3)
@@ -118,7 +118,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(live2, tmp_path):
 
 def test_cancel_reaches_every_rank_and_leaves_no_partial_checkpoint(live2, tmp_path):
     c = sdk(live2)
-    job = long_job(c, tmp_path)
+    job = long_job(c, tmp_path, rows=200)  # 200 steps: the cancel lands mid-training (48 sometimes all ran)
     wait_checkpoint(live2, job.id)
     ranks = ranks_of(live2)
     assert sorted(ranks) == [0, 1]
@@ -128,6 +128,7 @@ def test_cancel_reaches_every_rank_and_leaves_no_partial_checkpoint(live2, tmp_p
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     cps = c.fine_tuning.list_checkpoints(job.id).data
+    assert cps and all(cp.checkpoint_type == "Intermediate" for cp in cps)
     out = live2.settings.blobs_path / "jobs" / job.id / "out"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(f"step-{cp.step:06d}" for cp in cps)
     assert not (out / "final").exists()
