@@ -5,6 +5,11 @@ assistant answers only: tunehouse `train_on_inputs=false`, TRL prompt/completion
 default completion-only loss), LoRA r=8 / alpha 16 on all linear layers, max length 512.
 
     .venv/bin/python bench/train_sft.py [--steps 8] [--rounds 2] [--no-fp32] [--max-len 512]
+    .venv/bin/python bench/train_sft.py --processes 2 [--steps 8] [--max-len 512]
+
+`--processes N` compares tunehouse with itself instead: 1 process against N processes (torchrun,
+DDP; gloo on a CPU, one rank per GPU with NCCL), each process taking 2 packed rows per step, and
+prints both throughputs (tokens/s over all processes) and their ratio.
 
 Each side runs in its own subprocess (separate peak RSS). Throughput = non-pad tokens per second
 of optimizer steps, the first step excluded (warm-up). The sides alternate for `--rounds` rounds
@@ -68,17 +73,21 @@ def peak_rss_mb() -> float:
 
 
 def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len: int = MAX_LEN) -> dict:
+    from tunehouse.train import distributed
     from tunehouse.train.config import SFTConfig
     from tunehouse.train.events import MemoryReporter
     from tunehouse.train.sft import Cancelled, run_sft
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tunehouse-"))
+    d = distributed.setup()  # under torchrun: `batch` rows per process
+    tmp = Path(distributed.broadcast(tempfile.mkdtemp(prefix="bench-tunehouse-") if d.is_main else None, d))
     data = tmp / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": r["question"]},
-        {"role": "assistant", "content": r["answer"]}]}) + "\n" for r in synthetic_chat(400)))
+    if d.is_main:
+        data.write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": r["question"]},
+            {"role": "assistant", "content": r["answer"]}]}) + "\n" for r in synthetic_chat(400)))
+    distributed.barrier(d)
     cfg = SFTConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file="file-bench",
-                    batch_size=batch, learning_rate=LR, lr_scheduler_type="linear",
+                    batch_size=batch * d.world, learning_rate=LR, lr_scheduler_type="linear",
                     max_seq_length=max_len, packing=True, train_on_inputs=False, lora=True,
                     lora_r=8, lora_alpha=16, lora_trainable_modules="all-linear",
                     random_seed=42)
@@ -88,6 +97,8 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len:
                 output_dir=tmp / "out", reporter=reporter, bf16=bf16)
     except Cancelled:
         pass
+    if not d.is_main:
+        return None
     rates = reporter.losses("tokens_per_second")[1:]
     # Packed rows are all ~512 tokens, so Σtokens/Σtime = the harmonic mean of per-step rates.
     return {"tokens_per_second": len(rates) / sum(1 / r for r in rates),
@@ -142,9 +153,12 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN) ->
             "peak_rss_mb": peak_rss_mb(), "steps": len(timings)}
 
 
-def run_side(name: str, steps: int, batch: int, max_len: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--side", name, "--steps", str(steps),
-                          "--batch", str(batch), "--max-len", str(max_len)], capture_output=True, text=True, cwd=ROOT)
+def run_side(name: str, steps: int, batch: int, max_len: int, processes: int = 1) -> dict:
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    out = subprocess.run(launcher + [__file__, "--side", name, "--steps", str(steps),
+                                     "--batch", str(batch), "--max-len", str(max_len)],
+                         capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"{name} side failed")
@@ -158,6 +172,8 @@ def main() -> None:
     parser.add_argument("--side", choices=["tunehouse", "tunehouse-fp32", "trl"])
     parser.add_argument("--batch", type=int, default=0, help="(internal) batch size")
     parser.add_argument("--no-fp32", action="store_true", help="skip the tunehouse fp32 run")
+    parser.add_argument("--processes", type=int, default=1, help="compare tunehouse on 1 process with this many "
+                        "(torchrun, DDP) instead of with TRL")
     parser.add_argument("--max-len", type=int, default=MAX_LEN, help="max_seq_length of both sides (tunehouse packs "
                         "rows of this length; TRL truncates to it and pads to the longest example)")
     args = parser.parse_args()
@@ -172,8 +188,11 @@ def main() -> None:
         else:
             result = side_tunehouse(model_dir, args.steps, args.batch, max_len=args.max_len,
                                     bf16=args.side == "tunehouse" and cpu_supports_bf16())
-        print(json.dumps(result))
+        if result is not None:  # rank 0 (or the only process) reports
+            print(json.dumps(result))
         return
+    if args.processes > 1:
+        return compare_processes(args)
 
     # tunehouse: 2 packed rows × 512 tokens per step; TRL: 4 padded examples (~200 tokens each).
     bf16 = cpu_supports_bf16()
@@ -208,6 +227,21 @@ def main() -> None:
         "speedup": round(speedup, 2),
     }
     print(json.dumps(summary))
+
+
+def compare_processes(args) -> None:
+    """tunehouse on 1 process vs `args.processes` (2 packed rows per process per step)."""
+    n = args.processes
+    one = run_side("tunehouse", args.steps, 2, args.max_len)
+    many = run_side("tunehouse", args.steps, 2, args.max_len, processes=n)
+    ratio = many["tokens_per_second"] / one["tokens_per_second"]
+    print(f"tunehouse 1 process: {one['tokens_per_second']:.1f} tokens/s, losses {[round(x, 4) for x in one['losses']]}")
+    print(f"tunehouse {n} processes: {many['tokens_per_second']:.1f} tokens/s (all processes), "
+          f"losses {[round(x, 4) for x in many['losses']]}")
+    print(f"{n} processes / 1 process: {ratio:.2f}x")
+    print(json.dumps({"steps": args.steps, "max_seq_length": args.max_len, "processes": n,
+                      "tokens_per_second_1": round(one["tokens_per_second"], 1),
+                      f"tokens_per_second_{n}": round(many["tokens_per_second"], 1), "speedup": round(ratio, 2)}))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,19 @@ class Settings(BaseSettings):
     auth_failure_burst: int = Field(10, ge=1, description="Wrong API keys one client address may send at once "
                                     "before it is answered 429.")
     auth_failures_per_minute: float = Field(6, gt=0, description="How fast that allowance refills.")
+    gpus: str | None = Field(None, pattern=r"^\d+(,\d+)*$", description="GPUs the training worker owns, e.g. "
+                             "`0,1,2,3` (CUDA_VISIBLE_DEVICES of its training processes); default every visible GPU.")
+    num_processes: int | None = Field(None, ge=1, description="Training processes per job (torchrun; one per GPU). "
+                                      "Default: one per GPU the worker owns, one on a CPU-only machine.")
+    dist_timeout_s: int = Field(1800, ge=10, description="Seconds a training process waits for the others in a "
+                                "collective before the attempt fails and the job is requeued.")
     serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")
     serve_max_loaded_models: int = Field(2, ge=1, description="Base/full fine-tuned weights kept in memory (LRU).")
     serve_max_loaded_adapters: int = Field(8, ge=1, description="LoRA adapters kept attached per base (LRU).")
     serve_adapter_memory_mb: float = Field(1024, gt=0, description="Memory for attached LoRA adapters per base, "
                                            "MiB; beyond it the least recently used are dropped.")
-    serve_dtype: str = Field("float32", description="Inference weights dtype: float32, bfloat16 or float16.")
+    serve_dtype: str = Field("auto", description="Inference weights dtype: auto (bfloat16 on a GPU with bf16, else "
+                             "float32), float32, bfloat16 or float16.")
     serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
 
     def model_post_init(self, _context) -> None:

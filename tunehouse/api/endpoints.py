@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunehouse.api.deps import CurrentCaller, SessionDep
 from tunehouse.serve import endpoints as eps
-from tunehouse.serve.hardware import hardware_options
+from tunehouse.serve.hardware import hardware_options, training_hardware
 
 router = APIRouter(prefix="/v1", tags=["endpoints"])
 
@@ -40,9 +40,10 @@ class EndpointUpdate(BaseModel):
 
 
 @router.get("/hardware")
-def hardware(_caller: CurrentCaller, model: str | None = None):
-    """`model` narrows nothing: each option is one whole device, which loads any model served here."""
-    return {"object": "list", "data": hardware_options()}
+def hardware(request: Request, _caller: CurrentCaller, model: str | None = None):
+    """`model` narrows nothing: each option is one whole device, which loads any model served here.
+    `training` is what this server's worker trains a job on (GPUs, processes)."""
+    return {"object": "list", "data": hardware_options(), "training": training_hardware(request.app.state.home.settings)}
 
 
 @router.get("/clusters/availability-zones")

@@ -22,16 +22,20 @@ StepQuery = Annotated[int | None, Query(ge=0, le=2**63 - 1)]
 
 
 @router.get("/fine-tunes/models/limits")
-def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, registry: RegistryDep):
-    """A base model's limits; for `from_checkpoint` jobs the SDKs send the job id or output name."""
+def model_limits(model_name: str, caller: CurrentCaller, session: SessionDep, registry: RegistryDep, home: HomeDep):
+    """A base model's limits, and the worker's `training_hardware`; for `from_checkpoint` jobs the
+    SDKs send the job id or output name."""
+    from tunehouse.serve.hardware import training_hardware
+
     try:
-        return registry.limits(model_name, session)
+        limits = registry.limits(model_name, session)
     except NotFound as unknown:
         try:
             parent = resolve_parent(session, caller.owner, model_name)
         except NotFound:
             raise unknown from None  # neither a model nor one of the caller's jobs: say how to add a model
-    return registry.limits(parent.job.model, session)
+        limits = registry.limits(parent.job.model, session)
+    return {**limits, "training_hardware": training_hardware(home.settings)}
 
 
 @router.get("/fine-tunes/models/supported")

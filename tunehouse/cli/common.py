@@ -34,8 +34,8 @@ def client_for(base_url: str | None, api_key: str | None) -> Client:
     return Client(base_url, api_key)
 
 
-def settings_for(home: Path | None) -> Settings:
-    return Settings(**({"home": home} if home else {}))
+def settings_for(home: Path | None, **overrides) -> Settings:
+    return Settings(**({"home": home} if home else {}), **overrides)
 
 
 def fail(exc: ApiError) -> None:

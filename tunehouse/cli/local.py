@@ -16,16 +16,23 @@ keys_app = typer.Typer(help="Manage API keys (works on the local home, no server
 models_app = typer.Typer(help="Base models this home can fine-tune (works on the local home).", no_args_is_help=True)
 
 
+Gpus = Annotated[Optional[str], typer.Option(help="GPUs the training worker owns, e.g. 0,1,2,3 (default: every "
+                                                 "visible GPU).")]
+NumProcesses = Annotated[Optional[int], typer.Option(help="Training processes per job (torchrun; default one per GPU, "
+                                                          "one on a CPU).", min=1)]
+
+
 def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
           port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
-          home: HomeDir = None):
+          home: HomeDir = None, gpus: Gpus = None, num_processes: NumProcesses = None):
     """Start the API server (SQLite + local blob folder by default)."""
     import uvicorn
 
     from tunehouse.api.app import create_app
     from tunehouse.store.home import ensure_admin_key, open_home
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "home": home}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": host, "port": port, "home": home, "gpus": gpus,
+                                   "num_processes": num_processes}.items() if v is not None}
     settings = Settings(**overrides)
     new_key = ensure_admin_key(open_home(settings))
     if new_key:
@@ -118,7 +125,7 @@ def models_add(name: Annotated[str, typer.Argument(help="The name jobs will use,
     console.print(f"Added {m.name} from {m.source} (context length {m.context_length}).")
 
 
-def worker(home: HomeDir = None):
+def worker(home: HomeDir = None, gpus: Gpus = None, num_processes: NumProcesses = None):
     """Run a training worker on the home (Ctrl-C stops it; a running job is requeued).
 
     For a server started with TUNEHOUSE_EMBEDDED_WORKER=false, or as an extra worker."""
@@ -136,7 +143,8 @@ def worker(home: HomeDir = None):
                 job = s.get(Job, job_id)
                 console.print(f"{job_id}: {status_text(job.status) if job else 'deleted'}")
 
-    settings = settings_for(home)
+    settings = settings_for(home, **{k: v for k, v in {"gpus": gpus, "num_processes": num_processes}.items()
+                                     if v is not None})
     w = NarratedWorker(open_home(settings))
 
     def on_signal(signum, _frame) -> None:
@@ -150,6 +158,8 @@ def worker(home: HomeDir = None):
     # 3.11.7), and exiting would kill the training child mid-step without requeueing its job.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop)")
+    where = f"GPUs {','.join(map(str, w.gpus))}" if w.gpus else "the CPU"
+    console.print(f"worker {w.worker_id} waiting for jobs in {settings.home} (Ctrl-C to stop); "
+                  f"{w.num_processes} training process{'es' if w.num_processes > 1 else ''} per job on {where}")
     w.run_forever()
     console.print("worker stopped")

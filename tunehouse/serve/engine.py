@@ -186,8 +186,11 @@ class TorchEngine(Engine):
         self.max_batch_size, self.max_models, self.max_adapters = max_batch_size, max_models, max_adapters
         self.adapter_budget = int(adapter_memory_mb * 2**20)  # bytes of attached adapters per base
         self.score_tokens = score_tokens  # padded tokens per scoring forward
-        self.dtype = getattr(torch, dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":  # bf16 on a GPU that has it (half the memory and bandwidth), fp32 on a CPU
+            cuda_bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if cuda_bf16 else "float32"
+        self.dtype = getattr(torch, dtype)
         # Half the cores by default: the embedded worker's training child runs beside us, and
         # oversubscribed intra-op threads spin. Measured on 2 shared cores, tiny model, 32 tokens:
         # 2 threads 1.1 s, 1 thread 0.07 s while another process held one core.

@@ -72,6 +72,16 @@ def hardware_options(devices: Devices | None = None) -> list[dict]:
     return gpus + [item(CPU_ID, "cpu", f"{d.cpu_cores} cores", d.ram_gib)]
 
 
+def training_hardware(settings) -> dict:
+    """What a worker of these settings trains a job on: `{"processes": 2, "backend": "gloo",
+    "gpus": null, "gpu_type": null}` (a separate `tunehouse worker` may have other settings)."""
+    from tunehouse.worker.loop import training_devices
+
+    gpus, n = training_devices(settings)
+    return {"processes": n, "backend": ("nccl" if gpus else "gloo") if n > 1 else None,
+            "gpus": gpus, "gpu_type": local_devices().gpu if gpus else None}
+
+
 def match_hardware(requested: str, devices: Devices | None = None) -> str:
     """The id of this machine's hardware that `requested` names, or an InvalidInput saying what it
     has. The message starts with "invalid hardware provided", on which the 1.x CLI lists the options."""

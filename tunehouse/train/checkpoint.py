@@ -42,11 +42,15 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(dest: Path, *, model, tokenizer, config: dict[str, Any],
                     state: dict[str, Any], optimizer: torch.optim.Optimizer | None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write a complete checkpoint to `dest` atomically and return `dest`.
 
     `model` is a PEFT model (adapter only is written) or a plain transformers model;
-    `extra(tmp_folder)` may add more (the merged model) before the rename.
+    `extra(tmp_folder)` may add more (the merged model) before the rename. `state_dict` /
+    `optimizer_state`: the full (gathered) ones of a sharded model, written instead of the
+    model's and optimizer's own.
     """
     with atomic_dir(dest) as tmp:
         if hasattr(model, "peft_config"):
@@ -54,13 +58,13 @@ def save_checkpoint(dest: Path, *, model, tokenizer, config: dict[str, Any],
             # trained adapter is written (DPO may hold a frozen "reference" adapter beside it)
             model.save_pretrained(tmp, save_embedding_layers=False, selected_adapters=["default"])
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card: no facts
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / STATE_FILE, {"format_version": FORMAT_VERSION, **state})
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            torch.save(optimizer_state or optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             torch.save(_rng_state(), tmp / RNG_FILE)
         if extra is not None:
             extra(tmp)
@@ -84,8 +88,11 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def restore_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     """Load optimizer.pt into `optimizer` (same parameter order) and restore the RNG states."""
+    from tunehouse.train.distributed import shard_optimizer_state
+
     folder = Path(folder)
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+    full = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+    optimizer.load_state_dict(shard_optimizer_state(full, optimizer))  # written by any process count
     rng = torch.load(folder / RNG_FILE, weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -94,12 +101,18 @@ def restore_optimizer_and_rng(folder: Path, optimizer: torch.optim.Optimizer) ->
 
 def save_trainable(model: torch.nn.Module, path: Path) -> None:
     """The trainable parameters alone (the adapter, or every weight of a full fine-tune) to one
-    safetensors file, atomically: early stopping's copy of the best weights so far."""
+    safetensors file, atomically: early stopping's copy of the best weights so far. Several
+    processes: every rank calls it (sharded weights are gathered), rank 0 writes."""
     from safetensors.torch import save_file
 
+    from tunehouse.train.distributed import _full, is_main
+
     path = Path(path)
+    tensors = {n: _full(p.detach()).to("cpu", copy=True).contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
+    if not is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
@@ -109,14 +122,15 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
     """Copy what `save_trainable` wrote back into the same model's parameters."""
     from safetensors.torch import load_file
 
+    from tunehouse.train.distributed import shard_into
+
     saved = load_file(str(path))
     params = dict(model.named_parameters())
     missing = [n for n in saved if n not in params]
     if missing:
         raise ValueError(f"{path} does not match this model: no parameter {missing[0]!r}")
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value.to(params[name].device))
+    for name, value in saved.items():
+        shard_into(params[name], value)
 
 
 def list_files(folder: Path) -> list[str]:

@@ -6,7 +6,9 @@ setup → reference log-probs → loop → checkpoints → final save/merge. Sam
 
 Batch vocabulary: `batch_size` preference pairs per optimizer step, split into
 `gradient_accumulation_steps` micro-batches. A step's loss is the mean of the per-pair losses over
-all its pairs (pair-weighted), so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients. Both
+all its pairs (pair-weighted), so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients; on
+N processes (train/distributed.py) `batch_size` is the global batch, each rank runs its share of
+the pairs and the sums run over all ranks, so N processes give the losses of one. Both
 sides of every pair of a micro-batch run in one forward pass (data/preference.py) and the LM
 head runs only at completion positions (`trained_logits`).
 
@@ -16,7 +18,8 @@ The reference is the initial policy (step 0):
     adapter "reference" and switched to for reference passes (one base model in memory);
   - full weights: a frozen copy of the initial weights, loaded only for the precomputation and
     for KL at evaluation, and freed after.
-Its per-pair log-prob sums are computed ONCE per dataset before training and cached in
+Its per-pair log-prob sums are computed ONCE per dataset before training (on N processes each
+computes a share and all gather it, so every rank holds all of them) and cached in
 `reference_cache_dir/<key>.pt` (key: `reference_cache_key`), so later epochs, a resumed run and
 other jobs on the same data and model run the policy only. SimPO and `dpo_reference_free` run no
 reference pass in training; at evaluation their `kl` is still measured for LoRA (adapters off is
@@ -43,12 +46,12 @@ import torch
 
 from tunehouse.data.preference import Pair, PairBatch, collate_pairs, tokenize_pair
 from tunehouse.data.tokenize import pad_token_id, read_rows
-from tunehouse.train import attention
+from tunehouse.train import attention, distributed
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import DPOConfig
 from tunehouse.train import early_stopping
-from tunehouse.train.events import Cancelled, Reporter, open_wandb
+from tunehouse.train.events import Cancelled, NullWandb, Reporter, open_wandb
 from tunehouse.train.lora import adapters_disabled, parameter_counts
 from tunehouse.train.losses import (
     preference_loss, segment_logps, segment_sums, target_logps, token_kl, trained_logits,
@@ -70,7 +73,9 @@ class _Run:
 
     cfg: DPOConfig
     model: torch.nn.Module          # PEFT model (LoRA) or plain model (full)
-    causal_lm: torch.nn.Module      # the transformers model inside (for trained_logits)
+    causal_lm: torch.nn.Module      # the transformers model inside (for reference passes)
+    policy: torch.nn.Module         # causal_lm's training forward, under DDP/FSDP when N > 1
+    dist: distributed.Dist
     tokenizer: object
     optimizer: torch.optim.Optimizer
     train_pairs: list[Pair]
@@ -100,18 +105,23 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     model for the cache key (the caller knows it: base model, parent checkpoint); "" falls back to
     the resolved model_path and init_adapter paths. Raises `Cancelled` on reporter.should_stop().
     """
-    # Seed, device, precision; batch_size "max" for this device
+    # Processes, seed, device, precision; batch_size "max" for this device; rank 0 alone reports
+    d = distributed.setup()
+    reporter = distributed.rank_reporter(reporter, d)
     torch.manual_seed(cfg.random_seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = d.device
     cfg = recipe.resolve_batch(cfg, model_path, device)
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
     tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    if kernels := recipe.fused_kernels(causal_lm, device):
+        reporter.event(ev.WARNING, kernels, level="info")
     if cfg.lora and init_adapter is not None:
         model.load_adapter(str(init_adapter), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter("default")
     model.to(device).train()
+    policy = distributed.wrap(causal_lm, lora=cfg.lora, autocast=autocast, d=d)  # DDP (LoRA) / FSDP (full)
 
     # Data: tokenize pairs (truncating), pick the evaluation pairs
     pad_id = pad_token_id(tokenizer)
@@ -130,7 +140,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
 
     # Reference log-probs: once per dataset, from the cache when another run computed them
     masks = None if attention.enable(causal_lm) else mask_dtype(autocast)
-    run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_pairs, valid_pairs, None, None,
+    run = _Run(cfg, model, causal_lm, policy, d, tokenizer, optimizer, train_pairs, valid_pairs, None, None,
                pad_id, autocast, masks, steps_per_epoch, total_steps, Path(output_dir), reporter,
                reference_path=None if cfg.lora else Path(model_path))
     if not cfg.dpo_reference_free:
@@ -147,10 +157,10 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
-    reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
-                   param_count=trainable, token_count=sum(
+    reporter.event(ev.TRAINING_START, d.started(), total_steps=total_steps,
+                   param_count=trainable, processes=d.world, token_count=sum(
                        pair.num_tokens for pair in train_pairs) * cfg.n_epochs)
-    wandb = open_wandb(cfg, reporter)
+    wandb = open_wandb(cfg, reporter) if d.is_main else NullWandb()
     stopper = early_stopping.Stopper.from_config(cfg, output_dir)
     try:
         history, stopped_at = _train_loop(run, start_step, history, wandb, stopper)
@@ -181,7 +191,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
         history.append({"step": 0, **values})
     order, order_epoch = None, -1
     for step in range(start_step + 1, run.total_steps + 1):
-        if reporter.should_stop():
+        if distributed.any_across(reporter.should_stop(), run.dist):
             raise Cancelled(step - 1)
         # Data position: a seeded permutation of pairs per epoch, so resume needs only the step
         epoch, in_epoch = divmod(step - 1, run.steps_per_epoch)
@@ -212,29 +222,37 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
 
 
 def train_step(run: _Run, picked: list[int], lr: float) -> tuple[float, dict, float, int]:
-    """One optimizer step over the pairs `picked` → (loss, metrics, grad norm, real tokens)."""
-    cfg = run.cfg
-    micro = [[picked[i] for i in idx.tolist()] for idx in torch.tensor_split(
-        torch.arange(len(picked)), cfg.gradient_accumulation_steps) if len(idx)]
-    step_pairs = len(picked)
-    loss_sum, sums, tokens = 0.0, {}, 0
-    for indices in micro:
+    """One optimizer step over the global batch of pairs `picked`, of which this rank runs its
+    share → (loss, metrics, grad norm, real tokens), all over every rank's pairs."""
+    d = run.dist
+    parts = distributed.micro_batches(len(picked), run.cfg.gradient_accumulation_steps, d)
+    step_pairs = len(picked)  # the same on every rank: the divisor needs no all-reduce
+    loss_sum, sums, tokens = 0.0, {}, 0.0
+    for k, idx in enumerate(parts):
+        # weight 0: a rank with no pairs left runs the first pair as a stand-in (DDP/FSDP need it there)
+        indices, weight = [picked[i] for i in idx or [0]], float(bool(idx))
         batch = _collate(run, [run.train_pairs[i] for i in indices])
         ref = None if run.train_ref is None else run.train_ref[indices]
-        with run.autocast or contextlib.nullcontext():
-            losses, metrics, _ = _pair_losses(run, batch, ref)
-        (losses.sum() / step_pairs).backward()  # pair-weighted over the whole step
-        loss_sum += losses.sum().item()
+        with distributed.gradient_sync(run.policy, last=k == len(parts) - 1):
+            with run.autocast or contextlib.nullcontext():
+                losses, metrics, _ = _pair_losses(run, batch, ref)
+            # pair-weighted over the whole step, every rank's pairs; × N undoes DDP/FSDP's mean
+            (losses.sum() * (weight * d.world) / step_pairs).backward()
+        loss_sum += losses.sum().item() * weight
         for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + value * len(indices)
-        tokens += batch.batch.num_tokens
+            sums[name] = sums.get(name, 0.0) + value * len(indices) * weight
+        tokens += batch.batch.num_tokens * weight
+    names = sorted(sums)
+    loss_sum, tokens, *totals = distributed.sum_across([loss_sum, tokens, *(sums[n] for n in names)], d)
     grad_norm = recipe.optimizer_step(run.optimizer, run.cfg.max_grad_norm, lr)
-    return loss_sum / step_pairs, {k: v / step_pairs for k, v in sums.items()}, grad_norm, tokens
+    metrics = {n: total / step_pairs for n, total in zip(names, totals)}
+    return loss_sum / step_pairs, metrics, grad_norm, int(tokens)
 
 
 @torch.no_grad()
 def evaluate(run: _Run) -> dict[str, float]:
     """valid_loss, valid/rewards/*, valid/logps/* (pair means) and the exact `kl`, dropout off.
+    Every rank evaluates all pairs (FSDP needs each in every forward; evaluation is small).
 
     kl = KL(π‖ρ) over the full vocabulary at every completion token, averaged over tokens.
     """
@@ -274,10 +292,10 @@ def _pair_losses(run: _Run, batch: PairBatch, ref: torch.Tensor | None, keep_log
     cfg = run.cfg
     logits = None
     if keep_logits:
-        logits, targets = trained_logits(run.causal_lm, *_inputs(run, batch))
+        logits, targets = run.policy(*_inputs(run, batch), logits=True)
         logps = segment_logps(logits, targets, batch.segment.to(logits.device), 2 * batch.num_pairs)
     else:
-        logp, _, _ = target_logps(run.causal_lm, *_inputs(run, batch))
+        logp, _, _ = run.policy(*_inputs(run, batch))
         logps = segment_sums(logp, batch.segment, 2 * batch.num_pairs)
     lengths = batch.chosen_lengths.to(logps.device), batch.rejected_lengths.to(logps.device)
     ref_c, ref_r = (None, None) if ref is None else ref.to(logps.device).unbind(-1)
@@ -329,8 +347,9 @@ def _frozen_reference(run: _Run) -> Iterator[None]:
         return
     from transformers import AutoModelForCausalLM
 
-    device = next(run.causal_lm.parameters()).device
+    device = run.dist.device
     run.frozen = AutoModelForCausalLM.from_pretrained(run.reference_path, dtype=torch.float32)
+    recipe.fused_kernels(run.frozen, device)  # the policy's kernels: π = ρ exactly at step 1
     run.frozen.to(device).eval().requires_grad_(False)
     if attention.enable(run.frozen) != (run.mask_dtype is None):  # same architecture as the policy
         raise RuntimeError("the frozen reference and the policy disagree on packed attention")
@@ -371,11 +390,13 @@ def _cached_reference(run: _Run, cache_dir: Path | None, reference_id: str, bf16
             return reference_logps(run, pairs)
         key = reference_cache_key(reference_id, data_path, run.cfg.max_seq_length, bf16)
         path = Path(cache_dir) / f"{key}.pt"
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)["logps"]
-            if cached.shape == (len(pairs), 2):
-                return cached
+        cached = torch.load(path, weights_only=True)["logps"] if path.is_file() else None
+        usable = cached is not None and cached.shape == (len(pairs), 2)
+        if not distributed.any_across(not usable, run.dist):  # computing it takes every rank
+            return cached
         logps = reference_logps(run, pairs)
+        if not run.dist.is_main:
+            return logps
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
@@ -391,18 +412,20 @@ def _cached_reference(run: _Run, cache_dir: Path | None, reference_id: str, bf16
 
 @torch.no_grad()
 def reference_logps(run: _Run, pairs: list[Pair]) -> torch.Tensor:
-    """Reference Σ log p of each pair's (chosen, rejected) completion → [n, 2] fp32 on CPU."""
-    out = []
+    """Reference Σ log p of each pair's (chosen, rejected) completion → [n, 2] fp32 on CPU. On N
+    processes each rank computes pairs r, r+N, … and all gather them: every rank gets all n."""
+    out = [torch.zeros(0, 2)]
+    mine = distributed.share(pairs, run.dist)
     run.model.eval()
     with _frozen_reference(run):
-        for start in range(0, len(pairs), run.cfg.micro_batch_size()):
-            batch = _collate(run, pairs[start:start + run.cfg.micro_batch_size()])
+        for start in range(0, len(mine), run.cfg.micro_batch_size()):
+            batch = _collate(run, mine[start:start + run.cfg.micro_batch_size()])
             with run.autocast or contextlib.nullcontext(), reference_model(run) as reference:
                 logp, _, _ = target_logps(reference, *_inputs(run, batch))
             logps = segment_sums(logp, batch.segment, 2 * batch.num_pairs)
-            out.append(logps.view(-1, 2).cpu())
+            out.append(logps.view(-1, 2).float().cpu())
     run.model.train()
-    return torch.cat(out)
+    return distributed.gather_shares(torch.cat(out), len(pairs), run.dist)
 
 
 # -- data and saving ------------------------------------------------------------------------------
@@ -426,6 +449,6 @@ def _collate(run: _Run, pairs: list[Pair]) -> PairBatch:
 
 
 def _inputs(run: _Run, batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    device = next(run.causal_lm.parameters()).device
+    device = run.dist.device
     return ({k: v.to(device) for k, v in batch.batch.model_inputs().items()},
             batch.batch.targets.to(device))

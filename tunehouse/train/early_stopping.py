@@ -83,6 +83,10 @@ class Stopper:
         return self.verdict.stop
 
     def restore_best(self, model) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 wrote the file: the others read it once it is there
         load_trainable(model, self.path)
 
     def message(self, step: int) -> str:

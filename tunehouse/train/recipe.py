@@ -2,7 +2,7 @@
 learning rate, take the optimizer step, and write checkpoints after a step.
 
 `run` below is either recipe's `_Run`: both carry cfg, model, tokenizer, optimizer, reporter,
-steps_per_epoch, total_steps and output_dir.
+steps_per_epoch, total_steps, output_dir and dist (train/distributed.py: rank 0 alone writes).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tunehouse.train import checkpoint as ckpt
+from tunehouse.train import distributed
 from tunehouse.train import events as ev
 from tunehouse.train.lora import add_lora, load_lora, merge
 from tunehouse.train.schedule import lr_multiplier
@@ -51,6 +52,25 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
     return tokenizer, causal_lm, model
 
 
+def fused_kernels(causal_lm, device: torch.device) -> str | None:
+    """On CUDA, Liger's Triton kernels for RMSNorm, RoPE and SwiGLU when `liger-kernel` is
+    installed (never required); what was done, for an event, or None. The LM head stays
+    train/head.py's (fused with the log-softmax at trained positions only), so Liger's own fused
+    cross-entropy is left off. DPO's frozen reference copy gets the same kernels as the policy."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return None
+    try:
+        _apply_liger_kernel_to_instance(model=causal_lm, rope=True, swiglu=True, rms_norm=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as exc:  # an architecture Liger does not know: the plain modules run
+        return f"Liger kernels not applied: {type(exc).__name__}: {exc}"
+    return "Liger fused kernels in use (RMSNorm, RoPE, SwiGLU)"
+
+
 def resume(resume_from: Path | None, optimizer: torch.optim.Optimizer, total_steps: int) -> tuple[int, list[dict]]:
     """(steps done, metrics so far): (0, []) for a fresh run; else the folder's, with the optimizer
     and RNG state restored (the weights came with `load_policy`)."""
@@ -60,7 +80,7 @@ def resume(resume_from: Path | None, optimizer: torch.optim.Optimizer, total_ste
     if state["total_steps"] != total_steps:
         raise ValueError(f"{resume_from} was written for {state['total_steps']} steps, "
                          f"this data and config give {total_steps}")
-    ckpt.restore_optimizer_and_rng(resume_from, optimizer)
+    ckpt.restore_optimizer_and_rng(resume_from, optimizer)  # cut to this rank's shards under FSDP
     return state["step"], state["metrics"]
 
 
@@ -74,16 +94,27 @@ def learning_rate(cfg, step: int, total_steps: int) -> float:
 def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float, lr: float) -> float:
     """Clip the accumulated gradients (0 = no clipping), step at `lr`, clear them; the grad norm."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    grads = [p.grad for p in params if p.grad is not None]
+    # Under FSDP the gradients are shards: their norm is a DTensor, made whole (one all-reduce).
+    grad_norm = distributed._full(torch.nn.utils.get_total_norm(grads))
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return float(grad_norm)
 
 
 def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> Path:
-    """A checkpoint of `run` at `step` (+ the merged model for LoRA when `merged`)."""
+    """A checkpoint of `run` at `step` (+ the merged model for LoRA when `merged`), written by
+    rank 0 alone. Under FSDP every rank first takes part in gathering the weights and optimizer
+    moments, so the folder is the one a single process writes (and resumes on any count)."""
+    sharded = run.dist.world > 1 and not run.cfg.lora
+    weights = distributed.full_state_dict(run.model) if sharded else None
+    optimizer_state = distributed.full_optimizer_state(run.optimizer) if sharded else None
+    if not run.dist.is_main:
+        return Path(folder)
     epoch, in_epoch = divmod(step, run.steps_per_epoch)
     state = {"step": step, "total_steps": run.total_steps, "epoch": step / run.steps_per_epoch,
              "data_epoch": epoch, "data_rows_done": in_epoch * run.cfg.batch_size,
@@ -96,7 +127,8 @@ def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> 
 
     return ckpt.save_checkpoint(folder, model=run.model, tokenizer=run.tokenizer,
                                 config=run.cfg.to_dict(), state=state, optimizer=run.optimizer,
-                                extra=write_merged if merged else None)
+                                extra=write_merged if merged else None, state_dict=weights,
+                                optimizer_state=optimizer_state)
 
 
 def after_step(run, step: int, in_epoch: int, history: list[dict], intermediate: set[int]) -> None:

@@ -6,6 +6,11 @@ its own last checkpoint when resuming), runs the recipe with a reporter that wri
 metrics and checkpoints through the store, and finishes the job. SIGTERM means cancel: the recipe
 stops before its next step and writes nothing half-done.
 
+Under torchrun (N processes, train/distributed.py) rank 0 does all of the above and the other
+ranks train the plan it broadcasts, with a reporter that writes nothing. A collective that fails
+because a rank died or hung ends every rank with EXIT_PEER_LOST and nothing recorded: the worker
+requeues the job, which resumes from its last checkpoint.
+
 Exit codes: 0 the job reached a final state (completed, user_error, error); 3 cancelled;
 anything else (or a signal) means the process died and the worker requeues the job.
 """
@@ -32,9 +37,11 @@ from tunehouse.settings import Settings
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.db import is_transient
 from tunehouse.store.tables import File, Job
+from tunehouse.train import distributed
 from tunehouse.train import events as ev
 
 EXIT_CANCELLED = 3
+EXIT_PEER_LOST = 4  # another training process died or stopped answering
 
 
 class StoreReporter:
@@ -188,6 +195,13 @@ def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path
 
 def main(job_id: str) -> int:
     os.umask(0o077)  # checkpoints, weights and caches it writes are the server user's alone
+    d = distributed.setup()  # under torchrun: join the other ranks before anything else
+    if d.world > 1:
+        from tunehouse.worker.loop import _die_with_parent
+
+        _die_with_parent()  # a rank never outlives torchrun, its parent
+    if not d.is_main:
+        return _follow(d)
     settings = Settings()
     home = open_home(settings)
     registry = Registry(home)
@@ -195,40 +209,102 @@ def main(job_id: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_signal", True))
     with home.db.session() as s:
         job = s.get(Job, job_id)
-        if job is None:
-            return EXIT_CANCELLED
-    from tunehouse.train.sft import Cancelled, run_sft
+    from tunehouse.train.sft import Cancelled
 
+    plan = None
     try:
-        spec = JobSpec.of(job, home.secret)  # the one place the job's secrets are opened
-        inputs = resolve_inputs(home, job, spec, registry, reporter)
-        output_dir = home.blobs.path(f"jobs/{job_id}/out")
-        for parent in (output_dir, output_dir / "checkpoints"):
-            sweep_temp_dirs(parent)  # what a killed try left half-written
-        if spec.method == "dpo":
-            from tunehouse.train.dpo import run_dpo, weights_stamp
-
-            # The reference is the starting policy: the base model, other weights, or the parent checkpoint.
-            reference_id = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
-                            f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}|"
-                            f"{weights_stamp(inputs['model_path'])}")
-            run_dpo(spec.train, output_dir=output_dir, reporter=reporter,
-                    reference_cache_dir=home.blobs.path("reference-logps"), reference_id=reference_id, **inputs)
-        else:
-            run_sft(spec.train, output_dir=output_dir, reporter=reporter, **inputs)
+        try:
+            if job is None:
+                return EXIT_CANCELLED
+            spec = JobSpec.of(job, home.secret)  # the one place the job's secrets are opened
+            plan = _plan(home, job, spec, resolve_inputs(home, job, spec, registry, reporter))
+        finally:  # the other ranks train this plan; None (rank 0 stopped here) ends them
+            distributed.broadcast(_without_secrets(plan), d)
+        _train(plan, reporter)
     except Cancelled:
         return EXIT_CANCELLED
-    except (ValueError, FileNotFoundError) as exc:  # the data or request cannot be trained on
+    except Exception as exc:
+        if d.world > 1 and (distributed.peer_lost(exc) or reporter.stop_signal):
+            traceback.print_exc()  # another rank died or hung: no verdict on the job, the worker requeues it
+            return EXIT_PEER_LOST
+        return _failed(home, job_id, exc)
+    return _publish(home, job_id, spec)
+
+
+def _plan(home: Home, job: Job, spec: JobSpec, inputs: dict) -> dict:
+    """What every rank trains: the recipe, its config and inputs, where it writes."""
+    plan = dict(method=spec.method, cfg=spec.train, inputs=inputs, output_dir=home.blobs.path(f"jobs/{job.id}/out"))
+    for parent in (plan["output_dir"], plan["output_dir"] / "checkpoints"):
+        sweep_temp_dirs(parent)  # what a killed try left half-written
+    if spec.method == "dpo":
+        from tunehouse.train.dpo import weights_stamp
+
+        # The reference is the starting policy: the base model, other weights, or the parent checkpoint.
+        plan["reference_id"] = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
+                                f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}|"
+                                f"{weights_stamp(inputs['model_path'])}")
+        plan["reference_cache_dir"] = home.blobs.path("reference-logps")
+    return plan
+
+
+def _without_secrets(plan: dict | None) -> dict | None:
+    """The plan for ranks 1…N-1: they report nothing, so they get no W&B key."""
+    if plan is None or not getattr(plan["cfg"], "wandb_api_key", None):
+        return plan
+    from dataclasses import replace
+
+    return {**plan, "cfg": replace(plan["cfg"], wandb_api_key=None)}
+
+
+def _train(plan: dict, reporter) -> None:
+    from tunehouse.train.sft import run_sft
+
+    common = dict(output_dir=plan["output_dir"], reporter=reporter, **plan["inputs"])
+    if plan["method"] == "dpo":
+        from tunehouse.train.dpo import run_dpo
+
+        run_dpo(plan["cfg"], reference_cache_dir=plan["reference_cache_dir"], reference_id=plan["reference_id"],
+                **common)
+    else:
+        run_sft(plan["cfg"], **common)
+
+
+def _follow(d: distributed.Dist) -> int:
+    """Ranks 1…N-1: train rank 0's plan, writing nothing (not even opening the home). Rank 0
+    records every verdict on the job; a problem of the job's own (bad data) is seen by rank 0
+    too, anything else fails the attempt."""
+    from tunehouse.train.sft import Cancelled
+
+    reporter = distributed.NullReporter()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_signal", True))
+    plan = distributed.broadcast(None, d)
+    if plan is None:
+        return 0
+    try:
+        _train(plan, reporter)
+    except Cancelled:
+        return EXIT_CANCELLED
+    except (ValueError, FileNotFoundError):
+        return 0
+    except Exception as exc:
+        traceback.print_exc()
+        return EXIT_PEER_LOST if distributed.peer_lost(exc) else 1
+    return 0
+
+
+def _failed(home: Home, job_id: str, exc: Exception) -> int:
+    """Record the job's failure: user_error when the data or request cannot be trained on, else
+    an internal error whose trace goes to the log (this process's stderr) under an id."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
         _finish(home, job_id, "user_error", "JOB_USER_ERROR", f"Job failed: {redact_paths(str(exc))}")
         return 0
-    except Exception:  # a bug or resource problem: the owner gets an id, the log (this process's stderr) the trace
-        eid = uuid.uuid4().hex[:12]
-        print(f"JOB_ERROR id {eid}:", file=sys.stderr)
-        traceback.print_exc()
-        _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: internal error (id {eid}); the worker's log "
-                                                    "has the details.")
-        return 0
-    return _publish(home, job_id, spec)
+    # a bug or resource problem: the owner gets an id, the log the trace
+    eid = uuid.uuid4().hex[:12]
+    print(f"JOB_ERROR id {eid}:", file=sys.stderr)
+    traceback.print_exception(exc)
+    _finish(home, job_id, "error", "JOB_ERROR", f"Job failed: internal error (id {eid}); the worker's log "
+                                                "has the details.")
+    return 0
 
 
 def _publish(home: Home, job_id: str, spec: JobSpec) -> int:

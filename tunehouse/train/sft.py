@@ -6,6 +6,9 @@
 Batch vocabulary: `batch_size` rows (packed sequences) per optimizer step, split into
 `gradient_accumulation_steps` micro-batches. A step's loss is Σ token losses / Σ trained tokens
 over all its micro-batches, so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients.
+Under torchrun (train/distributed.py) `batch_size` is the global batch: each of N processes
+runs its share of the rows, and the sums run over all of them, so N processes give the losses
+of one.
 
 Output folder:
     output_dir/checkpoints/step-000010/   intermediate checkpoints (see train/checkpoint.py)
@@ -24,14 +27,13 @@ import torch
 
 from tunehouse.data.packing import Batch, collate, pack
 from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, split_packed, tokenize_row
-from tunehouse.train import attention
+from tunehouse.train import attention, distributed
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
 from tunehouse.train import early_stopping
-from tunehouse.train.events import Cancelled, Reporter, open_wandb
+from tunehouse.train.events import Cancelled, NullWandb, Reporter, open_wandb
 from tunehouse.train.lora import parameter_counts
-from tunehouse.train.losses import target_logps
 from tunehouse.train.precision import autocast_for, cpu_supports_bf16, mask_dtype
 from tunehouse.train.schedule import adamw, epoch_order, spaced_steps
 
@@ -43,7 +45,9 @@ class _Run:
 
     cfg: SFTConfig
     model: torch.nn.Module          # PEFT model (LoRA) or plain model (full)
-    causal_lm: torch.nn.Module      # the transformers model inside (for target_logps)
+    causal_lm: torch.nn.Module      # the transformers model inside
+    policy: torch.nn.Module         # causal_lm's training forward, under DDP/FSDP when N > 1
+    dist: distributed.Dist
     tokenizer: object
     optimizer: torch.optim.Optimizer
     train_rows: list[list[Tokenized]]
@@ -69,15 +73,20 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     bf16: autocast to bfloat16; None = on for CUDA with bf16, on CPU only if $TUNEHOUSE_BF16=1
       and the CPU has native bf16. Raises `Cancelled` when reporter.should_stop() turns true.
     """
-    # Seed, device, precision; batch_size "max" for this device
+    # Processes, seed, device, precision; batch_size "max" for this device; rank 0 alone reports
+    d = distributed.setup()
+    reporter = distributed.rank_reporter(reporter, d)
     torch.manual_seed(cfg.random_seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = d.device
     cfg = recipe.resolve_batch(cfg, model_path, device)
     autocast = autocast_for(device, bf16)
 
-    # Tokenizer and model (+ LoRA)
+    # Tokenizer and model (+ LoRA), wrapped for N processes (DDP for LoRA, FSDP for full)
     tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    if kernels := recipe.fused_kernels(causal_lm, device):
+        reporter.event(ev.WARNING, kernels, level="info")
     model.to(device).train()
+    policy = distributed.wrap(causal_lm, lora=cfg.lora, autocast=autocast, d=d)
 
     # Data: tokenize, drop examples with nothing to learn, pack into rows
     pad_id = pad_token_id(tokenizer)
@@ -95,13 +104,13 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     start_step, history = recipe.resume(resume_from, optimizer, total_steps)
 
     trainable, total = parameter_counts(model)
-    reporter.event(ev.TRAINING_START, "Training started", total_steps=total_steps,
-                   param_count=trainable, token_count=sum(
+    reporter.event(ev.TRAINING_START, d.started(), total_steps=total_steps,
+                   param_count=trainable, processes=d.world, token_count=sum(
                        ex.num_tokens for row in train_rows for ex in row) * cfg.n_epochs)
     masks = None if attention.enable(causal_lm) else mask_dtype(autocast)
-    run = _Run(cfg, model, causal_lm, tokenizer, optimizer, train_rows, valid_rows, pad_id,
+    run = _Run(cfg, model, causal_lm, policy, d, tokenizer, optimizer, train_rows, valid_rows, pad_id,
                autocast, masks, steps_per_epoch, total_steps, Path(output_dir), reporter)
-    wandb = open_wandb(cfg, reporter)
+    wandb = open_wandb(cfg, reporter) if d.is_main else NullWandb()
     stopper = early_stopping.Stopper.from_config(cfg, output_dir)
     try:
         history, stopped_at = _train_loop(run, start_step, history, wandb, stopper)
@@ -125,7 +134,7 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
     evals = spaced_steps(run.total_steps, cfg.n_evals) if run.valid_rows else set()
     order, order_epoch = None, -1
     for step in range(start_step + 1, run.total_steps + 1):
-        if reporter.should_stop():
+        if distributed.any_across(reporter.should_stop(), run.dist):
             raise Cancelled(step - 1)
         # Data position: a seeded permutation of rows per epoch, so resume needs only the step
         epoch, in_epoch = divmod(step - 1, run.steps_per_epoch)
@@ -157,33 +166,41 @@ def _train_loop(run: _Run, start_step: int, history: list[dict], wandb,
 
 
 def train_step(run: _Run, rows: list[list[Tokenized]], lr: float) -> tuple[float, float, float, int]:
-    """One optimizer step over `rows` → (loss, token accuracy, grad norm, real tokens)."""
-    micro = [collate([rows[i] for i in idx.tolist()], run.pad_id, run.mask_dtype)
-             for idx in torch.tensor_split(torch.arange(len(rows)),
-                                           run.cfg.gradient_accumulation_steps) if len(idx)]
-    step_tokens = sum(b.num_trained_tokens for b in micro)
-    loss_sum, correct = 0.0, 0
-    for batch in micro:
-        with run.autocast or contextlib.nullcontext():
-            logp, argmax, targets = target_logps(run.causal_lm, _to(batch, run), _to_t(batch, run))
-        loss = -logp.sum()
-        (loss / step_tokens).backward()  # token-weighted over the whole step
-        loss_sum += loss.item()
-        correct += int((argmax == targets).sum())
+    """One optimizer step over the global batch `rows`, of which this rank runs its share →
+    (loss, token accuracy, grad norm, real tokens), all over every rank's rows."""
+    d = run.dist
+    parts = distributed.micro_batches(len(rows), run.cfg.gradient_accumulation_steps, d)
+    # weight 0: a rank with no rows left runs the first row as a stand-in (DDP/FSDP need it there)
+    micro = [(collate([rows[i] for i in idx or [0]], run.pad_id, run.mask_dtype), float(bool(idx)))
+             for idx in parts]
+    step_tokens = distributed.sum_across([sum(b.num_trained_tokens * w for b, w in micro)], d)[0]
+    loss_sum, correct, real_tokens = 0.0, 0.0, 0.0
+    for k, (batch, weight) in enumerate(micro):
+        with distributed.gradient_sync(run.policy, last=k == len(micro) - 1):
+            with run.autocast or contextlib.nullcontext():
+                logp, argmax, targets = run.policy(_to(batch, run), _to_t(batch, run))
+            loss = -logp.sum()
+            # token-weighted over the whole step, every rank's tokens; × N undoes DDP/FSDP's mean
+            (loss * (weight * d.world) / step_tokens).backward()
+        loss_sum += loss.item() * weight
+        correct += int((argmax == targets).sum()) * weight
+        real_tokens += batch.num_tokens * weight
+    loss_sum, correct, real_tokens = distributed.sum_across([loss_sum, correct, real_tokens], d)
     grad_norm = recipe.optimizer_step(run.optimizer, run.cfg.max_grad_norm, lr)
-    return loss_sum / step_tokens, correct / step_tokens, grad_norm, sum(b.num_tokens for b in micro)
+    return loss_sum / step_tokens, correct / step_tokens, grad_norm, int(real_tokens)
 
 
 @torch.no_grad()
 def evaluate(run: _Run) -> tuple[float, float]:
-    """Token-weighted validation loss and accuracy, dropout off."""
+    """Token-weighted validation loss and accuracy, dropout off (every rank evaluates all rows:
+    FSDP needs each in every forward, and evaluation is a small part of a job)."""
     run.model.eval()
     size = run.cfg.micro_batch_size()
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(run.valid_rows), size):
         batch = collate(run.valid_rows[start:start + size], run.pad_id, run.mask_dtype)
         with run.autocast or contextlib.nullcontext():
-            logp, argmax, targets = target_logps(run.causal_lm, _to(batch, run), _to_t(batch, run))
+            logp, argmax, targets = run.policy(_to(batch, run), _to_t(batch, run))
         loss_sum -= logp.sum().item()
         correct += int((argmax == targets).sum())
         count += targets.numel()
@@ -215,9 +232,8 @@ def _rows(examples: list[Tokenized], cfg: SFTConfig) -> list[list[Tokenized]]:
 
 
 def _to(batch: Batch, run: _Run) -> dict[str, torch.Tensor]:
-    device = next(run.causal_lm.parameters()).device
-    return {k: v.to(device) for k, v in batch.model_inputs().items()}
+    return {k: v.to(run.dist.device) for k, v in batch.model_inputs().items()}
 
 
 def _to_t(batch: Batch, run: _Run) -> torch.Tensor:
-    return batch.targets.to(next(run.causal_lm.parameters()).device)
+    return batch.targets.to(run.dist.device)

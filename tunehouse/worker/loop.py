@@ -1,6 +1,10 @@
 """The worker: claims queued jobs, runs each in a training child process, heartbeats, forwards
 cancel as SIGTERM, and records how the child ended.
 
+A worker owns devices (`--gpus 0,1,2,3`, `--num-processes N`; default every visible GPU, one
+process on a CPU): with N > 1 the child is torchrun starting N training processes (one per
+GPU, NCCL; gloo on a CPU), all in the child's process group, so cancel reaches every rank.
+
 Runs embedded in `tunehouse serve` (a thread) or alone as `tunehouse worker`. Training never runs
 in this process: a crash cannot take the service down, and memory is returned when a job ends.
 """
@@ -33,6 +37,7 @@ class Worker:
     def __init__(self, home: Home, worker_id: str | None = None, *, poll_s: float = 1.0,
                  heartbeat_s: float = 2.0, stale_after_s: float = 60.0):
         self.home = home
+        self.gpus, self.num_processes = training_devices(home.settings)
         # Stable across restarts of this worker (recover_own), without the home's path in the database.
         home_tag = hashlib.sha256(str(home.settings.home.resolve()).encode()).hexdigest()[:12]
         self.worker_id = worker_id or f"{socket.gethostname()}:{home_tag}"
@@ -95,7 +100,7 @@ class Worker:
         log_path = self.home.blobs.path(f"jobs/{job_id}/logs/attempt-{attempt}.log")
         private_dirs(log_path.parent)
         with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
-            self.child = subprocess.Popen([sys.executable, "-m", "tunehouse.train.run", job_id], env=self._child_env(),
+            self.child = subprocess.Popen(self._command(job_id), env=self._child_env(),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_parent)
             try:
@@ -122,10 +127,10 @@ class Worker:
                     log.warning("worker %s: heartbeat of %s failed: %s", self.worker_id, job_id, exc)
             wants_stop = status in (None, "cancel_requested") or self.stopping.is_set()
             if wants_stop and term_sent_at is None:
-                child.send_signal(signal.SIGTERM)
+                _signal_group(child, signal.SIGTERM)  # torchrun and every rank
                 term_sent_at = time.monotonic()
             elif term_sent_at is not None and time.monotonic() - term_sent_at > CANCEL_GRACE_S:
-                child.kill()
+                _signal_group(child, signal.SIGKILL)
             self.stopping.wait(0.2)  # wakes at once when the worker is asked to stop
         return rc
 
@@ -157,11 +162,50 @@ class Worker:
         if not self.home.db.retrying(write, what=f"exit of {job_id}"):
             self.home.blobs.delete(f"jobs/{job_id}")  # deleted while running: drop what the child left
 
+    def _command(self, job_id: str) -> list[str]:
+        entry = ["-m", "tunehouse.train.run", job_id]
+        if self.num_processes == 1:
+            return [sys.executable, *entry]
+        # --standalone: a rendezvous on a free local port per job; no restarts inside torchrun:
+        # a failed rank fails the attempt and this worker requeues the job (resumed from its checkpoint)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={self.num_processes}", "--max-restarts=0", *entry]
+
     def _child_env(self) -> dict[str, str]:
+        from tunehouse.train.distributed import TIMEOUT_ENV
+
         st: Settings = self.home.settings
         env = dict(os.environ, TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url,
                    TUNEHOUSE_BLOB_DIR=str(st.blobs_path), PYTHONUNBUFFERED="1")
+        env[TIMEOUT_ENV] = str(st.dist_timeout_s)
+        if self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
+        elif self.num_processes > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.num_processes))  # CPU: cores shared
         return env
+
+
+def training_devices(settings: Settings) -> tuple[list[int] | None, int]:
+    """(GPU indices the worker owns or None on a CPU, processes per job) from `gpus` and
+    `num_processes`; more processes than GPUs is refused (one process per GPU)."""
+    from tunehouse.serve.hardware import local_devices
+
+    gpus = [int(g) for g in settings.gpus.split(",")] if settings.gpus else None
+    if gpus is None and local_devices().count:
+        gpus = list(range(local_devices().count))
+    n = settings.num_processes or (len(gpus) if gpus else 1)
+    if gpus is not None and n > len(gpus):
+        raise ValueError(f"num_processes {n} is more than the {len(gpus)} GPUs this worker owns ({settings.gpus or 'all'}); "
+                         "give it more GPUs or fewer processes")
+    return (gpus[:n] if gpus is not None else None), n
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    """`sig` to the child's process group (it leads its own session): torchrun and all its ranks."""
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _die_with_parent() -> None:
