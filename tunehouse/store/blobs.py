@@ -127,17 +127,18 @@ class BlobStore:
     def sweep_orphans(self, file_ids: set[str], older_than_s: float) -> list[str]:
         """Remove blobs of file rows that no longer exist (a crash between the bytes and the row,
         a failed delete) and stale temp files; only those untouched for `older_than_s`. Returns
-        the keys removed."""
+        the keys removed. Other requests write and rename under these folders meanwhile: an
+        entry that vanishes while listed is simply not ours to sweep."""
         cutoff, gone = time.time() - older_than_s, []
         for top in self.FILE_TOPS:
             folder = self.root / top
             for p in folder.iterdir() if folder.is_dir() else ():
                 file_id = p.name.split(".", 1)[0]
-                if file_id not in file_ids and p.lstat().st_mtime < cutoff:
+                if file_id not in file_ids and _older(p, cutoff):
                     self.delete(f"{top}/{p.name}")
                     gone.append(f"{top}/{p.name}")
         for p in self.tmp_dir.iterdir():
-            if p.lstat().st_mtime < cutoff:
+            if _older(p, cutoff):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 gone.append(f".tmp/{p.name}")
         return gone
@@ -154,3 +155,11 @@ class BlobStore:
             except FileNotFoundError:
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    """Last modified before `cutoff`; False for an entry gone meanwhile (renamed into place)."""
+    try:
+        return path.lstat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
