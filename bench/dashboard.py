@@ -23,9 +23,8 @@ from tunehouse.api.server import serve_in_thread
 from tunehouse.settings import Settings
 from tunehouse.store import keys
 from tunehouse.store.tables import Job, Metric
+from tunehouse.web import headless
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 
 
 def seed_job(app, url: str, key: str, tmp: Path, rows: int) -> str:
@@ -67,7 +66,7 @@ def main() -> None:
     bg = serve_in_thread(app)
     job_id = seed_job(app, bg.url, key, tmp, args.rows)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        browser = headless.launch(p)
         page = browser.new_page(viewport={"width": 1360, "height": 900})
         page.goto(bg.url + "/")
         page.get_by_label("API key").fill(key)

@@ -18,11 +18,10 @@ from tunehouse.api.app import create_app
 from tunehouse.api.server import serve_in_thread
 from tunehouse.settings import Settings
 from tunehouse.store import keys
+from tunehouse.web import headless
 
 DOCS = Path(__file__).resolve().parent
 TINY = "tunehouse/tiny-llama"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
 
 
@@ -66,7 +65,7 @@ def main() -> None:
     done = api.get(f"/v1/fine-tunes/{jobs[0]['id']}").json()
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        browser = headless.launch(p)
         page = browser.new_page(viewport={"width": 1360, "height": 900})
         page.goto(bg.url + "/")
         page.get_by_label("API key").fill(key)

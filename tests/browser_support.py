@@ -5,12 +5,10 @@ fail under CI=true, where `make test` installs it."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from tunehouse.web import headless
 
 
 def _ci() -> bool:
@@ -30,8 +28,8 @@ def playwright_sync_api():
 
 
 def chromium_path() -> str:
-    path = os.environ.get("TUNEHOUSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(path):
+    path = headless.chromium_path()
+    if path is None:
         message = "chromium missing: `make test` installs it (apt-get install -y chromium)"
         if _ci():
             pytest.fail(message)
@@ -40,7 +38,7 @@ def chromium_path() -> str:
 
 
 def launch(playwright):
-    return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+    return headless.launch(playwright, chromium_path())
 
 
 def sign_in(page, url: str, key: str) -> None:

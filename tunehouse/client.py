@@ -4,7 +4,6 @@ that implements it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tunehouse.settings import Settings
+from tunehouse.store.blobs import sha256_file
 from tunehouse.store.home import read_key_file
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -207,14 +207,6 @@ def _attachment_name(disposition: str | None, job_id: str, step: int | None) -> 
         stem = name.removesuffix(".tar.zst")
         name = f"{stem}-step-{step}.tar.zst"
     return name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _chunks(path: Path, size: int, progress: Callable[[int, int], None] | None) -> Iterator[bytes]:

@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class BlobWriter:
     """Streams bytes to a temp file, hashing as it goes; `commit()` makes the blob visible."""
 

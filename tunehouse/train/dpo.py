@@ -46,6 +46,7 @@ import torch
 
 from tunehouse.data.preference import Pair, PairBatch, collate_pairs, tokenize_pair
 from tunehouse.data.tokenize import pad_token_id, read_rows
+from tunehouse.store.blobs import sha256_file
 from tunehouse.train import attention, distributed
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
@@ -364,11 +365,7 @@ def reference_cache_key(reference_id: str, data_path: Path, max_seq_length: int,
                         bf16: bool) -> str:
     """sha256 over (reference_id, sha256 of the data file's bytes, max_seq_length, precision,
     REFERENCE_VERSION): what the cached reference log-probs depend on."""
-    data = hashlib.sha256()
-    with Path(data_path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            data.update(block)
-    fields = [reference_id, data.hexdigest(), max_seq_length, "bf16" if bf16 else "fp32",
+    fields = [reference_id, sha256_file(data_path), max_seq_length, "bf16" if bf16 else "fp32",
               REFERENCE_VERSION]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 

@@ -17,7 +17,6 @@ anything else (or a signal) means the process died and the worker requeues the j
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
@@ -34,6 +33,7 @@ from tunehouse.files import blob_key
 from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
+from tunehouse.store.blobs import sha256_file
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.db import is_transient
 from tunehouse.store.tables import File, Job
@@ -324,7 +324,7 @@ def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
     if not _advance(home, job_id, (None, "MODEL_COMPRESSION_COMPLETE", f"Model compression complete: {size}"),
                     ("uploading", "MODEL_UPLOADING", "Uploading output model")):
         return EXIT_CANCELLED
-    digest = _sha256(archive)
+    digest = sha256_file(archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
     if not _advance(home, job_id, (None, "MODEL_UPLOAD_COMPLETE", "Model upload complete"), digest=digest):
@@ -369,14 +369,6 @@ def _push(home: Home, job_id: str, spec: JobSpec) -> None:
         job = s.get(Job, job_id)
         job.progress = {**(job.progress or {}), "hf_output_url": url}
         jobs.add_event(s, job_id, ev.WARNING, f"Pushed the output to {url}", level="info")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> None:
