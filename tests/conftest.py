@@ -30,8 +30,29 @@ class Live:
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(home=tmp_path / "home", embedded_worker=False)
+def store_backend(request) -> str:
+    """`local` (SQLite file + blob folder) unless a module parametrises it, as the store, jobs,
+    worker and API modules do: `pytestmark = pytest.mark.parametrize("store_backend", BACKENDS,
+    indirect=True)` runs each of their tests on `remote` (PostgreSQL + S3) as well."""
+    return getattr(request, "param", "local")
+
+
+BACKENDS = ["local", "remote"]
+
+
+def backend_settings(request, store_backend: str) -> dict:
+    """Settings fields for the backend: none for `local`; a fresh database and bucket for `remote`."""
+    if store_backend == "local":
+        return {}
+    from services.postgres import database_settings
+    from services.s3 import blob_settings
+
+    return {**database_settings(request), **blob_settings(request)}
+
+
+@pytest.fixture
+def settings(tmp_path, store_backend, request) -> Settings:
+    return Settings(home=tmp_path / "home", embedded_worker=False, **backend_settings(request, store_backend))
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +78,10 @@ def live(settings) -> Live:
 
 
 @pytest.fixture
-def live_worker(tmp_path, model_cache) -> Live:
+def live_worker(tmp_path, model_cache, store_backend, request) -> Live:
     """A live server with its embedded worker, training on the tiny model."""
-    server, bg = _serve(Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True))
+    server, bg = _serve(Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True,
+                                 **backend_settings(request, store_backend)))
     yield server
     bg.stop()
 
