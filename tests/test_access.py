@@ -126,7 +126,7 @@ def test_job_failure_events_hold_no_paths_or_log_text(live, tmp_path):
     with home.db.session() as s:
         s.add(Job(id="ft-dies", owner="alice", status="running", model="m", training_file="file-x", config={},
                   attempts=1))
-    log_path = home.blobs.path("jobs/ft-dies/logs/attempt-1.log")
+    log_path = home.settings.run_path / "jobs" / "ft-dies" / "attempt-1.log"
     log_path.parent.mkdir(parents=True)
     log_path.write_text('Traceback (most recent call last):\n  File "/usr/lib/python3/site-packages/torch/x.py"\n')
     Worker(home)._record_exit("ft-dies", -9, log_path)
@@ -176,7 +176,7 @@ def test_event_paths_are_blob_keys(live):
         s.add(Job(id="ft-paths", owner="alice", status="running", model="m", training_file="file-x", config={}))
     reporter = StoreReporter(home, "ft-paths")
     reporter.event("CHECKPOINT_SAVE", "Checkpoint saved", step=3,
-                   checkpoint_path=str(home.blobs.path("jobs/ft-paths/out/checkpoint-3")))
+                   checkpoint_path=str(home.blobs.root / "jobs/ft-paths/out/checkpoint-3"))
     reporter.event("TRAINING_COMPLETE", "done", model_path="/opt/elsewhere/final")
     events = httpx.get(f"{live.url}/v1/fine-tunes/ft-paths/events", headers=_h(live.key)).json()["data"]
     assert [e["checkpoint_path"] for e in events] == ["jobs/ft-paths/out/checkpoint-3", None]

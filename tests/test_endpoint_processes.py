@@ -77,7 +77,7 @@ def test_internal_port_needs_token_and_delete_stops_process(serve):
     _, url, h, home = serve
     ep = _start(url, h)
     [pid] = _endpoint_pids(ep["name"])
-    port = int((home / "blobs" / "endpoints" / f"{ep['id']}.port").read_text())
+    port = int((home / "run" / "endpoints" / f"{ep['id']}.port").read_text())
     body = {"model": ep["name"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
     assert direct.status_code == 401, direct.text

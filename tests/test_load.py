@@ -122,7 +122,7 @@ def test_uploads_and_chat_while_a_job_trains(live_worker, tmp_path):
 def test_an_upload_in_progress_survives_another_process_opening_the_home(tmp_path):
     """Every training child opens the home, which sweeps the blob store's temp files: it used to
     delete the temp file of an upload still being received, whose commit then failed."""
-    from tunehouse.store.blobs import BlobStore
+    from tunehouse.store.local_blobs import LocalBlobStore as BlobStore
 
     store = BlobStore(tmp_path / "blobs")
     with store.writer("files/a.jsonl") as w:
@@ -130,7 +130,7 @@ def test_an_upload_in_progress_survives_another_process_opening_the_home(tmp_pat
         BlobStore(tmp_path / "blobs").sweep_temp()  # what a training child starting now does
         w.write(b"second half")
         w.commit()
-    assert store.path("files/a.jsonl").read_bytes() == b"first half second half"
+    assert store.local_file("files/a.jsonl").read_bytes() == b"first half second half"
     stale = store.tmp_dir / "dead.part"
     stale.write_bytes(b"x")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))

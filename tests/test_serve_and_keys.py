@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import bin_path
-from tunehouse.store.blobs import BlobStore
+from tunehouse.store.local_blobs import LocalBlobStore as BlobStore
 from tunehouse.store.db import Database
 
 
@@ -100,6 +100,6 @@ def test_blob_writes_are_atomic(tmp_path):
     with store.writer("a/b.bin") as w:
         w.write(b"whole")
         w.commit()
-    assert store.path("a/b.bin").read_bytes() == b"whole"
+    assert store.local_file("a/b.bin").read_bytes() == b"whole"
     with pytest.raises(ValueError):
-        store.path("../escape")
+        store.local_file("../escape")

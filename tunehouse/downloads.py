@@ -40,12 +40,12 @@ def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: 
         if not match:
             have = ", ".join(str(c.step) for c in cps) or "none yet"
             raise NotFound(f"Job {job.id} has no checkpoint at step {step} (steps: {have}).", param="checkpoint_step")
-        return home.blobs.path(match[0].blob_key), f"step-{step:06d}"
+        return home.blobs.local_dir(match[0].blob_key), f"step-{step:06d}"
     final = [c for c in cps if c.checkpoint_type == "Final"]
     if job.status not in ("completed", "compressing", "uploading") or not final:
         raise InvalidInput(f"Job {job.id} is {job.status}; its model can be downloaded once it has completed.",
                            param="ft_id", code="job_not_completed")
-    folder = home.blobs.path(final[0].blob_key)
+    folder = home.blobs.local_dir(final[0].blob_key)
     lora = JobSpec.of(job).lora
     if lora and kind in ("merged", "default", "model_output_path"):
         return folder / MERGED_DIR, "merged"
@@ -59,7 +59,7 @@ def build_download(s: Session, home: Home, job: Job, checkpoint: str | None, ste
     folder, name = pick_folder(s, home, job, checkpoint, step)
     key = f"jobs/{job.id}/downloads/{name}.tar.zst"
     if home.blobs.exists(key):
-        return home.blobs.path(key)
+        return home.blobs.local_file(key)
     with home.blobs.writer(key) as w:
         cctx = zstandard.ZstdCompressor(level=3, threads=-1)
         with cctx.stream_writer(w, closefd=False) as zw, tarfile.open(fileobj=zw, mode="w|") as tar:
@@ -68,7 +68,7 @@ def build_download(s: Session, home: Home, job: Job, checkpoint: str | None, ste
                 if path.is_file() and rel.parts[0] != MERGED_DIR and path.name not in EXCLUDE:
                     tar.add(path, arcname=str(Path(name) / rel))
         w.commit()
-    return home.blobs.path(key)
+    return home.blobs.local_file(key)
 
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -111,7 +111,8 @@ class FileService:
         return rows[:limit] if more else rows, more
 
     def content_path(self, f: File) -> Path:
-        return self.home.blobs.path(blob_key(f))
+        """A local copy of the file's bytes (the blob itself on the local store)."""
+        return self.home.blobs.local_file(blob_key(f))
 
     def delete(self, s: Session, owner: str, file_id: str) -> None:
         f = self.get(s, owner, file_id)
@@ -274,11 +275,10 @@ class FileService:
             raise InvalidInput(f"parts must list part numbers {expected[0]}..{expected[-1]} once each.", param="parts")
         with self.home.blobs.writer(blob_key(f)) as w:
             for n, etag in parts:
-                path = self.home.blobs.path(blob_key(f, n))
-                if not path.is_file():
+                if not self.home.blobs.exists(blob_key(f, n)):
                     raise InvalidInput(f"part {n} was not uploaded.", param="parts")
                 md5 = hashlib.md5()
-                with open(path, "rb") as fh:
+                with self.home.blobs.open(blob_key(f, n)) as fh:
                     while chunk := fh.read(8 << 20):
                         w.write(chunk)
                         md5.update(chunk)

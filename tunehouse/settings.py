@@ -19,7 +19,17 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path("~/.tunehouse"), description="Folder holding the database, blobs, keys and model cache.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default an SQLite file in the home (WAL mode).")
-    blob_dir: Path | None = Field(None, description="Blob store folder; default `blobs/` in the home.")
+    blob_dir: Path | None = Field(None, description="Blob store folder; default `blobs/` in the home. "
+                                  "Ignored when `blob_url` is set.")
+    blob_url: str | None = Field(
+        None, pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|file://\S+|/\S*)$",
+        description="Where blobs live: `s3://bucket/prefix` for any S3-compatible store (endpoint and "
+                    "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_DEFAULT_REGION), or a local folder. Default: `blob_dir`.")
+    blob_cache_dir: Path | None = Field(None, description="Local copies of remote blobs (datasets, checkpoints, "
+                                        "weights) a worker or server reads; default `cache/` in the home.")
+    blob_cache_gb: float = Field(50, gt=0, description="Size bound of the blob cache, GiB; the least recently "
+                                 "used copies are evicted beyond it.")
     public_url: str | None = Field(
         None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         description="Base URL clients reach this server at; upload URLs use it. Default: the address the "
@@ -63,6 +73,29 @@ class Settings(BaseSettings):
     @property
     def blobs_path(self) -> Path:
         return (self.blob_dir or self.home / "blobs").expanduser().resolve()
+
+    @property
+    def blob_location(self) -> str:
+        """`blob_url`, or the local blob folder's path."""
+        return self.blob_url or str(self.blobs_path)
+
+    @property
+    def blob_cache_path(self) -> Path:
+        return (self.blob_cache_dir or self.home / "cache").expanduser().resolve()
+
+    @property
+    def blob_cache_bytes(self) -> int:
+        return int(self.blob_cache_gb * GIB)
+
+    @property
+    def run_path(self) -> Path:
+        """This machine's runtime files: training and endpoint logs, endpoint ports."""
+        return self.home / "run"
+
+    @property
+    def work_path(self) -> Path:
+        """This machine's scratch space for running jobs (what training writes before it is stored)."""
+        return self.home / "work"
 
     @property
     def admin_key_path(self) -> Path:

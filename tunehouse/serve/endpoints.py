@@ -215,10 +215,10 @@ class Supervisor:
         except Exception as exc:  # the model went away (job deleted): say so on the endpoint
             ep.state, ep.error = "FAILED", f"cannot load {ep.model}: {exc}"
             return
-        port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
+        port_file = self.home.settings.run_path / "endpoints" / f"{ep.id}.port"
         private_dirs(port_file.parent)
         port_file.unlink(missing_ok=True)
-        log_path = self.home.blobs.path(f"endpoints/{ep.id}.log")
+        log_path = self.home.settings.run_path / "endpoints" / f"{ep.id}.log"
         with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc",
                                      "--model-dir", str(model_dir), "--name", ep.name, "--port-file", str(port_file)],
@@ -250,7 +250,7 @@ class Supervisor:
             ep.state, ep.error = "FAILED", "the endpoint process exited while starting"
             self.procs.pop(ep.id, None)
             return
-        port_file = self.home.blobs.path(f"endpoints/{ep.id}.port")
+        port_file = self.home.settings.run_path / "endpoints" / f"{ep.id}.port"
         if port_file.exists() and port_file.read_text().strip().isdigit():
             port = int(port_file.read_text())
             try:
@@ -322,7 +322,7 @@ def model_dir_for(s: Session, home: Home, registry, owner: str, name: str) -> Pa
     if job.status != "completed":
         raise InvalidInput(f"Model {name!r} is not ready: its job {job.id} is {job.status}.", param="model")
     final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"][-1]
-    folder = home.blobs.path(final.blob_key)
+    folder = home.blobs.local_dir(final.blob_key)
     return folder / "merged" if (folder / "merged" / "config.json").exists() else folder
 
 

@@ -46,8 +46,11 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
         raise InvalidInput(f"The model {name!r} is not ready: its fine-tuning job {job.id} is {job.status}. "
                            "It can be used once the job has completed.", param="model", code="model_not_ready")
     final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"]
-    folder = home.blobs.path(final[0].blob_key) if final else None
-    if folder is None or not folder.is_dir():
+    try:
+        folder = home.blobs.local_dir(final[0].blob_key) if final else None
+    except FileNotFoundError:
+        folder = None
+    if folder is None:
         raise _unknown(name)
     base = bases.get(job.model) or registry.get(job.model, s)
     spec = JobSpec.of(job)

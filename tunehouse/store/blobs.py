@@ -1,17 +1,20 @@
-"""Blob store: a local folder. Writes are atomic (temp name, fsync, rename), so a reader never
-sees a half-written blob and a crash leaves only a temp file that `sweep_temp` removes.
+"""The blob store: where datasets, checkpoints, weights and download archives live, by key
+(`files/<id>.jsonl`, `jobs/<id>/…`). One interface, two backends, chosen by `blob_url`:
+a local folder (`local_blobs.py`, the embedded default) and any S3-compatible store
+(`s3_blobs.py`). No module opens a blob by path: code that needs a file on disk (the
+validator, the trainer, the inference engine) asks for a local copy (`local_file`, `local_dir`),
+which the local backend answers with the blob itself and a remote one with a cached copy.
 
-Datasets and weights are private to the server's user: files 0600, folders 0700."""
+Keys are '/'-separated and relative; a "folder" is every blob under `prefix/`."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,49 +26,6 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-class BlobWriter:
-    """Streams bytes to a temp file, hashing as it goes; `commit()` makes the blob visible."""
-
-    def __init__(self, tmp: Path, final: Path, *, md5: bool = False):
-        self.tmp, self.final = tmp, final
-        self.size = 0
-        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
-        self._fh: BinaryIO = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-
-    def write(self, chunk: bytes) -> None:
-        self._fh.write(chunk)
-        self._sha.update(chunk)
-        if self._md5 is not None:
-            self._md5.update(chunk)
-        self.size += len(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    @property
-    def md5(self) -> str:
-        """The S3-style ETag of the bytes; only for a writer opened with `md5=True`."""
-        return self._md5.hexdigest()
-
-    def sync(self) -> None:
-        """Flush and fsync the bytes (the slow part of a commit; call it before taking a lock)."""
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-
-    def commit(self) -> None:
-        self.sync()
-        private_dirs(self.final.parent)
-        os.replace(self.tmp, self.final)
-
-    def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def private_dirs(path: Path) -> None:
@@ -81,94 +41,155 @@ def private_dirs(path: Path) -> None:
             pass
 
 
-class BlobStore:
-    # The folders that hold one blob per file row: `<top>/<file id>…`.
+def check_key(key: str) -> str:
+    """A relative '/'-separated key with no empty, '.' or '..' part (so no backend can be led
+    outside its root)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid blob key: {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified: datetime  # UTC
+
+
+class BlobWriter(ABC):
+    """Streams bytes into one blob, hashing as it goes. Nothing is visible under the key until
+    `commit()`; leaving the `writer()` block without a commit discards everything."""
+
+    size: int
+
+    @abstractmethod
+    def write(self, chunk: bytes) -> None: ...
+
+    @property
+    @abstractmethod
+    def sha256(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def md5(self) -> str:
+        """The S3-style ETag of the bytes; only for a writer opened with `md5=True`."""
+
+    def sync(self) -> None:
+        """Make the bytes durable (the slow part of a commit; call it before taking a lock)."""
+
+    @abstractmethod
+    def commit(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class BlobStore(ABC):
+    """What every backend offers. Methods are blocking: call them from threads, never from the
+    event loop."""
+
+    # The folders that hold one blob per file row: `<top>/<file id>…` (see `sweep_orphans`).
     FILE_TOPS = ("files", "uploads")
+    url: str  # where the blobs are, for logs and errors (no credentials)
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.tmp_dir = self.root / ".tmp"
-        private_dirs(self.tmp_dir)
-        self.root.chmod(0o700)  # a store made by an older version was 0755
-
-    def path(self, key: str) -> Path:
-        p = (self.root / key).resolve()
-        if self.root.resolve() not in p.parents:
-            raise ValueError(f"blob key escapes the store: {key!r}")
-        return p
-
+    # -- reading ---------------------------------------------------------------------------------
+    @abstractmethod
     def exists(self, key: str) -> bool:
-        return self.path(key).exists()
+        """A blob at `key` (not a folder)."""
 
-    @contextmanager
-    def writer(self, key: str, *, md5: bool = False) -> Iterator[BlobWriter]:
-        """Yields a writer; the blob appears only if `commit()` was called inside the block."""
-        w = BlobWriter(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.path(key), md5=md5)
-        try:
-            yield w
-        finally:
-            w.abort()  # no-op after a commit: the temp file was renamed
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Bytes of the blob; FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A binary stream of the blob's bytes (close it); FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes `start`..`end` (inclusive, as HTTP Range) in chunks of at most a few MiB."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[BlobInfo]:
+        """Every blob under `prefix/` (recursively), sorted by key."""
+
+    # -- writing ---------------------------------------------------------------------------------
+    @abstractmethod
+    def writer(self, key: str, *, md5: bool = False) -> AbstractContextManager[BlobWriter]:
+        """`with store.writer(key) as w: w.write(…); w.commit()`."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as w:
+            w.write(data)
+            w.commit()
 
     def put_file(self, key: str, src: Path) -> None:
-        """Copy a local file in atomically."""
+        """Copy a local file in; atomic."""
         with self.writer(key) as w, open(src, "rb") as fh:
-            while chunk := fh.read(1 << 20):
+            while chunk := fh.read(8 << 20):
                 w.write(chunk)
             w.commit()
 
-    def put_dir(self, key: str, src: Path) -> None:
-        """Copy a folder in atomically (copy to a temp folder, then rename)."""
-        tmp = self.tmp_dir / uuid.uuid4().hex
-        shutil.copytree(src, tmp)
-        final = self.path(key)
-        private_dirs(final.parent)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    @abstractmethod
+    def put_dir(self, prefix: str, src: Path) -> None:
+        """Copy a local folder in under `prefix/`, replacing what was there. Readers of a
+        checkpoint look it up in the database, which records it only after this returns."""
 
+    @abstractmethod
     def delete(self, key: str) -> None:
-        p = self.path(key)
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        """Remove the blob at `key` and every blob under `key/`; no error when there is none."""
 
+    # -- local copies ------------------------------------------------------------------------------
+    @abstractmethod
+    def local_file(self, key: str) -> Path:
+        """A path on this machine holding the blob's bytes, to read only (never write or delete it).
+        FileNotFoundError when there is no such blob."""
+
+    @abstractmethod
+    def local_dir(self, prefix: str) -> Path:
+        """A folder on this machine holding every blob under `prefix/`, to read only.
+        FileNotFoundError when there is none."""
+
+    # -- transfers that bypass the API server (None: this backend has none, the API carries the bytes)
+    def presigned_get(self, key: str, expires_s: int, filename: str | None = None) -> str | None:
+        return None
+
+    def presigned_put(self, key: str, expires_s: int) -> str | None:
+        return None
+
+    def multipart_begin(self, key: str) -> str | None:
+        """Start a multipart upload the client sends straight to the store; its upload id."""
+        return None
+
+    def presigned_part(self, key: str, upload_id: str, part: int, expires_s: int) -> str:
+        raise NotImplementedError
+
+    def multipart_complete(self, key: str, upload_id: str, parts: Iterable[tuple[int, str]]) -> None:
+        raise NotImplementedError
+
+    def multipart_abort(self, key: str, upload_id: str) -> None:
+        raise NotImplementedError
+
+    # -- upkeep ----------------------------------------------------------------------------------
+    @abstractmethod
     def sweep_orphans(self, file_ids: set[str], older_than_s: float) -> list[str]:
-        """Remove blobs of file rows that no longer exist (a crash between the bytes and the row,
-        a failed delete) and stale temp files; only those untouched for `older_than_s`. Returns
-        the keys removed. Other requests write and rename under these folders meanwhile: an
-        entry that vanishes while listed is simply not ours to sweep."""
-        cutoff, gone = time.time() - older_than_s, []
-        for top in self.FILE_TOPS:
-            folder = self.root / top
-            for p in folder.iterdir() if folder.is_dir() else ():
-                file_id = p.name.split(".", 1)[0]
-                if file_id not in file_ids and _older(p, cutoff):
-                    self.delete(f"{top}/{p.name}")
-                    gone.append(f"{top}/{p.name}")
-        for p in self.tmp_dir.iterdir():
-            if _older(p, cutoff):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                gone.append(f".tmp/{p.name}")
-        return gone
+        """Remove blobs under FILE_TOPS whose file row no longer exists (a crash between the
+        bytes and the row, a failed delete) and stale temporary data, only those untouched for
+        `older_than_s`. Returns what was removed."""
 
     def sweep_temp(self, older_than_s: float = 3600) -> None:
-        """Remove temp files left by a crashed writer (called at start-up). Only old ones: every
-        process opening the home calls this (a training child too), and a fresh temp file is an
-        upload in progress in another process, whose commit would fail if it vanished."""
-        cutoff = time.time() - older_than_s
-        for p in self.tmp_dir.iterdir():
-            try:
-                if p.stat().st_mtime >= cutoff:
-                    continue
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        """Remove what a crashed writer left (called at start-up); only old leftovers, since a
+        fresh one may be another process's upload in progress."""
 
 
-def _older(path: Path, cutoff: float) -> bool:
-    """Last modified before `cutoff`; False for an entry gone meanwhile (renamed into place)."""
-    try:
-        return path.lstat().st_mtime < cutoff
-    except FileNotFoundError:
-        return False
+def open_blobs(settings) -> BlobStore:
+    """The store `settings.blob_url` names: `s3://bucket/prefix`, or a local folder."""
+    url = settings.blob_location
+    if url.startswith("s3://"):
+        from tunehouse.store.s3_blobs import S3BlobStore
+
+        return S3BlobStore(url, cache_dir=settings.blob_cache_path, cache_bytes=settings.blob_cache_bytes)
+    from tunehouse.store.local_blobs import LocalBlobStore
+
+    return LocalBlobStore(Path(url.removeprefix("file://")))

@@ -10,7 +10,7 @@ from pathlib import Path
 from tunehouse.settings import Settings
 from tunehouse.signing import load_or_create_secret
 from tunehouse.store import keys
-from tunehouse.store.blobs import BlobStore, private_dirs
+from tunehouse.store.blobs import BlobStore, open_blobs, private_dirs
 from tunehouse.store.db import Database
 
 
@@ -28,7 +28,7 @@ def open_home(settings: Settings) -> Home:
     settings.home.chmod(0o700)
     db = Database(settings.db_url)
     db.create()
-    blobs = BlobStore(settings.blobs_path)
+    blobs = open_blobs(settings)
     blobs.sweep_temp()
     return Home(settings, db, blobs, load_or_create_secret(settings.secret_path))
 

@@ -139,7 +139,7 @@ def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, repo
     reporter.event("MODEL_DOWNLOADING", f"Preparing model data for {spec.from_hf_model or job.model}")
     model_path, init_adapter, parent = _starting_weights(home, spec, registry), None, spec.parent
     if parent:
-        folder = home.blobs.path(parent.blob_key)
+        folder = home.blobs.local_dir(parent.blob_key)
         if parent.same_adapter_shape(spec.train):
             init_adapter = folder  # keep training the parent's adapter
             reporter.event(ev.WARNING, f"Continuing the LoRA adapter of {parent.job_id} (step {parent.step})",
@@ -157,11 +157,11 @@ def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, repo
         val = s.get(File, job.validation_file) if job.validation_file else None
         if train is None or (job.validation_file and val is None):
             raise ValueError("a data file of this job was deleted before it ran; upload it again and create a new job")
-        training_path = home.blobs.path(blob_key(train))
-        validation_path = home.blobs.path(blob_key(val)) if val else None
+        training_path = home.blobs.local_file(blob_key(train))
+        validation_path = home.blobs.local_file(blob_key(val)) if val else None
         done = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Intermediate"]
     reporter.event("TRAINING_DATA_DOWNLOAD_COMPLETE", "Training data downloaded")
-    resume_from = home.blobs.path(done[-1].blob_key) if done else None
+    resume_from = home.blobs.local_dir(done[-1].blob_key) if done else None
     if resume_from is not None:
         reporter.event(ev.WARNING, f"Resuming from the checkpoint at step {done[-1].step}", level="info",
                        step=done[-1].step)
@@ -185,7 +185,7 @@ def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path
     them; an intermediate one is merged here, once."""
     if (adapter_folder / "merged").is_dir():
         return adapter_folder / "merged"
-    dest = home.blobs.path(f"jobs/{job.id}/parent-merged")
+    dest = home.settings.work_path / "jobs" / job.id / "parent-merged"
     if not (dest / "config.json").exists():
         from tunehouse.train.lora import merge_adapter_folder
 
@@ -233,7 +233,7 @@ def main(job_id: str) -> int:
 
 def _plan(home: Home, job: Job, spec: JobSpec, inputs: dict) -> dict:
     """What every rank trains: the recipe, its config and inputs, where it writes."""
-    plan = dict(method=spec.method, cfg=spec.train, inputs=inputs, output_dir=home.blobs.path(f"jobs/{job.id}/out"))
+    plan = dict(method=spec.method, cfg=spec.train, inputs=inputs, output_dir=home.blobs.root / f"jobs/{job.id}/out")
     for parent in (plan["output_dir"], plan["output_dir"] / "checkpoints"):
         sweep_temp_dirs(parent)  # what a killed try left half-written
     if spec.method == "dpo":
@@ -243,7 +243,7 @@ def _plan(home: Home, job: Job, spec: JobSpec, inputs: dict) -> dict:
         plan["reference_id"] = (f"{job.model}|{spec.weights or ''}@{spec.hf_model_revision or ''}|"
                                 f"{spec.parent.blob_key if spec.parent else ''}|lora={spec.lora}|"
                                 f"{weights_stamp(inputs['model_path'])}")
-        plan["reference_cache_dir"] = home.blobs.path("reference-logps")
+        plan["reference_cache_dir"] = home.settings.blob_cache_path / "reference-logps"
     return plan
 
 

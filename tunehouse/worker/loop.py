@@ -97,7 +97,7 @@ class Worker:
 
     # -- one job ----------------------------------------------------------------------------
     def _run_child(self, job_id: str, attempt: int) -> None:
-        log_path = self.home.blobs.path(f"jobs/{job_id}/logs/attempt-{attempt}.log")
+        log_path = self.home.settings.run_path / "jobs" / job_id / f"attempt-{attempt}.log"
         private_dirs(log_path.parent)
         with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             self.child = subprocess.Popen(self._command(job_id), env=self._child_env(),
