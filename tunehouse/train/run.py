@@ -75,17 +75,15 @@ class StoreReporter:
             return None
         return self.out_key if rel == "." else f"{self.out_key}/{rel}"
 
-    def _public(self, value):
-        """Events are the owner's to read: what the job wrote is named by its store key
-        (`jobs/ft-…/out/checkpoints/step-…`), any other absolute path by its last component."""
-        if not (isinstance(value, str) and value.startswith("/")):
-            return value
-        return self.key_of(Path(value)) or redact_paths(value)
+    @staticmethod
+    def _public(value: str) -> str:
+        """Events are the owner's to read: what is left of an absolute path once this machine's
+        folders became blob keys (`server_paths_out`) is named by its last component."""
+        return redact_paths(value) if value.startswith("/") else value
 
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
-        fields = {k: self._public(v) for k, v in fields.items()}
         message = server_paths_out(self.home, message, self.job_id)
-        fields = {k: server_paths_out(self.home, v, self.job_id) if isinstance(v, str) else v
+        fields = {k: self._public(server_paths_out(self.home, v, self.job_id)) if isinstance(v, str) else v
                   for k, v in fields.items()}
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
