@@ -241,6 +241,7 @@ def test_deleted_job_model_is_evicted(server, tmp_path):
     while any(job.id in a for a in loaded()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(job.id in a for a in loaded())
+    assert server.app.state.home.blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
     with pytest.raises(together.NotFoundError):
         c.completions.create(model=job.model_output_name, prompt="Hi", max_tokens=2)
 

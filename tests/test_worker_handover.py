@@ -114,3 +114,30 @@ def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, reques
         if worker_b is not None:
             worker_b.stop()
         bg.stop()
+
+
+def test_a_model_added_from_a_folder_is_in_the_store(tmp_path, store_backend, request, model_cache):
+    """`tunehouse models add NAME FOLDER` copies the folder into the store: another machine (its own
+    home, the same database and store) loads it from there, after the folder is gone."""
+    import shutil
+
+    from tunehouse.models.registry import Registry
+
+    shared = {"database_url": f"sqlite:///{tmp_path / 'shared.db'}", "blob_url": str(tmp_path / "store"),
+              **backend_settings(request, store_backend)}
+    here = Registry(open_home(Settings(home=tmp_path / "a", model_cache=model_cache, **shared)))
+    folder = tmp_path / "my-model"
+    shutil.copytree(here.path(TINY), folder)
+    added = here.add("acme/tiny-copy", str(folder))
+    assert added.source == "store:models/acme--tiny-copy" and added.context_length == 2048
+    shutil.rmtree(folder)
+
+    there = Registry(open_home(Settings(home=tmp_path / "b", **shared)))
+    assert [(m.name, m.source) for m in there.list()][-1] == ("acme/tiny-copy", added.source)
+    copy = there.path("acme/tiny-copy")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in here.path(TINY).iterdir())
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(copy).config.num_hidden_layers == 2
+    with open_home(Settings(home=tmp_path / "b", **shared)).db.session() as s:
+        assert there.limits("acme/tiny-copy", s)["model_name"] == "acme/tiny-copy"

@@ -198,9 +198,12 @@ def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, repo
 
 
 def _starting_weights(home: Home, spec: JobSpec, registry: Registry) -> Path:
-    """The registry's base, a server folder, or a hub repo fetched into the model cache (from_hf_model)."""
+    """The registry's base, or from_hf_model's weights: another registry model, a server folder,
+    or a hub repo fetched into the model cache. Registry models are this machine's copies."""
     if spec.weights is None:
         return Path(registry.path(spec.train.model))
+    if spec.weights in {m.name for m in registry.list()}:
+        return Path(registry.path(spec.weights))
     if Path(spec.weights).is_dir():
         return Path(spec.weights)
     from tunehouse.hub import fetch_weights
