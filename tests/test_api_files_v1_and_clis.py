@@ -8,8 +8,11 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from conftest import DATA, bin_path, sdk_env
+import pytest
 
+from conftest import BACKENDS, DATA, bin_path, sdk_env
+
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 CHAT = DATA / "api" / "chat.jsonl"
 
 

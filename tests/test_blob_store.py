@@ -140,7 +140,7 @@ def test_cache_refetches_a_replaced_blob(store, store_backend):
     assert store.local_file("files/f.jsonl") == p1  # a hit: same copy
     store.put_bytes("files/f.jsonl", b"version two!")
     assert store.local_file("files/f.jsonl").read_bytes() == b"version two!"
-    entry = p1.parent
+    entry = p1.parent.parent
     assert stat.S_IMODE(entry.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.cache.root.stat().st_mode) == 0o700
 

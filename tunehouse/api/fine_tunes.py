@@ -12,7 +12,7 @@ from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
 from tunehouse.api.schemas import PriceEstimate, checkpoint_object, event_object, job_object
 from tunehouse.errors import NotFound
-from tunehouse.downloads import build_download, serve_range
+from tunehouse.downloads import build_archive, serve_range
 from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
 from tunehouse.pricing import estimate
 
@@ -117,5 +117,5 @@ def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeD
              checkpoint: str | None = None, checkpoint_step: StepQuery = None):
     key, step = parse_checkpoint_ref(ft_id)
     job = jobs.get_owned(session, caller.owner, key)
-    path = build_download(session, home, job, checkpoint, checkpoint_step or step)
-    return serve_range(path, request.headers.get("range"), f"{job.model_output_name.replace('/', '--')}.tar.zst")
+    archive = build_archive(session, home, job, checkpoint, checkpoint_step or step)
+    return serve_range(home.blobs, archive, request.headers.get("range"), f"{job.model_output_name.replace('/', '--')}.tar.zst")

@@ -1,7 +1,9 @@
 """Local copies of remote blobs: what the validator, the trainer and the inference engine read when
 the blobs live in S3. One folder per entry under the cache root, named by a hash of the key:
 
-    <root>/<sha256(key)[:32]>/data     the blob's bytes (or, for a folder, the folder)
+    <root>/<sha256(key)[:32]>/data/<name>  a blob's bytes, under its own name (the validator reads
+                                           the format from the extension)
+    <root>/<sha256(key)[:32]>/data         or, for a folder, the folder
     <root>/<sha256(key)[:32]>/meta     JSON {"key", "version", "size"}: what was fetched
 
 An entry is filled atomically: the bytes go to a unique temp folder, which is renamed into place,
@@ -37,17 +39,19 @@ class BlobCache:
     def entry(self, key: str) -> Path:
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def get(self, key: str, version: str, size: int, fill: Callable[[Path], None]) -> Path:
+    def get(self, key: str, version: str, size: int, fill: Callable[[Path], None], name: str | None = None) -> Path:
         """The local copy of `key` at `version`: the cached one when it matches, else `fill(path)`
-        writes it (a file or a folder at `path`) and it is put in place. Returns the data path."""
+        writes it (a file named `name`, or without a name a folder, at `path`) and it is put in
+        place. Returns that path."""
         entry = self.entry(key)
+        rel = Path("data", name) if name else Path("data")
         if _meta(entry) == {"key": key, "version": version, "size": size}:
             _touch(entry / "meta")
-            return entry / "data"
+            return entry / rel
         tmp = self.root / TMP / uuid.uuid4().hex
-        private_dirs(tmp)
+        private_dirs(tmp / "data")
         try:
-            fill(tmp / "data")
+            fill(tmp / rel)
             _private_tree(tmp / "data")
             _write_private(tmp / "meta", json.dumps({"key": key, "version": version, "size": size}).encode())
             if entry.exists():  # a stale copy (or another process's fresh one): swap ours in
@@ -65,7 +69,7 @@ class BlobCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=entry)
-        return entry / "data"
+        return entry / rel
 
     def size(self) -> int:
         return sum(size for _, _, size in self._entries())

@@ -133,6 +133,8 @@ class S3BlobWriter(BlobWriter):
 
 
 class S3BlobStore(BlobStore):
+    direct = True
+
     def __init__(self, url: str, cache_dir: Path, cache_bytes: int, client=None):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -181,6 +183,10 @@ class S3BlobStore(BlobStore):
             raise
 
     # -- reading -----------------------------------------------------------------------------
+    def head(self, key: str) -> BlobInfo:
+        h = self._head(key)
+        return BlobInfo(key, h["ContentLength"], h["LastModified"].astimezone(timezone.utc), h["ETag"])
+
     def exists(self, key: str) -> bool:
         try:
             self._head(key)
@@ -232,6 +238,20 @@ class S3BlobStore(BlobStore):
         """s3transfer: parallel multipart parts for a big file."""
         self.client.upload_file(str(src), self.bucket, self._full(key), Config=_transfer())
 
+    def copy(self, src: str, dst: str, *, if_etag: str | None = None) -> None:
+        """Server-side: CopyObject, or UploadPartCopy parts past 8 MiB (CopyObject stops at 5 GB)."""
+        extra = {"CopySourceIfMatch": if_etag} if if_etag else {}
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": self._full(src)}, self.bucket, self._full(dst),
+                             ExtraArgs=extra, Config=_transfer())
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412"):
+                raise ValueError(f"blob {src!r} changed while being copied") from None
+            if _missing(exc):
+                raise FileNotFoundError(f"no blob {src!r} in {self.url}") from None
+            raise
+
     def put_dir(self, prefix: str, src: Path) -> None:
         """Every file under `src` uploaded (WORKERS at a time, each multipart when big), then the
         objects under `prefix/` that `src` does not hold are deleted. Not atomic across objects:
@@ -269,7 +289,7 @@ class S3BlobStore(BlobStore):
         def fill(path: Path) -> None:
             self.client.download_file(self.bucket, self._full(key), str(path), Config=_transfer())
 
-        return self.cache.get(key, head["ETag"], head["ContentLength"], fill)
+        return self.cache.get(key, head["ETag"], head["ContentLength"], fill, name=key.rsplit("/", 1)[-1])
 
     def local_dir(self, prefix: str) -> Path:
         objects = sorted(self._objects(prefix), key=lambda o: o["Key"])
@@ -281,6 +301,7 @@ class S3BlobStore(BlobStore):
         base = self._full(prefix) + "/"
 
         def fill(path: Path) -> None:
+            path.mkdir(mode=0o700, exist_ok=True)
             targets = [(o["Key"], path / o["Key"][len(base):]) for o in objects]
             for _, dst in targets:
                 dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -314,8 +335,12 @@ class S3BlobStore(BlobStore):
     def multipart_complete(self, key: str, upload_id: str, parts: Iterable[tuple[int, str]]) -> None:
         """`parts`: (number, ETag as the client got it from the part PUT)."""
         body = [{"PartNumber": n, "ETag": etag if etag.startswith('"') else f'"{etag}"'} for n, etag in sorted(parts)]
-        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
-                                              MultipartUpload={"Parts": body})
+        try:
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
+                                                  MultipartUpload={"Parts": body})
+        except ClientError as exc:  # InvalidPart, InvalidPartOrder, EntityTooSmall, NoSuchUpload: the client's
+            error = exc.response.get("Error", {})
+            raise ValueError(f"{error.get('Code')}: {error.get('Message')}") from None
 
     def multipart_abort(self, key: str, upload_id: str) -> None:
         try:
