@@ -34,13 +34,13 @@ from pathlib import Path
 
 from tunehouse import jobs
 from tunehouse.atomic import sweep_temp_dirs
-from tunehouse.downloads import build_download
+from tunehouse.downloads import build_archive
 from tunehouse.errors import redact_paths
 from tunehouse.files import blob_key
 from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
-from tunehouse.store.blobs import private_dirs, sha256_file
+from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.db import is_transient
 from tunehouse.store.tables import File, Job
@@ -363,18 +363,29 @@ def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
     if not _advance(home, job_id, ("compressing", "COMPRESSING_MODEL", "Compressing output model")):
         return EXIT_CANCELLED
     with home.db.session() as s:
-        archive = build_download(s, home, s.get(Job, job_id), None, None)
-    size = f"{archive.name}, {archive.stat().st_size / 2**20:.1f} MiB"
+        archive = build_archive(s, home, s.get(Job, job_id), None, None)
+    size = f"{archive.rsplit('/', 1)[-1]}, {home.blobs.size(archive) / 2**20:.1f} MiB"
     if not _advance(home, job_id, (None, "MODEL_COMPRESSION_COMPLETE", f"Model compression complete: {size}"),
                     ("uploading", "MODEL_UPLOADING", "Uploading output model")):
         return EXIT_CANCELLED
-    digest = sha256_file(archive)
+    digest = _sha256_blob(home, archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
     if not _advance(home, job_id, (None, "MODEL_UPLOAD_COMPLETE", "Model upload complete"), digest=digest):
         return EXIT_CANCELLED
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
+
+
+def _sha256_blob(home: Home, key: str) -> str:
+    """Streamed from the store: no local copy of an archive this machine will never serve."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with home.blobs.open(key) as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _advance(home: Home, job_id: str, *steps: tuple[str | None, str, str], digest: str | None = None) -> bool:
