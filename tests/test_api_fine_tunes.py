@@ -14,7 +14,7 @@ import torch
 import together
 from together import Together
 
-from conftest import DATA, _serve
+from conftest import BACKENDS, DATA, _serve
 from jobs_support import untar_zst, wait_for, write_chat
 from tunehouse.settings import Settings
 
@@ -26,6 +26,7 @@ def sdk(live, key=None) -> Together:
     return Together(base_url=live.url, api_key=key or live.key, max_retries=0)
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_lora_job_end_to_end(live_worker, tmp_path):
     c = sdk(live_worker)
     train = c.files.upload(write_chat(tmp_path / "train.jsonl", 24))
@@ -145,6 +146,7 @@ def _wait_checkpoint(live, job_id: str, timeout: float = 120) -> int:
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
     job = _long_job(c, tmp_path, rows=100)  # long enough that the cancel lands mid-training
@@ -154,10 +156,11 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     assert done.status == "cancelled"
     cps = c.fine_tuning.list_checkpoints(job.id).data
     assert cps and all(cp.checkpoint_type == "Intermediate" for cp in cps)
-    out = live_worker.settings.blobs_path / "jobs" / job.id / "out"
-    on_disk = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert on_disk == sorted(f"step-{cp.step:06d}" for cp in cps), "no half-written folder left"
-    assert not (out / "final").exists()
+    blobs = live_worker.app.state.home.blobs
+    out = f"jobs/{job.id}/out"
+    stored = {b.key.removeprefix(f"{out}/checkpoints/").split("/")[0] for b in blobs.list(f"{out}/checkpoints")}
+    assert sorted(stored) == sorted(f"step-{cp.step:06d}" for cp in cps), "no half-written folder left"
+    assert not blobs.list(f"{out}/final")
     with pytest.raises(together.APIStatusError):
         c.fine_tuning.cancel(job.id)
 
@@ -167,9 +170,10 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     with pytest.raises(together.NotFoundError) as exc:
         c.fine_tuning.retrieve(job.id)
     assert exc.value.body["error"]["message"]
-    assert not (live_worker.settings.blobs_path / "jobs" / job.id).exists()
+    assert blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
     job = _long_job(c, tmp_path)
