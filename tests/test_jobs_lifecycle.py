@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 
+from conftest import BACKENDS
 from tunehouse import jobs
 from tunehouse.errors import Conflict
 from tunehouse.ids import new_job_id
@@ -15,9 +16,14 @@ from tunehouse.store.tables import Job, utcnow
 CONFIG = {"train": {"lora": True}, "extra": {}}
 
 
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def db(tmp_path):
-    d = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+def db(settings):
+    """The backend's database: an SQLite file, or (remote) the database server's."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    d = Database(settings.db_url)
     d.create()
     return d
 
