@@ -75,6 +75,8 @@ def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, reques
             os.kill(pid, signal.SIGKILL)
         worker_a.wait()
         assert (a.work_path / "jobs" / job.id).is_dir(), "A's scratch outlives it"
+        last = checkpoint()[-1]  # A may have recorded another one before it died
+        assert last.checkpoint_type == "Intermediate"
 
         b = Settings(home=tmp_path / "b", model_cache=tmp_path / "b-models", **shared)
         worker_b = Worker(open_home(b), poll_s=0.2, stale_after_s=3)
@@ -91,9 +93,9 @@ def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, reques
             metrics = s.scalars(select(Metric).where(Metric.job_id == job.id)).all()
         assert sorted(m.step for m in metrics) == list(range(1, done.total_steps + 1))
         # B trained on from the step after the checkpoint: A's rows up to it are still there
-        assert all((m.created_at < restarted.created_at) == (m.step <= first.step) for m in metrics)
+        assert all((m.created_at < restarted.created_at) == (m.step <= last.step) for m in metrics)
         messages = [e.message for e in c.fine_tuning.list_events(job.id).data]
-        assert f"Resuming from the checkpoint at step {first.step}" in messages
+        assert f"Resuming from the checkpoint at step {last.step}" in messages
         saved = [e.to_dict() for e in c.fine_tuning.list_events(job.id).data if e.type == "CHECKPOINT_SAVE"]
         assert saved[0]["checkpoint_path"] == f"jobs/{job.id}/out/checkpoints/step-{first.step:06d}"
         assert not any(str(tmp_path) in str(e.to_dict()) for e in c.fine_tuning.list_events(job.id).data)
@@ -106,6 +108,11 @@ def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, reques
         answer = chat.chat.completions.create(model=done.model_output_name, max_tokens=3,
                                               messages=[{"role": "user", "content": "Say red then blue."}])
         assert answer.choices[0].message.content is not None
+        from tunehouse.serve.endpoints import model_dir_for
+
+        with db.session() as s:  # what a dedicated endpoint loads: the merged weights, this server's copy
+            merged = model_dir_for(s, live.app.state.home, live.app.state.registry, "alice", done.model_output_name)
+        assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
         c.fine_tuning.delete(job.id)
         assert live.app.state.home.blobs.list(f"jobs/{job.id}") == []
     finally:
