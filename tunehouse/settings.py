@@ -52,6 +52,9 @@ class Settings(BaseSettings):
                              "`0,1,2,3` (CUDA_VISIBLE_DEVICES of its training processes); default every visible GPU.")
     num_processes: int | None = Field(None, ge=1, description="Training processes per job (torchrun; one per GPU). "
                                       "Default: one per GPU the worker owns, one on a CPU-only machine.")
+    heartbeat_timeout_s: float = Field(60, ge=5, description="Seconds without a heartbeat from a job's worker "
+                                       "(it beats every 2 s) before another worker requeues the job, which "
+                                       "resumes from its last checkpoint. Time is the database's clock.")
     dist_timeout_s: int = Field(1800, ge=10, description="Seconds a training process waits for the others in a "
                                 "collective before the attempt fails and the job is requeued.")
     serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")

@@ -35,13 +35,14 @@ CANCEL_GRACE_S = 30  # after SIGTERM, the child gets this long to stop before SI
 
 class Worker:
     def __init__(self, home: Home, worker_id: str | None = None, *, poll_s: float = 1.0,
-                 heartbeat_s: float = 2.0, stale_after_s: float = 60.0):
+                 heartbeat_s: float = 2.0, stale_after_s: float | None = None):
         self.home = home
         self.gpus, self.num_processes = training_devices(home.settings)
         # Stable across restarts of this worker (recover_own), without the home's path in the database.
         home_tag = hashlib.sha256(str(home.settings.home.resolve()).encode()).hexdigest()[:12]
         self.worker_id = worker_id or f"{socket.gethostname()}:{home_tag}"
-        self.poll_s, self.heartbeat_s, self.stale_after_s = poll_s, heartbeat_s, stale_after_s
+        self.poll_s, self.heartbeat_s = poll_s, heartbeat_s
+        self.stale_after_s = stale_after_s if stale_after_s is not None else home.settings.heartbeat_timeout_s
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
