@@ -47,7 +47,7 @@ def _quoted(text: str) -> str:
 
 def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None, adapter_name: str | None = None) -> str:
     """The Modelfile for `gguf_name` (a file in the same folder)."""
-    lines = [f"# ollama create MODEL_NAME -f Modelfile   (run in this folder)", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create MODEL_NAME -f Modelfile   (run in this folder)", f"FROM ./{gguf_name}"]
     if is_chatml(chat_template):
         lines.append(f"TEMPLATE {_quoted(CHATML_TEMPLATE)}")
         if system := default_system(chat_template):
