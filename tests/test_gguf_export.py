@@ -28,7 +28,7 @@ from jobs_support import untar_zst, wait_for, write_chat
 from train_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 from tunehouse.errors import InvalidInput
 from tunehouse.export.bundle import write_bundle
-from tunehouse.export.gguf import permute_qk
+from tunehouse.export.gguf import permute_qk, pre_tokenizer_name
 from tunehouse.export.modelfile import modelfile
 from tunehouse.settings import Settings
 
@@ -220,3 +220,12 @@ def test_modelfile_for_other_templates_leaves_the_template_to_ollama():
         "# Not a ChatML template: Ollama takes the chat template from the GGUF's metadata.",
         'PARAMETER stop "</s>"',
     ]
+
+
+def test_pre_tokenizer_names_and_refusal():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"  # SmolLM2 as published on the hub
+    with pytest.raises(InvalidInput, match="knows the GPT-2 and SmolLM byte-level pre-tokenizers"):
+        pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
