@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -25,11 +26,11 @@ from together import Together
 
 from conftest import ROOT, _serve, bin_path
 from jobs_support import untar_zst, wait_for, write_chat
-from train_fixtures import tiny_model_dir  # noqa: F401  (fixture)
+from train_fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401  (fixtures)
 from tunehouse.errors import InvalidInput
 from tunehouse.export.bundle import write_bundle
 from tunehouse.export.gguf import permute_qk, pre_tokenizer_name
-from tunehouse.export.modelfile import modelfile
+from tunehouse.export.modelfile import CHATML_TEMPLATE, default_system, modelfile
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
@@ -229,3 +230,32 @@ def test_pre_tokenizer_names_and_refusal():
     assert pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"  # SmolLM2 as published on the hub
     with pytest.raises(InvalidInput, match="knows the GPT-2 and SmolLM byte-level pre-tokenizers"):
         pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+GO = shutil.which("go") or next(iter(Path("/usr/lib").glob("go-1.*/bin/go")), None)
+# Ollama fills a TEMPLATE with .System (the chat's system messages, else the Modelfile's SYSTEM) and .Messages.
+RENDER_GO = """package main
+import ("encoding/json"; "os"; "text/template")
+type Message struct { Role string `json:"role"`; Content string `json:"content"` }
+type Data struct { System string; Messages []Message }
+func main() {
+    var d Data
+    json.Unmarshal([]byte(os.Args[2]), &d)
+    template.Must(template.New("m").Parse(os.Args[1])).Execute(os.Stdout, d)
+}
+"""
+
+
+@pytest.mark.skipif(GO is None, reason="no Go toolchain (Debian: golang-1.19-go) to render Ollama's template")
+def test_ollama_template_renders_as_the_jinja_template(tiny_tokenizer, tmp_path):  # noqa: F811
+    (tmp_path / "render.go").write_text(RENDER_GO)
+    env = {"HOME": str(tmp_path), "GOCACHE": str(tmp_path / "cache"), "GO111MODULE": "off", "PATH": os.environ["PATH"]}
+    subprocess.run([str(GO), "build", "-o", "render", "render.go"], cwd=tmp_path, env=env, check=True, timeout=120)
+    default = default_system(tiny_tokenizer.chat_template)
+    for chat in CHATS + [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}]]:
+        system = "\n\n".join(m["content"] for m in chat if m["role"] == "system") or default
+        data = {"System": system, "Messages": [{"role": "system", "content": system}] + chat}
+        go = subprocess.run([str(tmp_path / "render"), CHATML_TEMPLATE, json.dumps(data)], capture_output=True,
+                            text=True, check=True)
+        assert go.stdout == tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
