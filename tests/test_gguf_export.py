@@ -3,8 +3,10 @@ trained by the embedded worker of a live server; its GGUF downloads loaded back 
 (`gguf_file=`) and compared with the merged safetensors model the plain download gives.
 
 Tolerances on next-token logits (the tiny model's logits span about ±5; its 0.2 init range makes
-rounding errors larger than a pretrained model's): f16 0.02, bf16 0.15, q8_0 0.5, and the same
-argmax for f16. Measured on 2026-11-30 over 3 chats: f16 0.006, bf16 0.071, q8_0 0.32.
+rounding errors larger than a pretrained model's): f16 0.02, bf16 0.15, q8_0 0.6, and the same
+argmax for f16. Measured on 2026-11-30 over 3 chats: transformers f16 0.006, bf16 0.071, q8_0 0.32;
+llama.cpp (TUNEHOUSE_LLAMA_CPP_PYTHON) f16 0.014, q8_0 0.41 (it also rounds activations to 8 bits),
+base f16 + LoRA GGUF adapter 0.012.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from jobs_support import untar_zst, wait_for, write_chat
 from train_fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401  (fixtures)
 from tunehouse.errors import InvalidInput
 from tunehouse.export.bundle import write_bundle
-from tunehouse.export.gguf import permute_qk, pre_tokenizer_name
+from tunehouse.export.gguf import permute_qk, pre_tokenizer_name, write_model
 from tunehouse.export.modelfile import CHATML_TEMPLATE, default_system, modelfile
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 LORA_R, LORA_ALPHA = 8, 16
-TOLERANCE = {"f16": 0.02, "bf16": 0.15, "q8_0": 0.5}
+TOLERANCE = {"f16": 0.02, "bf16": 0.15, "q8_0": 0.6}
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Say red then blue."}, {"role": "assistant", "content": "red blue"},
@@ -259,3 +261,51 @@ def test_ollama_template_renders_as_the_jinja_template(tiny_tokenizer, tmp_path)
         go = subprocess.run([str(tmp_path / "render"), CHATML_TEMPLATE, json.dumps(data)], capture_output=True,
                             text=True, check=True)
         assert go.stdout == tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+# llama-cpp-python is an sdist here and builds from source in 8-18 minutes, too long for `make test`:
+# point this at a Python that has it (e.g. the serving bench's venv) to run the llama.cpp check.
+LLAMA_PYTHON = os.environ.get("TUNEHOUSE_LLAMA_CPP_PYTHON")
+LLAMA_CHECK = """import json, sys, numpy as np
+from llama_cpp import Llama
+spec = json.loads(sys.argv[1])
+out = []
+for model, lora in spec["cases"]:
+    llm = Llama(model_path=model, lora_path=lora, n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    rows = []
+    for ids in spec["ids"]:
+        llm.reset()
+        llm.eval(ids)
+        rows.append(np.asarray(llm.scores[llm.n_tokens - 1], dtype=float).tolist())
+    tokens = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in spec["texts"]]
+    out.append({"logits": rows, "tokens": tokens})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not LLAMA_PYTHON, reason="set TUNEHOUSE_LLAMA_CPP_PYTHON to a Python with llama-cpp-python")
+def test_llama_cpp_loads_the_exports(finished, tiny_model_dir, tmp_path):  # noqa: F811
+    """llama.cpp itself: the f16 and q8_0 models, and base + the LoRA GGUF adapter, give the merged
+    model's next-token logits (tolerances as for transformers) and tokenize chats as HF does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    live, job, merged, _ = finished
+    for kind in ("f16", "q8_0"):
+        with tarfile.open(fileobj=io.BytesIO(_get(live, job.id, checkpoint="gguf", gguf_type=kind).content)) as tar:
+            tar.extractall(tmp_path, filter="data")
+    (f16,), (q8,), (adapter,) = (list(tmp_path.glob(n)) for n in ("*/model-f16.gguf", "*/model-q8_0.gguf",
+                                                                  "*-f16/adapter-f16.gguf"))
+    base = write_model(tiny_model_dir, tmp_path / "base-f16.gguf", "f16")
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    ref = _next_token_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
+    cases = [(str(f16), None, "f16"), (str(q8), None, "q8_0"), (str(base), str(adapter), "f16")]
+    spec = {"cases": [c[:2] for c in cases], "ids": ids, "texts": texts}
+    run = subprocess.run([LLAMA_PYTHON, "-c", LLAMA_CHECK, json.dumps(spec)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for (model, lora, kind), got in zip(cases, json.loads(run.stdout)):
+        diff = (torch.tensor(got["logits"]) - ref).abs().max().item()
+        print(f"llama.cpp {Path(model).name}{' + ' + Path(lora).name if lora else ''}: max |logit diff| {diff:.4f}")
+        assert diff < TOLERANCE[kind] and got["tokens"] == ids
