@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional, get_type_hints
@@ -256,8 +257,6 @@ def ft_download(
 
 def unpack_tar(path: Path) -> Path:
     """Unpack a GGUF download beside itself, delete the tar, and return the one folder it held."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         tops = {Path(n).parts[0] for n in tar.getnames()}
         tar.extractall(path.parent, filter="data")
