@@ -244,9 +244,11 @@ def test_progress_and_bounded_memory(tmp_path):
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
 
 
-def test_parallel_report_equals_single_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_report_equals_single_process(start, tmp_path, monkeypatch):
     """Blocks of 64 KiB over ~1 MB with errors, blank lines and a line crossing blocks: the
-    2-process report equals the 1-process one."""
+    2-process report equals the 1-process one, with forked and with spawned workers."""
+    monkeypatch.setattr(workers, "_start_method", lambda: start)
     rows = []
     for i in range(3000):
         rows.append(OK)
