@@ -257,6 +257,7 @@ def test_parallel_report_equals_single_process(start, tmp_path, monkeypatch):
                      {"messages": [{"role": "user", "content": "y" * 200_000}]}]
     path = write_lines(tmp_path / "mixed.jsonl", rows)
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "SPAWN_MIN_BYTES", 0)
     from tunehouse.data import jsonl
     monkeypatch.setattr(jsonl, "BLOCK", 64 * 2**10)
     one = check_file(path, max_errors=15, workers=1)
@@ -366,7 +367,8 @@ def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
                 b"d8", b"\xff", b"\xc3", b"\x00", b"\x01", b"n", b"e", b"1", b"system", b"user"]
     rows = []
     for i in range(1500):
-        row = [conv(S, U, A), conv(U, A, U, A), b'{"prompt": "q", "completion": "a"}'][i % 3 if i < 1200 else 2]
+        shapes = [conv(S, U, A), conv(U, A, U, A), b'{"prompt": "q", "completion": "a"}']
+        row = shapes[i % 3 if i < 1200 else 2]
         for _ in range(rng.choice((0, 1, 1, 2, 3))):
             k = rng.randrange(len(row) + 1)
             op = rng.random()

@@ -1,11 +1,11 @@
 """Per-row rules for JSONL datasets: format detection, a fast acceptor and the detailed checks.
 
 The rules are those of api-reference §6 (the together 1.6.0 checker, widened for tools, parallel
-tool calls and reasoning as v2.5+ and the server-side docs describe them). A raw line is first offered
-to `plain_acceptor(fmt, purpose)`, which only says yes to the plain, common shapes (string
-contents, strict user/assistant turns), checked in C by msgspec; everything else goes to `RowChecker`, which
-returns every problem of the row as `(field, rule, detail)` tuples (per-message rules in
-`messages.py`). The caller adds the line.
+tool calls and reasoning as v2.5+ and the server-side docs describe them). A raw line is first
+offered to `plain_acceptor(fmt, purpose)`, which only says yes to the plain, common shapes (string
+contents, strict user/assistant turns), checked in C by msgspec; everything else is parsed and
+goes to `RowChecker`, which returns every problem of the row as `(field, rule, detail)` tuples
+(per-message rules in `messages.py`). The caller adds the line.
 
 Usage:
     fmt = detect_format(row)            # "CONVERSATION", ... or None
@@ -91,6 +91,10 @@ class _General(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     text: Annotated[str, msgspec.Meta(min_length=1)]
 
 
+_TURNS = ("user", "assistant")
+_ROLE_CACHE = 4096  # distinct role sequences an acceptor remembers
+
+
 def plain_turns(roles: tuple[str, ...]) -> bool:
     """Roles of a plain conversation: an optional system message first, then user and assistant
     alternating from user, with at least one of each."""
@@ -102,10 +106,6 @@ def plain_turns(roles: tuple[str, ...]) -> bool:
             continue
         turn += 1
     return turn >= 2
-
-
-_TURNS = ("user", "assistant")
-_ROLE_CACHE = 4096  # distinct role sequences remembered per acceptor
 
 
 def _conversation_acceptor() -> Callable[[bytes], bool]:
