@@ -387,6 +387,23 @@ def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
         assert accepted > 100 and fast[0]
 
 
+@pytest.mark.parametrize("chunk, block", [(1, 64), (7, 64), (64, 1000), (4096, 333)])
+def test_chunk_and_block_boundaries_do_not_change_the_report(chunk, block, tmp_path, monkeypatch):
+    """Lines cut anywhere by reads and blocks (a 1-byte read, lines longer than a read, blocks
+    ending mid-line, CRLF, no final newline): the report equals the one of whole-file reads."""
+    rng = random.Random(5)
+    rows = [rng.choice([conv(S, U, A), conv(U, A, U, A), b"", b"[1]", b'{"text": "x"}',
+                        conv(U, b'{"role": "assistant", "content": "' + b"y" * rng.randrange(300) + b'"}'),
+                        conv(U, A) + b"\r", conv(U, U)]) for _ in range(300)]
+    path = tmp_path / "cuts.jsonl"
+    path.write_bytes(b"\n".join([conv(U, A), *rows]))
+    whole = _report(path, "fine-tune")
+    monkeypatch.setattr(jsonl, "CHUNK", chunk)
+    monkeypatch.setattr(jsonl, "BLOCK", block)
+    assert _report(path, "fine-tune") == whole
+    assert whole[0] and whole[1] == 301
+
+
 def make_parquet(path: Path, columns: dict) -> Path:
     pq.write_table(pa.table(columns), path, row_group_size=2)
     return path
