@@ -22,7 +22,7 @@ interleaved, and its best run counts (the load of a shared machine drifts).
 start and imports excluded, which favours the SDKs: `import together` takes ~0.6 s); `wall_s`
 is the whole subprocess; `cpu_s` is user + system time of the subprocess and its children.
 Peak RSS is the whole process tree (tunehouse's worker processes included), sampled from /proc
-every 5 ms and summed, and never less than the largest single process's kernel max RSS.
+every 20 ms and summed, and never less than the largest single process's kernel max RSS.
 The last line is one JSON object; `speedup` = together 1.6.0 check_s ÷ tunehouse check_s.
 """
 
@@ -53,7 +53,7 @@ if __name__ == "__main__":  # tunehouse's workers are spawned processes
     t = time.perf_counter(); r = check_file(sys.argv[1], workers=workers); dt = time.perf_counter() - t
     print(json.dumps({"passed": r.passed, "lines": r.num_lines, "errors": len(r.problems), "seconds": dt,
                       "version": version("tunehouse"), "msgspec": version("msgspec"),
-                      "orjson": version("orjson")}))
+                      "orjson": version("orjson"), "python": sys.version.split()[0]}))
 """
 SDK = """
 import json, sys, time, contextlib, io
@@ -68,7 +68,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # 1.x shows a tqdm bar while ch
     r = check_file(sys.argv[1])
 dt = time.perf_counter() - t
 print(json.dumps({"passed": r["is_check_passed"], "lines": r["num_samples"], "seconds": dt,
-                  "version": version("together")}))
+                  "version": version("together"), "python": sys.version.split()[0]}))
 """
 WHAT = {
     "tunehouse": "UTF-8, JSON, one object per line, format, one format per file, keys, types, roles "
@@ -104,18 +104,19 @@ def generate(path: Path, size_mb: int) -> int:
     return lines
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """RSS of a process and all its descendants, from /proc."""
-    total, todo = 0, [pid]
+def _tree_rss_kb(pid: int) -> tuple[int, int]:
+    """(RSS in KiB, number of processes) of a process and all its descendants, from /proc."""
+    total, count, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             total += int(Path(f"/proc/{p}/status").read_text().split("VmRSS:")[1].split()[0])
+            count += 1
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, IndexError, ProcessLookupError):
             pass
-    return total
+    return total, count
 
 
 def run(python: str, code: str, *args: str) -> dict:
@@ -123,13 +124,14 @@ def run(python: str, code: str, *args: str) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen([python, "-c", code, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)  # the 1.x SDK prints a banner at exit
-    peak = 0
+    peak = procs = 0
     while True:
-        peak = max(peak, _tree_rss_kb(proc.pid))
+        rss, count = _tree_rss_kb(proc.pid)
+        peak, procs = max(peak, rss), max(procs, count)
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        time.sleep(0.005)
+        time.sleep(0.02)  # RSS is flat on both sides; the kernel max RSS below catches spikes
     wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
     out = proc.stdout.read()
@@ -139,7 +141,7 @@ def run(python: str, code: str, *args: str) -> dict:
     # wait4's usage covers the subprocess and the children it waited for; ru_maxrss is the
     # largest single process (KiB), a floor for the sampled sum of the tree
     return {**result, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": max(peak, usage.ru_maxrss) / 1024}
+            "peak_rss_mb": max(peak, usage.ru_maxrss) / 1024, "processes": procs}
 
 
 def main() -> None:
@@ -185,13 +187,15 @@ def main() -> None:
 
     th, t1 = best["tunehouse"], best["together1"]
     settings = {
-        "tunehouse": f"tunehouse {th['version']}: {args.workers} processes (one per CPU), msgspec "
+        "tunehouse": f"tunehouse {th['version']}: workers={args.workers} (one per CPU; {th['processes']} "
+                     f"processes seen), msgspec "
                      f"{th['msgspec']} fast path + orjson {th['orjson']} precise path",
         "tunehouse_1proc": f"tunehouse {th['version']}: 1 process (workers=1), same code",
         "together1": f"together {t1['version']}: 1 process (no parallel option), stdlib json",
         "together3": f"together {best['together3']['version']}: 1 process (no parallel option), "
                      "stdlib json",
     }
+    settings = {name: f"{line}, CPython {best[name]['python']}" for name, line in settings.items()}
     for name, r in best.items():
         print(f"{settings[name]}\n    checks: {WHAT[name.split('_')[0]]}\n"
               f"    {n / r['seconds']:>10,.0f} lines/s  check {r['seconds']:.2f} s  wall "
@@ -206,6 +210,8 @@ def main() -> None:
     print(f"speedup vs together 3.1.1 (fewer checks): {ratio('together3'):.2f}x on {args.workers} "
           f"processes, {ratio('together3', 'tunehouse_1proc'):.2f}x on 1 process "
           f"(wall-clock {ratio('together3', key='wall_s'):.2f}x)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {cpus} CPUs (figures are noisy above "
+          f"{cpus}: CPU time is the steadier measure)")
     summary = {"size_mb": round(size / 2**20), "lines": n, "workers": args.workers, "cpus": cpus,
                "repeat": args.repeat}
     for name, r in best.items():
