@@ -281,20 +281,25 @@ def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int
     accepted = [0]
 
     def counting(fmt, purpose):
-        accept = rules.plain_acceptor(fmt, purpose)
+        one, run = rules.plain_acceptor(fmt, purpose)
 
-        def wrapped(line):
-            ok = accept(line)
+        def counted_one(line):
+            ok = one(line)
             accepted[0] += ok
             return ok
 
-        return wrapped
+        def counted_run(*args):
+            pos, n = run(*args)
+            accepted[0] += n
+            return pos, n
+
+        return rules.Acceptor(counted_one, counted_run)
 
     with monkeypatch.context() as m:
         m.setattr(jsonl, "plain_acceptor", counting)
         fast = _report(path, purpose)
     with monkeypatch.context() as m:
-        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: lambda line: False)
+        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: rules.plain_acceptor(None, "fine-tune"))
         precise = _report(path, purpose)
     return fast, precise, accepted[0]
 

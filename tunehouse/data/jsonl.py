@@ -201,7 +201,7 @@ def scan_block(job: Job, index: int, known: Known | None, line_offset: int | Non
                 if parts:
                     n += 1
                     line = b"".join(parts)
-                    if not lines.fast(line):
+                    if not lines.fast.one(line):
                         slow(n, line, True)
                 break
             end = find(b"\n", 0, got)
@@ -220,19 +220,21 @@ def scan_block(job: Job, index: int, known: Known | None, line_offset: int | Non
             else:  # the line that started in an earlier chunk (or at this chunk's start)
                 n += 1
                 line = b"".join([*parts, view[:end]]) if parts else view[:end]
-                if not lines.fast(line):
+                if not lines.fast.one(line):
                     slow(n, bytes(line), False)
             parts, held = [], 0
             if beyond:  # lines after that first newline belong to the next block
                 break
-            fast = lines.fast
             pos = end + 1
-            while (end := find(b"\n", pos, got)) >= 0:
-                n += 1
-                if not fast(view[pos:end]):
+            limit = buf.rfind(b"\n", pos, got) + 1  # just past the chunk's last newline
+            while pos < limit:
+                pos, accepted = lines.fast.run(buf, view, pos, limit)
+                n += accepted
+                if pos < limit:  # a line the fast path refused (it may pick the file's format)
+                    end = find(b"\n", pos, limit)
+                    n += 1
                     slow(n, bytes(view[pos:end]), False)
-                    fast = lines.fast  # the first row with a format picks the acceptor
-                pos = end + 1
+                    pos = end + 1
             if pos < got:
                 parts, held = [bytes(view[pos:got])], got - pos
     res.lines = n
