@@ -69,7 +69,8 @@ def prescan(path: str, limit: int) -> Known | None:
 
 def default_workers() -> int:
     """Up to 4 processes: this one plus one per idle CPU. On a saturated machine a worker only
-    competes for a core (2 shared cores at load 2: 0.55 s with 2 processes, 0.38 s with 1, 100 MB)."""
+    competes for a core: Linux's autogroup shares CPU time between sessions, not processes (2
+    shared cores, 1 GB, load ~5: 1.63 s with 2 processes, 1.52 s with 1)."""
     if os.environ.get("TUNEHOUSE_CHECK_WORKERS", "").isdigit():  # an explicit choice wins
         return max(1, int(os.environ["TUNEHOUSE_CHECK_WORKERS"]))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -148,10 +149,10 @@ def _worker(job: Job, known: Known | None, counter, nblocks: int, slots, k: int,
 
 
 def _start_method() -> str:
-    """'fork' when this process runs no other thread (the CLI): a worker is ready in a few ms
-    and needs no `if __name__ == "__main__"` guard in the caller's script. 'spawn' otherwise
-    (a threaded server: forking there can copy a lock another thread holds), at ~0.1 s and ~15 MB
-    a worker for a fresh interpreter."""
+    """'fork' when this process runs no other Python thread (a script calling check_file): a
+    worker is ready in a few ms and needs no `if __name__ == "__main__"` guard in the caller's
+    script. 'spawn' otherwise (a server's thread pool, the CLI's progress-bar thread: forking
+    there can copy a lock another thread holds), at ~0.1 s of CPU and ~15 MB a worker."""
     if threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
         return "fork"
     return "spawn"
