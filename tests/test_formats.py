@@ -258,7 +258,6 @@ def test_parallel_report_equals_single_process(start, tmp_path, monkeypatch):
     path = write_lines(tmp_path / "mixed.jsonl", rows)
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(workers, "SPAWN_MIN_BYTES", 0)
-    from tunehouse.data import jsonl
     monkeypatch.setattr(jsonl, "BLOCK", 64 * 2**10)
     one = check_file(path, max_errors=15, workers=1)
     two = check_file(path, max_errors=15, workers=2)
