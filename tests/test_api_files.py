@@ -296,6 +296,25 @@ def test_multipart_flow(live, tmp_path):
     assert _blobs(live, r.json()["file_id"]) == []
 
 
+def test_v3_sdk_multipart_upload(live, tmp_path, monkeypatch):
+    """The SDK's own multipart path (normally above 5 GB), made to run on 6 MiB in two parts: on
+    S3 its parts go to presigned UploadPart URLs and the store checks their ETags."""
+    import together.lib.resources.files as sdk_files
+
+    monkeypatch.setattr(sdk_files, "MULTIPART_THRESHOLD_GB", 0.001)
+    monkeypatch.setattr(sdk_files, "TARGET_PART_SIZE_MB", 5)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(_big_chat(tmp_path))
+    seen = []
+    http = httpx.Client(event_hooks={"request": [lambda r: seen.append((r.method, r.url.path))]})
+    f = Together(base_url=live.url, api_key=live.key, max_retries=0, http_client=http).files.upload(path)
+    assert ("POST", "/v1/files/multipart/initiate") in seen and ("POST", "/v1/files/multipart/complete") in seen
+    assert len([m for m, _ in seen if m == "PUT"]) == 2
+    assert f.processing_status == "COMPLETED" and f.bytes == path.stat().st_size
+    assert sdk(live).files.content(f.id).read() == path.read_bytes()
+    assert _blobs(live, f.id) == [f"files/{f.id}.jsonl"]
+
+
 def test_content_range(live):
     f = sdk(live).files.upload(CHAT)
     r = httpx.get(f"{live.url}/v1/files/{f.id}/content", headers=auth(live.key) | {"Range": "bytes=10-"})
