@@ -54,18 +54,24 @@ class BlobCache:
             fill(tmp / rel)
             _private_tree(tmp / "data")
             _write_private(tmp / "meta", json.dumps({"key": key, "version": version, "size": size}).encode())
-            if entry.exists():  # a stale copy (or another process's fresh one): swap ours in
-                old = self.root / TMP / uuid.uuid4().hex
+            want = {"key": key, "version": version, "size": size}
+            for _ in range(3):
+                if _meta(entry) == want:  # another process put the same copy in first: use that
+                    break
+                if entry.exists():  # a stale copy: move it aside, then ours goes in
+                    old = self.root / TMP / uuid.uuid4().hex
+                    try:
+                        os.replace(entry, old)
+                        shutil.rmtree(old, ignore_errors=True)
+                    except FileNotFoundError:
+                        pass
                 try:
-                    os.replace(entry, old)
-                    shutil.rmtree(old, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process renamed its copy in first (the folder is not empty)
-                if _meta(entry) != {"key": key, "version": version, "size": size}:
-                    raise
+                    os.replace(tmp, entry)
+                    break
+                except OSError:  # someone renamed theirs in meanwhile (the folder is not empty): look again
+                    continue
+            else:
+                raise OSError(f"could not put the cached copy of {key!r} in place under {self.root}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=entry)

@@ -369,18 +369,32 @@ class S3BlobStore(BlobStore):
         gone += doomed
         for up in self._multipart_uploads():
             rel = self._rel(up["Key"])
-            if up["Initiated"] < cutoff and (rel.split("/", 1)[0] not in self.FILE_TOPS or _file_id(rel) not in file_ids):
+            ours = rel.split("/", 1)[0] not in self.FILE_TOPS
+            if (ours or _file_id(rel) not in file_ids) and self._untouched(up, cutoff):
                 self.multipart_abort(rel, up["UploadId"])
                 gone.append(f"{rel} (multipart upload {up['UploadId']})")
         self.cache.sweep_temp(older_than_s)
         return gone
+
+    def _untouched(self, up: dict, cutoff: datetime) -> bool:
+        """No part of the multipart upload arrived after `cutoff` (a 50 GB checkpoint upload may
+        take hours; its latest part, not its start, says whether a writer is still at it)."""
+        if up["Initiated"] >= cutoff:
+            return False
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+        try:
+            return all(p["LastModified"] < cutoff for page in pages for p in page.get("Parts", ()))
+        except ClientError as exc:
+            if _missing(exc):
+                return False  # completed or aborted meanwhile
+            raise
 
     def sweep_temp(self, older_than_s: float = 3600) -> None:
         """Multipart uploads a crashed writer left open (not a client's: their rows own them)."""
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
         for up in self._multipart_uploads():
             rel = self._rel(up["Key"])
-            if up["Initiated"] < cutoff and rel.split("/", 1)[0] not in self.FILE_TOPS:
+            if rel.split("/", 1)[0] not in self.FILE_TOPS and self._untouched(up, cutoff):
                 self.multipart_abort(rel, up["UploadId"])
         self.cache.sweep_temp(older_than_s)
 
