@@ -17,7 +17,6 @@ import pytest
 
 from conftest import BACKENDS, backend_settings
 from tunehouse.settings import Settings
-from tunehouse.store.blob_cache import BlobCache
 from tunehouse.store.blobs import open_blobs
 
 # The contract runs on both backends; what only S3 has (presigned transfers, the cache, multipart

@@ -50,7 +50,8 @@ class BlobStoreError(RuntimeError):
 
 
 def make_client():
-    """The S3 client (shared in the process: boto3 clients are thread-safe) from the AWS_* variables. Path-style addressing when an endpoint is set (MinIO,
+    """The S3 client from the AWS_* variables, one per configuration in a process (boto3 clients
+    are thread-safe). Path-style addressing when an endpoint is set (MinIO,
     SeaweedFS and most self-hosted servers have no per-bucket DNS names). Checksums only where the
     operation requires them: botocore ≥ 1.36 otherwise adds CRC32 trailers that GCS interop,
     older MinIO and R2's presigned flows refuse."""
@@ -289,7 +290,14 @@ class S3BlobStore(BlobStore):
     def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": self._full(k)} for k in keys[i:i + DELETE_BATCH]]
-            r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            try:
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except ClientError as exc:  # GCS's XML interop has no DeleteObjects: one at a time there
+                if exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "MalformedXML", "InvalidArgument"):
+                    raise
+                for o in batch:
+                    self.client.delete_object(Bucket=self.bucket, Key=o["Key"])
+                continue
             if errors := r.get("Errors"):
                 raise OSError(f"S3 refused to delete {len(errors)} object(s) in {self.url}: {errors[0]}")
 
@@ -392,7 +400,8 @@ class S3BlobStore(BlobStore):
         take hours; its latest part, not its start, says whether a writer is still at it)."""
         if up["Initiated"] >= cutoff:
             return False
-        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=up["Key"],
+                                                                 UploadId=up["UploadId"])
         try:
             return all(p["LastModified"] < cutoff for page in pages for p in page.get("Parts", ()))
         except ClientError as exc:
