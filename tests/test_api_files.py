@@ -315,6 +315,18 @@ def test_v3_sdk_multipart_upload(live, tmp_path, monkeypatch):
     assert _blobs(live, f.id) == [f"files/{f.id}.jsonl"]
 
 
+def test_dashboard_upload_goes_through_the_server(live):
+    """The browser's PUT stays on the API's origin (no CORS needed on the bucket), also on S3."""
+    from tunehouse.api.auth import WEB_HEADER
+
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key) | {WEB_HEADER: "1"},
+                   data={"purpose": "fine-tune", "file_name": "chat.jsonl", "file_type": "jsonl"})
+    assert r.status_code == 200 and r.json()["upload_url"].startswith(live.url + "/v1/files/")
+    assert httpx.put(r.json()["upload_url"], content=CHAT.read_bytes()).status_code == 200
+    assert _preprocess(live, r.json()["id"]).json()["processing_status"] == "COMPLETED"
+    assert _blobs(live, r.json()["id"]) == [f"files/{r.json()['id']}.jsonl"]
+
+
 def test_content_range(live):
     f = sdk(live).files.upload(CHAT)
     r = httpx.get(f"{live.url}/v1/files/{f.id}/content", headers=auth(live.key) | {"Range": "bytes=10-"})
