@@ -105,8 +105,11 @@ class S3BlobWriter(BlobWriter):
         self._buf += chunk
         while len(self._buf) >= self._part_size():
             n = self._part_size()
-            self._send(bytes(self._buf[:n]))
+            with memoryview(self._buf) as view:
+                part = bytes(view[:n])  # one copy (a bytearray slice would make two)
             del self._buf[:n]
+            self._send(part)
+            del part
 
     def _send(self, data: bytes) -> None:
         s = self.store
