@@ -98,6 +98,23 @@ def test_big_blob_multipart_streams(store, store_backend):
 
 
 @both
+def test_copy_only_while_unchanged(store):
+    """Past 8 MiB S3 copies in UploadPartCopy parts; `if_etag` refuses a source that changed."""
+    data = os.urandom(MIB) * 10
+    store.put_bytes("uploads/file-c", data)
+    info = store.head("uploads/file-c")
+    assert info.size == len(data)
+    store.copy("uploads/file-c", "files/file-c.jsonl", if_etag=info.etag)
+    assert store.size("files/file-c.jsonl") == len(data)
+    assert b"".join(store.read_range("files/file-c.jsonl", len(data) - 5, len(data) - 1)) == data[-5:]
+    if info.etag:  # S3: a re-sent upload between the check and the copy is not copied
+        store.put_bytes("uploads/file-c", b"replaced")
+        with pytest.raises(ValueError):
+            store.copy("uploads/file-c", "files/file-d.jsonl", if_etag=info.etag)
+        assert not store.exists("files/file-d.jsonl")
+
+
+@both
 def test_list_put_dir_replace_and_delete(store, tmp_path):
     src = tmp_path / "ckpt"
     (src / "sub").mkdir(parents=True)
