@@ -17,6 +17,7 @@ import pytest
 
 from conftest import BACKENDS, backend_settings
 from tunehouse.settings import Settings
+from tunehouse.store.blob_cache import BlobCache
 from tunehouse.store.blobs import open_blobs
 
 # The contract runs on both backends; what only S3 has (presigned transfers, the cache, multipart
@@ -183,6 +184,20 @@ def test_cache_evicts_least_recently_used(store, store_backend, tmp_path):
     assert cached == {store.cache.entry("files/a").name, store.cache.entry("files/c").name}
     assert a.read_bytes() == b"a" * 100 and store.cache.size() == 200
     assert store.local_file("files/b").read_bytes() == b"b" * 100  # refetched on demand
+
+
+def test_cache_sweep_spares_a_fill_in_progress(tmp_path):
+    """A crashed fill's temp folder goes; one whose file is still being written stays, however
+    old its folder (a 50 GB download outlasts any grace period)."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    past = time.time() - 7200
+    for name in ("crashed", "busy"):
+        (cache.root / ".tmp" / name).mkdir()
+        (cache.root / ".tmp" / name / "data").write_bytes(b"x")
+        os.utime(cache.root / ".tmp" / name, (past, past))
+    os.utime(cache.root / ".tmp" / "crashed" / "data", (past, past))
+    cache.sweep_temp(3600)
+    assert [p.name for p in (cache.root / ".tmp").iterdir()] == ["busy"]
 
 
 FILL = """

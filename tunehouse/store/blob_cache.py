@@ -114,13 +114,12 @@ class BlobCache:
         return out
 
     def sweep_temp(self, older_than_s: float = 3600) -> None:
+        """Remove what a crashed fill left: temp folders in which nothing was written for
+        `older_than_s` (a fill in progress writes its file continuously, whatever its size)."""
         cutoff = time.time() - older_than_s
         for p in (self.root / TMP).iterdir():
-            try:
-                if p.lstat().st_mtime < cutoff:
-                    shutil.rmtree(p, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+            if _newest_mtime(p) < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _meta(entry: Path) -> dict | None:
@@ -128,6 +127,14 @@ def _meta(entry: Path) -> dict | None:
         return json.loads((entry / "meta").read_bytes())
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification under `path` (inf when it vanished meanwhile: not ours to sweep)."""
+    try:
+        return max([path.lstat().st_mtime] + [p.lstat().st_mtime for p in path.rglob("*")])
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _touch(path: Path) -> None:
