@@ -196,6 +196,17 @@ def test_checksum_mismatch_leaves_nothing_listed(live):
         assert not list((live.settings.blobs_path / ".tmp").iterdir()), "no temp file left behind"
 
 
+def test_too_large_upload_is_refused_and_dropped(live):
+    live.settings.max_file_bytes = 100
+    file_id, location = _begin(live)
+    r = httpx.put(location, content=CHAT.read_bytes())
+    if _s3(live):  # a presigned PUT cannot cap the size: the claim refuses it
+        assert r.status_code == 200
+        r = _preprocess(live, file_id)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert file_id not in _listed(live) and _blobs(live, file_id) == []
+
+
 def test_interrupted_put_leaves_nothing(live):
     file_id, location = _begin(live)
 

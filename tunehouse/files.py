@@ -237,7 +237,9 @@ class FileService:
         except FileNotFoundError:
             raise InvalidInput(f"The bytes of {f.id} have not arrived; PUT the file to its upload URL first.",
                                param="id", code="upload_incomplete") from None
-        self._check_size(info.size)
+        if info.size > self.settings.max_file_bytes:  # a presigned PUT cannot cap its size: refuse it here
+            blobs.delete(key)
+            self._check_size(info.size)
         sha = hashlib.sha256()
         with blobs.open(key) as fh:
             while chunk := fh.read(8 << 20):
