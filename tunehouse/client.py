@@ -54,6 +54,10 @@ class Client:
             raise ApiError(resp.status_code, message, body)
         return resp.json()
 
+    @staticmethod
+    def _raise_text(resp: httpx.Response):
+        raise ApiError(resp.status_code, f"The upload was refused: {resp.text[:500]}", {})
+
     def request(self, method: str, path: str, **kw):
         try:
             return self._json(self.http.request(method, path, **kw))
@@ -82,7 +86,8 @@ class Client:
         file_id, location = resp.headers["X-Together-File-Id"], resp.headers["Location"]
         put = httpx.put(location, content=_chunks(path, size, progress), timeout=None,
                         headers={"Content-Length": str(size)})
-        self._json(put)
+        if put.status_code >= 400:  # S3 (a presigned URL) answers an empty 200 or an XML error
+            self._json(put) if "json" in put.headers.get("content-type", "") else self._raise_text(put)
         return self.request("POST", f"/v1/files/{file_id}/preprocess")
 
     def list_files(self) -> list[dict]:

@@ -50,6 +50,11 @@ def blob_key(f: File, part: int | None = None) -> str:
     return f"uploads/{f.id}/part-{part:05d}"
 
 
+def staging_key(f: File) -> str:
+    """Where a client's presigned PUT or S3 multipart upload lands, until the API claims it."""
+    return f"uploads/{f.id}"
+
+
 def _check_meta(purpose: str, file_name: str, file_type: str | None, checksum: str | None) -> str:
     if purpose not in PURPOSES:
         raise InvalidInput(
@@ -121,12 +126,14 @@ class FileService:
             raise Conflict(f"File {file_id} is used by job {user.id} ({user.status}); cancel the job or wait for "
                            "it to end, then delete the file.", param="id", code="file_in_use",
                            extra={"job_id": user.id})
-        key = blob_key(f)
+        keys = (blob_key(f), staging_key(f))
         s.delete(f)
         s.flush()
         # The bytes go once the row is gone for good: a failed commit must not leave a row without
-        # its blob (a blob without a row is swept, see `sweep`).
-        event.listen(s, "after_commit", lambda _s: self.home.blobs.delete(key), once=True)
+        # its blob (a blob without a row is swept, see `sweep`). On S3 a client may have re-sent
+        # its upload after the claim: that copy goes too.
+        blobs = self.home.blobs
+        event.listen(s, "after_commit", lambda _s: [blobs.delete(k) for k in keys], once=True)
 
     # -- single-part upload: begin, PUT, preprocess --------------------------------------------
     def begin(self, s: Session, owner: str, *, purpose: str, file_name: str, file_type: str | None,
@@ -143,6 +150,17 @@ class FileService:
         s.add(f)
         s.flush()
         return f, signing.sign(self.home.secret, f.id, nonce, self.settings.upload_token_ttl_s)
+
+    def upload_url(self, f: File, token: str, base: str, *, direct: bool = True) -> str:
+        """Step 2's URL: a presigned PUT straight into the store when it has one (and `direct`),
+        else ours, which streams the bytes through this server into the store."""
+        url = self.home.blobs.presigned_put(staging_key(f), self.settings.upload_token_ttl_s) if direct else None
+        return url or f"{base}/v1/files/{f.id}/bytes?token={token}"
+
+    def part_url(self, f: File, part: int, token: str, base: str) -> str:
+        if s3_id := (f.multipart or {}).get("s3_upload_id"):
+            return self.home.blobs.presigned_part(staging_key(f), s3_id, part, self.settings.upload_token_ttl_s)
+        return f"{base}/v1/files/{f.id}/parts/{part}?token={token}"
 
     async def receive(self, file_id: str, token: str, chunks: AsyncIterator[bytes],
                       content_length: int | None) -> File:
@@ -187,7 +205,12 @@ class FileService:
             await run_in_threadpool(w.write, bytes(buf))
 
     def preprocess(self, s: Session, owner: str, file_id: str) -> File:
-        """Step 3: validate the stored bytes and record the report on the file."""
+        """Step 3: validate the stored bytes and record the report on the file. On a store the
+        client PUT to directly, the bytes are first claimed (checked and moved into place)."""
+        f = s.get(File, file_id)
+        if (self.home.blobs.direct and f is not None and f.owner == owner and f.state == "uploading"
+                and not f.multipart):
+            self._claim(s, f)
         f = self.get(s, owner, file_id)
         if f.processing_status in ("COMPLETED", "FAILED"):
             return f  # idempotent: the report of a given content never changes
@@ -200,6 +223,42 @@ class FileService:
         self._check(f)
         s.commit()
         return f
+
+    def _claim(self, s: Session, f: File) -> None:
+        """Bytes a client sent straight to the store: their size and sha256 over a streamed read,
+        compared with the announced checksum, then a server-side copy into place that holds only
+        if the object is still the one hashed (a re-sent PUT meanwhile is refused), and the row
+        uploading → stored once (the state is what makes a presigned URL single-use: bytes PUT
+        after the claim never reach the file). A mismatch discards the bytes, and the row stays
+        unlisted until the upload is retried or swept."""
+        blobs, key = self.home.blobs, staging_key(f)
+        try:
+            info = blobs.head(key)
+        except FileNotFoundError:
+            raise InvalidInput(f"The bytes of {f.id} have not arrived; PUT the file to its upload URL first.",
+                               param="id", code="upload_incomplete") from None
+        if info.size > self.settings.max_file_bytes:  # a presigned PUT cannot cap its size: refuse it here
+            blobs.delete(key)
+            self._check_size(info.size)
+        sha = hashlib.sha256()
+        with blobs.open(key) as fh:
+            while chunk := fh.read(8 << 20):
+                sha.update(chunk)
+        if f.checksum and sha.hexdigest() != f.checksum:
+            blobs.delete(key)
+            raise InvalidInput(f"The uploaded bytes do not match the announced checksum ({sha.hexdigest()} != "
+                               f"{f.checksum}); the upload was discarded. Upload the file again.", param="checksum")
+        try:
+            blobs.copy(key, blob_key(f), if_etag=info.etag)
+        except (ValueError, FileNotFoundError):
+            raise Conflict(f"The bytes of {f.id} changed while they were checked; retry.", param="id") from None
+        won = s.execute(update(File).where(File.id == f.id, File.state == "uploading", File.upload_nonce == f.upload_nonce)
+                        .values(state="stored", upload_nonce=None, multipart=None, bytes=info.size,
+                                checksum=sha.hexdigest()))
+        s.commit()
+        s.refresh(f)
+        if won.rowcount == 1:
+            blobs.delete(key)
 
     def _check(self, f: File) -> None:
         report = check_file(self.content_path(f), purpose=f.purpose)
@@ -246,6 +305,8 @@ class FileService:
         f = File(id=new_file_id(), owner=owner, filename=file_name, purpose=purpose, file_type=ftype,
                  checksum=checksum, state="uploading", upload_nonce=nonce, bytes=file_size,
                  multipart={"upload_id": secrets.token_hex(12), "num_parts": num_parts})
+        if self.home.blobs.direct:  # the parts go straight to an S3 multipart upload
+            f.multipart = {**f.multipart, "s3_upload_id": self.home.blobs.multipart_begin(staging_key(f))}
         s.add(f)
         s.flush()
         ttl = self.settings.upload_token_ttl_s
@@ -273,6 +334,14 @@ class FileService:
         expected = list(range(1, mp["num_parts"] + 1))
         if [n for n, _ in parts] != expected:
             raise InvalidInput(f"parts must list part numbers {expected[0]}..{expected[-1]} once each.", param="parts")
+        if s3_id := mp.get("s3_upload_id"):
+            try:
+                self.home.blobs.multipart_complete(staging_key(f), s3_id, parts)
+            except ValueError as exc:
+                raise InvalidInput(f"The store refused the parts ({exc}); check each part's ETag, or abort and "
+                                   "upload again.", param="parts") from None
+            self._claim(s, f)
+            return self.validate(s, f)
         with self.home.blobs.writer(blob_key(f)) as w:
             for n, etag in parts:
                 if not self.home.blobs.exists(blob_key(f, n)):
@@ -342,8 +411,13 @@ class FileService:
         grace = self.settings.upload_token_ttl_s + 60
         cutoff = utcnow() - timedelta(seconds=grace)
         for f in s.scalars(select(File).where(File.state == "uploading", File.created_at < cutoff)):
-            self.home.blobs.delete(f"uploads/{f.id}")
+            self.home.blobs.delete(f"uploads/{f.id}")  # on S3, its open multipart upload too
             s.delete(f)
         s.flush()
         known = set(s.scalars(select(File.id)))
         self.home.blobs.sweep_orphans(known, older_than_s=grace)
+        if self.home.blobs.direct:  # a presigned URL re-used after its claim: bytes no row will read
+            uploading = set(s.scalars(select(File.id).where(File.state == "uploading")))
+            for b in self.home.blobs.list("uploads"):
+                if b.key.split("/")[1] not in uploading and b.modified < cutoff:
+                    self.home.blobs.delete(b.key)

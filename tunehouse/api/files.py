@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from tunehouse.api.auth import WEB_HEADER
 from tunehouse.api.deps import CurrentCaller, FilesDep, SessionDep
 from tunehouse.api.schemas import MultipartAbort, MultipartComplete, MultipartInitiate, file_object
 from tunehouse.errors import InvalidInput
-from tunehouse.files import MAX_PARTS
+from tunehouse.downloads import serve_range
+from tunehouse.files import MAX_PARTS, blob_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 # Type-level bounds only (a megabyte-long form field is not quoted back); the service checks the values.
@@ -49,9 +50,11 @@ def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, f
                            "a multipart `file` part.", param="file_name")
     f, token = files.begin(session, caller.owner, purpose=purpose, file_name=file_name,
                            file_type=file_type, checksum=checksum)
-    location = f"{_public_base(request)}/v1/files/{f.id}/bytes?token={token}"
+    web = request.headers.get(WEB_HEADER) == "1"
+    # The dashboard's PUT stays on this origin: a browser PUT to the store would need CORS on the bucket.
+    location = files.upload_url(f, token, _public_base(request), direct=not web)
     headers = {"Location": location, "X-Together-File-Id": f.id}
-    if request.headers.get(WEB_HEADER) == "1":
+    if web:
         # The dashboard's fetch() cannot read a 302's Location (an opaque redirect): it gets the
         # same headers on a 200, the 2xx form the v3 SDK also accepts (api-reference §4.2).
         return JSONResponse({"id": f.id, "upload_url": location}, headers=headers)
@@ -98,9 +101,10 @@ def retrieve(file_id: str, caller: CurrentCaller, session: SessionDep, files: Fi
 
 
 @router.get("/{file_id}/content")
-def content(file_id: str, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+def content(file_id: str, request: Request, caller: CurrentCaller, session: SessionDep, files: FilesDep):
+    """Streamed from the store, Range honoured (downloads.py says why not a presigned redirect)."""
     f = files.get(session, caller.owner, file_id)
-    return FileResponse(files.content_path(f), media_type="application/octet-stream", filename=f.filename)
+    return serve_range(files.home.blobs, blob_key(f), request.headers.get("range"), f.filename)
 
 
 @router.delete("/{file_id}")
@@ -115,7 +119,7 @@ def multipart_initiate(body: MultipartInitiate, request: Request, caller: Curren
                        files: FilesDep):
     f, tokens = files.initiate_multipart(session, caller.owner, **body.model_dump())
     base = _public_base(request)
-    parts = [{"PartNumber": n, "URL": f"{base}/v1/files/{f.id}/parts/{n}?token={t}", "Headers": {}}
+    parts = [{"PartNumber": n, "URL": files.part_url(f, n, t, base), "Headers": {}}
              for n, t in enumerate(tokens, start=1)]
     return {"upload_id": f.multipart["upload_id"], "file_id": f.id, "parts": parts}
 

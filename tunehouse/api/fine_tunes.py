@@ -12,7 +12,7 @@ from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
 from tunehouse.api.schemas import PriceEstimate, checkpoint_object, event_object, job_object
 from tunehouse.errors import InvalidInput, NotFound
-from tunehouse.downloads import build_download, serve_range
+from tunehouse.downloads import build_archive, serve_range
 from tunehouse.export.bundle import build_gguf_download
 from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
 from tunehouse.pricing import estimate
@@ -125,10 +125,10 @@ def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeD
     key, step = parse_checkpoint_ref(ft_id)
     job = jobs.get_owned(session, caller.owner, key)
     if (checkpoint or "").lower() == "gguf":
-        path, name = build_gguf_download(session, home, job, gguf_type, checkpoint_step or step)
+        archive, name = build_gguf_download(session, home, job, gguf_type, checkpoint_step or step)
     elif gguf_type:
         raise InvalidInput("gguf_type goes with checkpoint=gguf.", param="gguf_type")
     else:
-        path = build_download(session, home, job, checkpoint, checkpoint_step or step)
+        archive = build_archive(session, home, job, checkpoint, checkpoint_step or step)
         name = f"{job.model_output_name.replace('/', '--')}.tar.zst"
-    return serve_range(path, request.headers.get("range"), name)
+    return serve_range(home.blobs, archive, request.headers.get("range"), name)

@@ -46,8 +46,8 @@ def write_bundle(model_dir: Path, adapter_dir: Path | None, out: Path, gguf_type
     return files + [out / "Modelfile"]
 
 
-def build_gguf_download(s: Session, home: Home, job: Job, gguf_type: str | None, step: int | None) -> tuple[Path, str]:
-    """The cached tar for (job, type), built on first use; and its download file name."""
+def build_gguf_download(s: Session, home: Home, job: Job, gguf_type: str | None, step: int | None) -> tuple[str, str]:
+    """The blob key of the cached tar for (job, type), built on first use; and its download file name."""
     kind = check_type(gguf_type)
     if step:
         raise InvalidInput("GGUF export is of the final model; leave out checkpoint_step (and :STEP).",
@@ -56,7 +56,7 @@ def build_gguf_download(s: Session, home: Home, job: Job, gguf_type: str | None,
     name = f"{job.model_output_name.replace('/', '--')}-{kind}"
     key = f"jobs/{job.id}/downloads/gguf-{kind}.tar"
     if home.blobs.exists(key):
-        return home.blobs.local_file(key), f"{name}.tar"
+        return key, f"{name}.tar"
     adapter_dir = pick_folder(s, home, job, "adapter", None)[0] if JobSpec.of(job).lora else None
     # Staged in the home (it holds the weights already; a big model's GGUF may not fit in /tmp).
     with tempfile.TemporaryDirectory(prefix="gguf-", dir=home.settings.home) as tmp:
@@ -66,4 +66,4 @@ def build_gguf_download(s: Session, home: Home, job: Job, gguf_type: str | None,
                 for path in files:
                     tar.add(path, arcname=f"{name}/{path.name}")
             w.commit()
-    return home.blobs.local_file(key), f"{name}.tar"
+    return key, f"{name}.tar"

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +55,7 @@ class BlobInfo:
     key: str
     size: int
     modified: datetime  # UTC
+    etag: str | None = None  # S3's ETag (quoted, as S3 sends it); None on the local folder
 
 
 class BlobWriter(ABC):
@@ -91,6 +92,9 @@ class BlobStore(ABC):
 
     # The folders that hold one blob per file row: `<top>/<file id>…` (see `sweep_orphans`).
     FILE_TOPS = ("files", "uploads")
+    # Clients send upload bytes straight to the store (presigned PUT / multipart part URLs) and
+    # the API claims them afterwards; False: the API server receives the bytes itself.
+    direct = False
     url: str  # where the blobs are, for logs and errors (no credentials)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -101,6 +105,10 @@ class BlobStore(ABC):
     @abstractmethod
     def size(self, key: str) -> int:
         """Bytes of the blob; FileNotFoundError when there is none."""
+
+    def head(self, key: str) -> BlobInfo:
+        """Size, time and (S3) ETag of one blob; FileNotFoundError when there is none."""
+        return BlobInfo(key, self.size(key), datetime.now(timezone.utc))
 
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
@@ -127,6 +135,14 @@ class BlobStore(ABC):
     def put_file(self, key: str, src: Path) -> None:
         """Copy a local file in; atomic."""
         with self.writer(key) as w, open(src, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                w.write(chunk)
+            w.commit()
+
+    def copy(self, src: str, dst: str, *, if_etag: str | None = None) -> None:
+        """Copy one blob to another key (server-side on S3). With `if_etag`, only while `src` still
+        has that ETag: ValueError when it changed (a client re-sent its upload meanwhile)."""
+        with self.open(src) as fh, self.writer(dst) as w:
             while chunk := fh.read(8 << 20):
                 w.write(chunk)
             w.commit()
