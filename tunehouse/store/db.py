@@ -98,6 +98,7 @@ def private_sqlite_file(url: str) -> None:
     # are open already then fail ("disk I/O error", seen when a second home was opened in a
     # process serving the first).
     if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
