@@ -165,3 +165,31 @@ def test_auto_upgrade_off_refuses_an_old_schema(tmp_path):
     with pytest.raises(RuntimeError, match="tunehouse db upgrade"):
         open_home(Settings(home=home, database_auto_upgrade=False))
     shutil.rmtree(home)
+
+
+def test_the_repair_query_runs_on_postgresql(request):
+    """The same repair on PostgreSQL, for a database made by `create_all` (as a development
+    build before migrations would have): duplicates dropped, index made, stamped, at head."""
+    from sqlalchemy import create_engine
+
+    from services.postgres import database_url
+
+    url = database_url(request)
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ux_metrics_job_step"))
+        conn.execute(text("INSERT INTO jobs (id, owner, status, method, model, training_file, config, attempts, "
+                          "created_at, updated_at) VALUES ('ft-1', 'a', 'completed', 'sft', 'm', 'f', '{}', 1, "
+                          "now(), now())"))
+        for step, loss in ((1, 3.0), (2, 2.0), (2, 1.5), (3, 1.0)):
+            conn.execute(text("INSERT INTO metrics (job_id, step, \"values\", created_at) VALUES ('ft-1', :s, :v, "
+                              "now())"), {"s": step, "v": json.dumps({"train_loss": loss})})
+    engine.dispose()
+    db = Database(url)
+    db.create()
+    with db.session() as s:
+        rows = s.execute(select(Metric.step, Metric.values).order_by(Metric.step)).all()
+        assert s.scalar(text("SELECT version_num FROM alembic_version")) == migrate.head()
+    db.dispose()
+    assert [(step, v["train_loss"]) for step, v in rows] == [(1, 3.0), (2, 1.5), (3, 1.0)]

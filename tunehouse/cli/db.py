@@ -42,9 +42,10 @@ def upgrade(home: HomeDir = None):
 def current(home: HomeDir = None):
     """Print the database's schema revision and this release's head."""
     from tunehouse.store import migrate
-    from tunehouse.store.db import migration_engine
+    from tunehouse.store.db import migration_engine, private_sqlite_file
 
     url = settings_for(home).db_url
+    private_sqlite_file(url)  # SQLite would make a missing file with the umask's mode
     engine = migration_engine(url)
     try:
         found = migrate.current(engine)

@@ -141,8 +141,8 @@ class Database:
                 migrate.upgrade(engine)
             elif (found := migrate.current(engine)) != migrate.head():
                 raise RuntimeError(f"The database schema is at revision {found or 'none'}, this release needs "
-                                   f"{migrate.head()}: run `tunehouse db upgrade` (or unset "
-                                   "TUNEHOUSE_DATABASE_AUTO_UPGRADE=false to upgrade at start).")
+                                   f"{migrate.head()}: run `tunehouse db upgrade` (or drop "
+                                   "TUNEHOUSE_DATABASE_AUTO_UPGRADE=false, and each process upgrades it at start).")
         finally:
             engine.dispose()
 
