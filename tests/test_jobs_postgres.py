@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from conftest import DATA
 from services.postgres import database_url
 from tunehouse import jobs
 from tunehouse.api.app import create_app
@@ -141,14 +142,15 @@ def test_transient_errors_are_recognised(db):
 
 
 def test_two_servers_start_together_on_an_empty_database(request, tmp_path):
-    """Two API servers (separate homes, one database, TUNEHOUSE_ADMIN_KEY set) start at once: the
-    schema is made once, one admin key row exists, the key works on both, no admin.key file."""
+    """Two API servers (separate homes, one database, TUNEHOUSE_ADMIN_KEY and TUNEHOUSE_SECRET set)
+    start at once: the schema is made once, one admin key row exists, the key works on both, an
+    upload begun on one finishes on the other, and neither writes admin.key or secret.key."""
     url, key = database_url(request), "th-" + "k" * 40
     barrier, apps, errors = threading.Barrier(2), [None, None], []
 
     def start(n: int) -> None:
         st = Settings(home=tmp_path / f"home{n}", database_url=url, admin_key=key, secret="s" * 32,
-                      embedded_worker=False)
+                      blob_dir=tmp_path / "blobs", embedded_worker=False)  # one store, as S3 will be
         barrier.wait()
         try:
             apps[n] = create_app(st)
@@ -162,14 +164,24 @@ def test_two_servers_start_together_on_an_empty_database(request, tmp_path):
         t.join()
     assert errors == []
     servers = [serve_in_thread(app) for app in apps]
+    auth = {"Authorization": f"Bearer {key}"}
+    data = (DATA / "api" / "chat.jsonl").read_bytes()
     try:
         for bg in servers:
-            r = httpx.get(f"{bg.url}/v3/whoami", headers={"Authorization": f"Bearer {key}"})
-            assert r.status_code == 200 and r.json()["api_key"]["id"]
-        # a file uploaded through one server is listed by the other (one database, one secret)
-        files = [httpx.get(f"{bg.url}/v1/files", headers={"Authorization": f"Bearer {key}"}).json()["data"]
-                 for bg in servers]
-        assert files[0] == files[1]
+            r = httpx.get(f"{bg.url}/v3/whoami", headers=auth)
+            assert r.status_code == 200 and r.json()["organization"]["id"] == "admin"
+        # The upload flow split over both: server 0 signs the PUT URL, server 1 (the same
+        # TUNEHOUSE_SECRET, no secret.key) accepts it; both then list and serve the file.
+        begun = httpx.post(f"{servers[0].url}/v1/files", headers=auth, data={"file_name": "chat.jsonl",
+                                                                            "purpose": "fine-tune"})
+        assert begun.status_code == 302, begun.text
+        put_url = begun.headers["location"].replace(servers[0].url, servers[1].url)
+        assert httpx.put(put_url, content=data).status_code == 200
+        file_id = begun.headers["x-together-file-id"]
+        assert httpx.post(f"{servers[0].url}/v1/files/{file_id}/preprocess", headers=auth).status_code == 200
+        for bg in servers:
+            assert [f["id"] for f in httpx.get(f"{bg.url}/v1/files", headers=auth).json()["data"]] == [file_id]
+            assert httpx.get(f"{bg.url}/v1/files/{file_id}/content", headers=auth).content == data
     finally:
         for bg in servers:
             bg.stop()

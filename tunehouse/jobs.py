@@ -165,7 +165,7 @@ def claim_next(s: Session, worker_id: str) -> Job | None:
     time): a conditional UPDATE, so two workers never both win."""
     if s.get_bind().dialect.name == "postgresql":
         job = s.scalar(select(Job).where(Job.status == "queued").order_by(Job.created_at).limit(1)
-                       .with_for_update(skip_locked=True))
+                       .with_for_update(skip_locked=True).execution_options(populate_existing=True))
         if job is None:
             return None
         now = db_now(s)

@@ -8,9 +8,10 @@ Run it with that release's code, e.g. from the repository root:
     PYTHONPATH=/tmp/th-227d48c .venv/bin/python tests/data/make_old_home.py tests/data
 
 It writes through that release's own services: a key per owner, two datasets uploaded and
-validated by the FileService, two jobs created as `POST /v1/fine-tunes` does (one then claimed and
-completed with events, metrics and checkpoint blobs; one left queued), and a model added as `tunehouse models add` does. Times and ids are random: the JSON
-records them.
+validated by the FileService, two jobs created as `POST /v1/fine-tunes` does (one then claimed
+and completed with events, metrics and checkpoint blobs; one left queued), and a model added as
+`tunehouse models add` does. Times and ids are random: the JSON records them. The archive is
+5.7 kB; the tiny model the jobs name is built in a cache outside the home.
 """
 
 from __future__ import annotations

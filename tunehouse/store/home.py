@@ -34,7 +34,10 @@ def open_home(settings: Settings) -> Home:
     db.create(upgrade=settings.database_auto_upgrade)
     blobs = BlobStore(settings.blobs_path)
     blobs.sweep_temp()
-    secret = settings.secret.get_secret_value().encode() if settings.secret else load_or_create_secret(settings.secret_path)
+    if settings.secret:
+        secret = settings.secret.get_secret_value().encode()
+    else:
+        secret = load_or_create_secret(settings.secret_path)
     return Home(settings, db, blobs, secret)
 
 
