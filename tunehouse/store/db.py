@@ -82,6 +82,11 @@ def migration_engine(url: str) -> Engine:
     not make the driver begin one)."""
     engine = make_engine(url, poolclass=NullPool)
     if url.startswith("sqlite"):
+        # A SQLite migration that changes a column recreates the table (copy, drop, rename): with
+        # foreign keys on, dropping `jobs` would cascade-delete every event, metric and
+        # checkpoint. Off for the upgrade (it cannot change inside a transaction); `migrate`
+        # checks the keys before it commits.
+        event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.execute("PRAGMA foreign_keys=OFF"))
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return engine
 

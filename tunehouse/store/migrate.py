@@ -68,6 +68,8 @@ def upgrade(engine: Engine) -> bool:
             _repair_metric_index(conn)
             command.stamp(config(conn), BEFORE_MIGRATIONS)
         command.upgrade(config(conn), "head")
+        if conn.dialect.name == "sqlite" and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").all()):
+            raise RuntimeError(f"the upgrade would leave rows pointing at nothing ({broken[:3]}…); rolled back")
     return True
 
 
