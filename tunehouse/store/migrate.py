@@ -14,7 +14,9 @@ that schema) and upgraded from there.
 A new revision: change `tables.py`, then
     python -m tunehouse.store.migrate revision "what changed"
 which autogenerates `versions/NNNN_….py` against a scratch SQLite database; read it before
-committing (`test_migrations.py` fails while a table change has no migration).
+committing (`test_migrations.py` fails while a table change has no migration). On SQLite a column
+change recreates the table (Alembic's batch mode); the upgrade runs with foreign keys off so that
+dropping the old `jobs` does not cascade to its events, metrics and checkpoints (0002 does this).
 """
 
 from __future__ import annotations
