@@ -63,3 +63,10 @@ def test_worker_passes_the_secret_to_its_training_child(tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
     assert open_home(Settings()).secret == SECRET.encode()
     assert not (tmp_path / "h" / "secret.key").exists()
+
+
+def test_plain_postgresql_urls_use_the_installed_driver(tmp_path):
+    for given in ("postgresql://u:p@db:5432/th", "postgres://u:p@db:5432/th"):
+        assert Settings(home=tmp_path, database_url=given).db_url == "postgresql+psycopg://u:p@db:5432/th"
+    same = "postgresql+psycopg://u@db/th"
+    assert Settings(home=tmp_path, database_url=same).db_url == same

@@ -86,7 +86,10 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home / 'tunehouse.db'}"
+        url = self.database_url or f"sqlite:///{self.home / 'tunehouse.db'}"
+        # The usual `postgresql://` / `postgres://` means psycopg2 to SQLAlchemy; psycopg 3 is the driver installed.
+        scheme, sep, rest = url.partition("://")
+        return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgres", "postgresql") else url
 
     @property
     def blobs_path(self) -> Path:
