@@ -14,12 +14,13 @@ import torch
 import together
 from together import Together
 
-from conftest import DATA, _serve
+from conftest import BACKENDS, DATA, _serve, backend_settings
 from jobs_support import untar_zst, wait_for, write_chat
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 CHAT = DATA / "api" / "chat.jsonl"
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def sdk(live, key=None) -> Together:
@@ -187,8 +188,9 @@ def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
     assert step < done.total_steps
 
 
-def test_server_restart_mid_run_keeps_state(tmp_path, model_cache):
-    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True)
+def test_server_restart_mid_run_keeps_state(tmp_path, model_cache, store_backend, request):
+    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True,
+                        **backend_settings(request, store_backend))
     live, bg = _serve(settings)
     c = sdk(live)
     job = _long_job(c, tmp_path, rows=100)

@@ -26,10 +26,13 @@ class ApiError(Exception):
 
 
 def resolve_api_key(explicit: str | None, settings: Settings | None = None) -> str | None:
-    """--api-key, then TUNEHOUSE_API_KEY / TOGETHER_API_KEY, then the admin key the first
-    `tunehouse serve` stored in the home."""
+    """--api-key, then TUNEHOUSE_API_KEY / TOGETHER_API_KEY, then TUNEHOUSE_ADMIN_KEY, then the
+    admin key the first `tunehouse serve` stored in the home."""
     key = explicit or os.environ.get("TUNEHOUSE_API_KEY") or os.environ.get("TOGETHER_API_KEY")
-    return key or read_key_file((settings or Settings()).admin_key_path)
+    if key:
+        return key
+    settings = settings or Settings()
+    return settings.admin_key.get_secret_value() if settings.admin_key else read_key_file(settings.admin_key_path)
 
 
 class Client:

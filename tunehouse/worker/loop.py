@@ -179,6 +179,8 @@ class Worker:
         env = dict(os.environ, TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url,
                    TUNEHOUSE_BLOB_DIR=str(st.blobs_path), PYTHONUNBUFFERED="1")
         env[TIMEOUT_ENV] = str(st.dist_timeout_s)
+        if st.secret:  # the child opens the job's sealed keys with it
+            env["TUNEHOUSE_SECRET"] = st.secret.get_secret_value()
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
         elif self.num_processes > 1 and "OMP_NUM_THREADS" not in env:
