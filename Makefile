@@ -10,7 +10,7 @@ V1STAMP := $(V1)/.installed
 # This machine's CPU build of torch; GPU users install their CUDA torch first (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench clean chromium screenshots
+.PHONY: venv demo test test-fast bench clean chromium postgres screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,16 @@ demo: $(STAMP)
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
-test: $(STAMP) $(V1STAMP) chromium
+# The store, jobs and API tests also run on a real PostgreSQL (tests/services/postgres.py starts
+# one per session from Debian's server binaries); they fail under CI=true when it is missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -q && apt-get install -y -q postgresql)
+
+test: $(STAMP) $(V1STAMP) chromium postgres
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) $(V1STAMP) chromium
+test-fast: $(STAMP) $(V1STAMP) chromium postgres
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP) $(V1STAMP) chromium  # ~40 min on 2 cores; each bench's last line is its JSON summary

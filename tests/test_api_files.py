@@ -196,6 +196,17 @@ def test_checksum_mismatch_leaves_nothing_listed(live):
         assert not list((live.settings.blobs_path / ".tmp").iterdir()), "no temp file left behind"
 
 
+def test_too_large_upload_is_refused_and_dropped(live):
+    live.settings.max_file_bytes = 100
+    file_id, location = _begin(live)
+    r = httpx.put(location, content=CHAT.read_bytes())
+    if _s3(live):  # a presigned PUT cannot cap the size: the claim refuses it
+        assert r.status_code == 200
+        r = _preprocess(live, file_id)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert file_id not in _listed(live) and _blobs(live, file_id) == []
+
+
 def test_interrupted_put_leaves_nothing(live):
     file_id, location = _begin(live)
 
@@ -294,6 +305,37 @@ def test_multipart_flow(live, tmp_path):
                        json={"upload_id": r.json()["upload_id"], "file_id": r.json()["file_id"]})
     assert abort.status_code == 200 and r.json()["file_id"] not in _listed(live)
     assert _blobs(live, r.json()["file_id"]) == []
+
+
+def test_v3_sdk_multipart_upload(live, tmp_path, monkeypatch):
+    """The SDK's own multipart path (normally above 5 GB), made to run on 6 MiB in two parts: on
+    S3 its parts go to presigned UploadPart URLs and the store checks their ETags."""
+    import together.lib.resources.files as sdk_files
+
+    monkeypatch.setattr(sdk_files, "MULTIPART_THRESHOLD_GB", 0.001)
+    monkeypatch.setattr(sdk_files, "TARGET_PART_SIZE_MB", 5)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(_big_chat(tmp_path))
+    seen = []
+    http = httpx.Client(event_hooks={"request": [lambda r: seen.append((r.method, r.url.path))]})
+    f = Together(base_url=live.url, api_key=live.key, max_retries=0, http_client=http).files.upload(path)
+    assert ("POST", "/v1/files/multipart/initiate") in seen and ("POST", "/v1/files/multipart/complete") in seen
+    assert len([m for m, _ in seen if m == "PUT"]) == 2
+    assert f.processing_status == "COMPLETED" and f.bytes == path.stat().st_size
+    assert sdk(live).files.content(f.id).read() == path.read_bytes()
+    assert _blobs(live, f.id) == [f"files/{f.id}.jsonl"]
+
+
+def test_dashboard_upload_goes_through_the_server(live):
+    """The browser's PUT stays on the API's origin (no CORS needed on the bucket), also on S3."""
+    from tunehouse.api.auth import WEB_HEADER
+
+    r = httpx.post(f"{live.url}/v1/files", headers=auth(live.key) | {WEB_HEADER: "1"},
+                   data={"purpose": "fine-tune", "file_name": "chat.jsonl", "file_type": "jsonl"})
+    assert r.status_code == 200 and r.json()["upload_url"].startswith(live.url + "/v1/files/")
+    assert httpx.put(r.json()["upload_url"], content=CHAT.read_bytes()).status_code == 200
+    assert _preprocess(live, r.json()["id"]).json()["processing_status"] == "COMPLETED"
+    assert _blobs(live, r.json()["id"]) == [f"files/{r.json()['id']}.jsonl"]
 
 
 def test_content_range(live):

@@ -46,6 +46,27 @@ def test_v1_sdk_files_roundtrip(v1_python, live, tmp_path):
     assert res["err"] and res["id"] in res["err"]
 
 
+def test_v1_sdk_multipart_upload(v1_python, live, tmp_path):
+    """together 1.x's multipart path (normally above 5 GB) on 6 MiB in two parts."""
+    line = CHAT.read_bytes().splitlines(keepends=True)[0]
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(line * ((6 << 20) // len(line) + 1))
+    res = run_v1(v1_python, live, f"""
+        import together.resources.files, together.filemanager
+        together.resources.files.MULTIPART_THRESHOLD_GB = 0.001
+        together.filemanager.TARGET_PART_SIZE_MB = 5
+        M = together.filemanager.MultipartUploadManager
+        parts, send = [], M._upload_single_part
+        M._upload_single_part = lambda self, info, data: parts.append(len(data)) or send(self, info, data)
+        c = Together()
+        f = c.files.upload({str(big)!r})
+        c.files.retrieve_content(f.id, output={str(tmp_path / "out.jsonl")!r})
+        print(json.dumps(dict(id=f.id, bytes=c.files.retrieve(f.id).bytes, parts=parts)))
+    """)
+    assert res["bytes"] == big.stat().st_size and len(res["parts"]) == 2
+    assert (tmp_path / "out.jsonl").read_bytes() == big.read_bytes()
+
+
 def test_v1_sdk_errors_parse_and_other_owner(v1_python, live):
     f = run_v1(v1_python, live, f"print(json.dumps({{'id': Together().files.upload({str(CHAT)!r}).id}}))")
     res = run_v1(v1_python, live, f"""

@@ -14,19 +14,19 @@ import torch
 import together
 from together import Together
 
-from conftest import BACKENDS, DATA, _serve
+from conftest import BACKENDS, DATA, _serve, backend_settings
 from jobs_support import untar_zst, wait_for, write_chat
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 CHAT = DATA / "api" / "chat.jsonl"
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def sdk(live, key=None) -> Together:
     return Together(base_url=live.url, api_key=key or live.key, max_retries=0)
 
 
-@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_lora_job_end_to_end(live_worker, tmp_path):
     c = sdk(live_worker)
     train = c.files.upload(write_chat(tmp_path / "train.jsonl", 24))
@@ -146,7 +146,6 @@ def _wait_checkpoint(live, job_id: str, timeout: float = 120) -> int:
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
     job = _long_job(c, tmp_path, rows=100)  # long enough that the cancel lands mid-training
@@ -173,7 +172,6 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     assert blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
 
 
-@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
     job = _long_job(c, tmp_path)
@@ -191,8 +189,9 @@ def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
     assert step < done.total_steps
 
 
-def test_server_restart_mid_run_keeps_state(tmp_path, model_cache):
-    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True)
+def test_server_restart_mid_run_keeps_state(tmp_path, model_cache, store_backend, request):
+    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True,
+                        **backend_settings(request, store_backend))
     live, bg = _serve(settings)
     c = sdk(live)
     job = _long_job(c, tmp_path, rows=100)

@@ -10,11 +10,15 @@ import openai
 import pytest
 from together import Together
 
-from conftest import DATA
+from conftest import BACKENDS, DATA
 
 CHAT = DATA / "api" / "chat.jsonl"
 USER_USER = DATA / "api" / "user_user.jsonl"
 TINY = "tunehouse/tiny-llama"
+
+
+# On S3 the openai SDK's one-shot upload streams through the API into the store.
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def oa(live, key=None) -> openai.OpenAI:

@@ -77,19 +77,42 @@ def test_stream_multi_mib_and_ranges(store):
 
 @both
 def test_big_blob_multipart_streams(store, store_backend):
-    """20 MiB through the writer: three parts on S3, read back identical."""
+    """40 MiB through the writer (five parts on S3) in bounded memory, read back identical."""
+    import tracemalloc
+
     block = os.urandom(MIB)
+    tracemalloc.start()
     with store.writer("jobs/j/big") as w:
-        for i in range(20):
+        for i in range(40):
             w.write(block[i:] + block[:i])
         w.commit()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 24 * MIB, f"the writer held {peak / MIB:.0f} MiB"  # one 8 MiB part (and its copy), not 40
     h = hashlib.sha256()
-    for i in range(20):
+    for i in range(40):
         h.update(block[i:] + block[:i])
     got = hashlib.sha256()
-    for chunk in store.read_range("jobs/j/big", 0, 20 * MIB - 1):
+    for chunk in store.read_range("jobs/j/big", 0, 40 * MIB - 1):
         got.update(chunk)
     assert got.hexdigest() == h.hexdigest() == w.sha256
+
+
+@both
+def test_copy_only_while_unchanged(store):
+    """Past 8 MiB S3 copies in UploadPartCopy parts; `if_etag` refuses a source that changed."""
+    data = os.urandom(MIB) * 10
+    store.put_bytes("uploads/file-c", data)
+    info = store.head("uploads/file-c")
+    assert info.size == len(data)
+    store.copy("uploads/file-c", "files/file-c.jsonl", if_etag=info.etag)
+    assert store.size("files/file-c.jsonl") == len(data)
+    assert b"".join(store.read_range("files/file-c.jsonl", len(data) - 5, len(data) - 1)) == data[-5:]
+    if info.etag:  # S3: a re-sent upload between the check and the copy is not copied
+        store.put_bytes("uploads/file-c", b"replaced")
+        with pytest.raises(ValueError):
+            store.copy("uploads/file-c", "files/file-d.jsonl", if_etag=info.etag)
+        assert not store.exists("files/file-d.jsonl")
 
 
 @both
@@ -161,6 +184,20 @@ def test_cache_evicts_least_recently_used(store, store_backend, tmp_path):
     assert cached == {store.cache.entry("files/a").name, store.cache.entry("files/c").name}
     assert a.read_bytes() == b"a" * 100 and store.cache.size() == 200
     assert store.local_file("files/b").read_bytes() == b"b" * 100  # refetched on demand
+
+
+def test_cache_sweep_spares_a_fill_in_progress(tmp_path):
+    """A crashed fill's temp folder goes; one whose file is still being written stays, however
+    old its folder (a 50 GB download outlasts any grace period)."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    past = time.time() - 7200
+    for name in ("crashed", "busy"):
+        (cache.root / ".tmp" / name).mkdir()
+        (cache.root / ".tmp" / name / "data").write_bytes(b"x")
+        os.utime(cache.root / ".tmp" / name, (past, past))
+    os.utime(cache.root / ".tmp" / "crashed" / "data", (past, past))
+    cache.sweep_temp(3600)
+    assert [p.name for p in (cache.root / ".tmp").iterdir()] == ["busy"]
 
 
 FILL = """

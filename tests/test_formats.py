@@ -5,6 +5,7 @@ memory and parallel paths behave. Parquet files and the large files are generate
 from __future__ import annotations
 
 import json
+import random
 import tracemalloc
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tunehouse.data import workers
+from tunehouse.data import jsonl, rules, workers
 from tunehouse.data.formats import DATASET_FORMATS, RULES, check_file, detect_format
 
 DATA = Path(__file__).parent / "data"
@@ -243,9 +244,11 @@ def test_progress_and_bounded_memory(tmp_path):
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
 
 
-def test_parallel_report_equals_single_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_report_equals_single_process(start, tmp_path, monkeypatch):
     """Blocks of 64 KiB over ~1 MB with errors, blank lines and a line crossing blocks: the
-    2-process report equals the 1-process one."""
+    2-process report equals the 1-process one, with forked and with spawned workers."""
+    monkeypatch.setattr(workers, "_start_method", lambda: start)
     rows = []
     for i in range(3000):
         rows.append(OK)
@@ -254,7 +257,7 @@ def test_parallel_report_equals_single_process(tmp_path, monkeypatch):
                      {"messages": [{"role": "user", "content": "y" * 200_000}]}]
     path = write_lines(tmp_path / "mixed.jsonl", rows)
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
-    from tunehouse.data import jsonl
+    monkeypatch.setattr(workers, "SPAWN_MIN_BYTES", 0)
     monkeypatch.setattr(jsonl, "BLOCK", 64 * 2**10)
     one = check_file(path, max_errors=15, workers=1)
     two = check_file(path, max_errors=15, workers=2)
@@ -262,6 +265,147 @@ def test_parallel_report_equals_single_process(tmp_path, monkeypatch):
     assert (one.problems, one.num_lines, one.num_samples, one.dataset_format, one.flags) == (
         two.problems, two.num_lines, two.num_samples, two.dataset_format, two.flags)
     assert one.problems[0].line == 9 and one.problems[0].rule == "blank_line"
+
+
+# ---- the fast path (msgspec on raw lines) gives exactly the precise path's report ----
+
+def _report(path: Path, purpose: str) -> tuple:
+    r = check_file(path, purpose, max_errors=100_000, workers=1)
+    return r.problems, r.num_lines, r.num_samples, r.dataset_format, r.flags
+
+
+def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int]:
+    """(report with the fast path, report with every line through the precise path, lines the
+    fast path accepted)."""
+    accepted = [0]
+
+    def counting(fmt, purpose):
+        one, run = rules.plain_acceptor(fmt, purpose)
+
+        def counted_one(line):
+            ok = one(line)
+            accepted[0] += ok
+            return ok
+
+        def counted_run(*args):
+            pos, n = run(*args)
+            accepted[0] += n
+            return pos, n
+
+        return rules.Acceptor(counted_one, counted_run)
+
+    with monkeypatch.context() as m:
+        m.setattr(jsonl, "plain_acceptor", counting)
+        fast = _report(path, purpose)
+    with monkeypatch.context() as m:
+        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: rules.plain_acceptor(None, "fine-tune"))
+        precise = _report(path, purpose)
+    return fast, precise, accepted[0]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in {*BAD, *GOOD} if n.endswith(".jsonl")))
+def test_fast_path_equals_precise_path_on_the_corpus(name, monkeypatch):
+    path = DATA / ("bad" if name in BAD else "good") / name
+    for purpose in ("fine-tune", "eval", "batch-api"):
+        fast, precise, _ = both_paths(path, purpose, monkeypatch)
+        assert fast == precise, purpose
+
+
+U = b'{"role": "user", "content": "Hi"}'
+A = b'{"role": "assistant", "content": "Hello."}'
+S = b'{"role": "system", "content": "Be brief."}'
+
+
+def conv(*msgs: bytes) -> bytes:
+    return b'{"messages": [' + b", ".join(msgs) + b"]}"
+
+
+EDGE_LINES = [  # near-plain rows: each is accepted by the fast path or gets the precise verdict
+    conv(U, A), conv(S, U, A), conv(U, A, U), conv(U, A, U, A, U, A), conv(S, U, A, U, A),
+    conv(U), conv(A), conv(S), conv(), conv(U, U, A), conv(U, S, A), conv(S, S, U, A),
+    conv(A, U), conv(S, A), b'{"messages": [' + U + b", " + A + b"], \"messages\": []}",
+    b'{"messages": [], "messages": [' + U + b", " + A + b"]}",  # duplicate key: the last one wins
+    conv(b'{"role": "assistant", "role": "user", "content": "x"}', A),
+    conv(b'{"role": "user", "content": 1, "content": "x"}', A),
+    conv(b'{"r\\u006fle": "user", "content": "x"}', A), conv(b'{"role": "us\\u0065r", "content": "x"}', A),
+    conv(b'{"content": "x", "role": "user"}', A), conv(b'{"role": "user", "content": ""}', A),
+    conv(b'{"role": "user", "content": null}', A), conv(b'{"role": "user", "content": 3}', A),
+    conv(b'{"role": "user", "content": ["x"]}', A), conv(b'{"role": "user"}', A),
+    conv(b'{"role": "tool", "content": "x"}', A), conv(b'{"role": "User", "content": "x"}', A),
+    conv(b'{"role": "user", "content": "x", "weight": 1}', A),
+    conv(b'{"role": "user", "content": "x", "name": "bob"}', A),
+    conv(b'{"role": "user", "content": "h\xffi"}', A), conv(b'{"role": "user", "content": "h\xc0\xafi"}', A),
+    conv(b'{"role": "user", "content": "h\xed\xa0\x80i"}', A),  # an encoded surrogate
+    conv(b'{"role": "user", "content": "h\\ud800i"}', A),  # a lone escaped surrogate
+    conv(b'{"role": "user", "content": "h\\ud83d\\ude00i \xe2\x82\xac \\u00e9 \\n\\t\\"\\\\\\/"}', A),
+    conv(b'{"role": "user", "content": "h\\xi"}', A), conv(b'{"role": "user", "content": "h\x01i"}', A),
+    conv(b'{"role": "user", "content": "h\x7fi"}', A), conv(b'{"role": "user", "content": "\\u0000"}', A),
+    b" \t" + conv(U, A) + b" \t\r", conv(U, A) + b"\x0c", conv(U, A) + b"\xc2\xa0", conv(U, A) + b" x",
+    conv(U, A)[:-1] + b",]}", conv(U, A)[:-1] + b"]", conv(U, A)[:-2], conv(U, A) + b"\x00",
+    b'{"messages": [' + U + b", " + A + b'], "tools": []}', b'{"messages": {}}', b"[]", b"null", b"",
+    b"   ", b"\r", b'{"messages": [' + U + b", " + A + b"], \"x\": NaN}",
+    b'{"prompt": "a", "completion": "b"}', b'{"prompt": "", "completion": ""}', b'{"prompt": "a"}',
+    b'{"completion": "b", "prompt": "a"}', b'{"prompt": "a", "completion": 1}',
+    b'{"prompt": "a", "completion": "b", "text": "c"}', b'{"text": "a"}', b'{"text": ""}', b'{"text": 1}',
+    b'{"text": "\\u00e9"}', b'{"text": "a", "text": ""}', b'{"text": "", "text": "a"}',
+]
+
+
+@pytest.mark.parametrize("first", [conv(U, A), b'{"prompt": "a", "completion": "b"}', b'{"text": "a"}'])
+def test_fast_path_equals_precise_path_on_edge_lines(first, tmp_path, monkeypatch):
+    """Each format's acceptor over near-plain rows (duplicate keys, escapes, bad UTF-8, white
+    space, wrong types and roles): same problems (line, field, rule, message) either way."""
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(b"\n".join([first, *EDGE_LINES, first]) + b"\n")
+    for purpose in ("fine-tune", "eval", "batch-api"):
+        fast, precise, accepted = both_paths(path, purpose, monkeypatch)
+        assert fast == precise, purpose
+        assert accepted >= 2, purpose  # the fast path was really taken
+
+
+def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
+    """Plain rows with random bytes deleted, inserted or replaced (JSON syntax, escapes, bad
+    UTF-8, control bytes): same report either way, and the fast path took the intact rows."""
+    rng = random.Random(14)
+    alphabet = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\r", b"\t", b"u", b"0",
+                b"d8", b"\xff", b"\xc3", b"\x00", b"\x01", b"n", b"e", b"1", b"system", b"user"]
+    rows = []
+    for i in range(1500):
+        shapes = [conv(S, U, A), conv(U, A, U, A), b'{"prompt": "q", "completion": "a"}']
+        row = shapes[i % 3 if i < 1200 else 2]
+        for _ in range(rng.choice((0, 1, 1, 2, 3))):
+            k = rng.randrange(len(row) + 1)
+            op = rng.random()
+            if op < 0.3:
+                row = row[:k] + row[k + 1:]
+            elif op < 0.7:
+                row = row[:k] + rng.choice(alphabet) + row[k:]
+            else:
+                row = row[:k] + rng.choice(alphabet) + row[k + 1:]
+        rows.append(row)
+    for fmt_first, name in ((conv(U, A), "chat"), (b'{"prompt": "q", "completion": "a"}', "instr")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(b"\n".join([fmt_first, *rows]) + b"\n")
+        fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
+        assert fast == precise
+        assert accepted > 100 and fast[0]
+
+
+@pytest.mark.parametrize("chunk, block", [(1, 64), (7, 64), (64, 1000), (4096, 333)])
+def test_chunk_and_block_boundaries_do_not_change_the_report(chunk, block, tmp_path, monkeypatch):
+    """Lines cut anywhere by reads and blocks (a 1-byte read, lines longer than a read, blocks
+    ending mid-line, CRLF, no final newline): the report equals the one of whole-file reads."""
+    rng = random.Random(5)
+    rows = [rng.choice([conv(S, U, A), conv(U, A, U, A), b"", b"[1]", b'{"text": "x"}',
+                        conv(U, b'{"role": "assistant", "content": "' + b"y" * rng.randrange(300) + b'"}'),
+                        conv(U, A) + b"\r", conv(U, U)]) for _ in range(300)]
+    path = tmp_path / "cuts.jsonl"
+    path.write_bytes(b"\n".join([conv(U, A), *rows]))
+    whole = _report(path, "fine-tune")
+    monkeypatch.setattr(jsonl, "CHUNK", chunk)
+    monkeypatch.setattr(jsonl, "BLOCK", block)
+    assert _report(path, "fine-tune") == whole
+    assert whole[0] and whole[1] == 301
 
 
 def make_parquet(path: Path, columns: dict) -> Path:

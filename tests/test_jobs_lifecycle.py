@@ -1,7 +1,8 @@
-"""The job state machine and recovery rules, without HTTP or training."""
+"""The job state machine and recovery rules, without HTTP or training; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -14,18 +15,15 @@ from tunehouse.store.db import Database
 from tunehouse.store.tables import Job, utcnow
 
 CONFIG = {"train": {"lora": True}, "extra": {}}
-
-
 pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 @pytest.fixture
 def db(settings):
-    """The backend's database: an SQLite file, or (remote) the database server's."""
-    settings.home.mkdir(parents=True, exist_ok=True)
     d = Database(settings.db_url)
     d.create()
-    return d
+    yield d
+    d.dispose()
 
 
 def _job(s, status="queued", **kw) -> Job:
@@ -99,3 +97,38 @@ def test_fresh_heartbeat_is_left_alone_and_own_jobs_recover_on_start(db):
         assert jobs.recover_stale(s, timeout_s=60) == []
         assert jobs.recover_own(s, "me") == [mine_id]
         assert s.get(Job, alive_id).status == "running" and s.get(Job, mine_id).status == "queued"
+
+
+def test_many_workers_claim_each_job_exactly_once(db, settings):
+    """Eight workers, each with its own engine (its own connections), claim from 20 queued jobs
+    at once until none is left: every job is claimed once, by one worker, on its first attempt."""
+    with db.session() as s:
+        ids = {_job(s, "queued").id for _ in range(20)}
+    barrier, claims, errors = threading.Barrier(8), [], []
+
+    def work(n: int) -> None:
+        mine = Database(settings.db_url)
+        barrier.wait()
+        try:
+            while True:
+                job = mine.retrying(lambda s: jobs.claim_next(s, f"w{n}"), what="claim")
+                if job is None:
+                    return
+                claims.append((job.id, f"w{n}"))
+        except Exception as exc:  # noqa: BLE001 — asserted below
+            errors.append(exc)
+        finally:
+            mine.dispose()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(job_id for job_id, _ in claims) == sorted(ids), "each job claimed exactly once"
+    with db.session() as s:
+        rows = {j.id: j for j in s.query(Job).all()}
+    assert all(rows[i].status == "running" and rows[i].attempts == 1 for i in ids)
+    assert {rows[i].worker_id for i, _ in claims} == {w for _, w in claims}
+    assert len({w for _, w in claims}) > 1, "the claims were spread over several workers"

@@ -49,9 +49,10 @@ def _wait(predicate, timeout: float, what: str):
 
 
 def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, request):
-    # One database and one blob store; every home (API server, worker A, worker B) is its own.
+    # One database, one blob store and the server secret; every home (API server, worker A,
+    # worker B) is its own.
     shared = {"database_url": f"sqlite:///{tmp_path / 'shared.db'}", "blob_url": str(tmp_path / "store"),
-              **backend_settings(request, store_backend)}
+              "secret": "s" * 64, **backend_settings(request, store_backend)}
     live, bg = _serve(Settings(home=tmp_path / "api", embedded_worker=False, **shared))
     a = Settings(home=tmp_path / "a", model_cache=tmp_path / "a-models", **shared)
     worker_a = subprocess.Popen([sys.executable, "-m", "tunehouse", "worker"], env={**os.environ, **settings_env(a)},

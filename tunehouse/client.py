@@ -26,10 +26,13 @@ class ApiError(Exception):
 
 
 def resolve_api_key(explicit: str | None, settings: Settings | None = None) -> str | None:
-    """--api-key, then TUNEHOUSE_API_KEY / TOGETHER_API_KEY, then the admin key the first
-    `tunehouse serve` stored in the home."""
+    """--api-key, then TUNEHOUSE_API_KEY / TOGETHER_API_KEY, then TUNEHOUSE_ADMIN_KEY, then the
+    admin key the first `tunehouse serve` stored in the home."""
     key = explicit or os.environ.get("TUNEHOUSE_API_KEY") or os.environ.get("TOGETHER_API_KEY")
-    return key or read_key_file((settings or Settings()).admin_key_path)
+    if key:
+        return key
+    settings = settings or Settings()
+    return settings.admin_key.get_secret_value() if settings.admin_key else read_key_file(settings.admin_key_path)
 
 
 class Client:
@@ -148,13 +151,15 @@ class Client:
         return self.request("GET", f"/v1/fine-tunes/{job_id}/metrics", params=params)["metrics"]
 
     def download(self, job_id: str, dest: Path | None = None, checkpoint: str | None = None, step: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+                 progress: Callable[[int, int], None] | None = None, gguf_type: str | None = None) -> Path:
         """Download a job's weights (a zstd tar) the way the SDKs do (§5.8): probe the size with
         `Range: bytes=0-1`, stream into `<dest>.part`, resume with `Range: bytes=N-` after a broken
         connection, check the size, then rename. `dest` None or a folder: the server's file name."""
         params = {"ft_id": job_id, "checkpoint": checkpoint or "default"}
         if step:
             params["checkpoint_step"] = step
+        if gguf_type:
+            params["gguf_type"] = gguf_type
         probe = self._send("GET", "/v1/finetune/download", params=params, headers={"Range": "bytes=0-1"})
         total = int(probe.headers.get("content-range", "/0").rsplit("/", 1)[-1] or 0)
         if total <= 0:

@@ -42,7 +42,7 @@ def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: 
     """The folder to ship and a short name for it (e.g. `merged`, `adapter`, `step-000010`)."""
     kind = (checkpoint or "default").lower()
     if kind not in CHECKPOINT_KINDS:
-        raise InvalidInput(f"checkpoint must be one of {', '.join(CHECKPOINT_KINDS)}; got {checkpoint!r}.",
+        raise InvalidInput(f"checkpoint must be one of {', '.join(CHECKPOINT_KINDS)} or gguf; got {checkpoint!r}.",
                            param="checkpoint")
     cps = jobs.checkpoints(s, job.id)
     if step:

@@ -151,10 +151,11 @@ class FileService:
         s.flush()
         return f, signing.sign(self.home.secret, f.id, nonce, self.settings.upload_token_ttl_s)
 
-    def upload_url(self, f: File, token: str, base: str) -> str:
-        """Step 2's URL: a presigned PUT straight into the store when it has one, else ours."""
-        direct = self.home.blobs.presigned_put(staging_key(f), self.settings.upload_token_ttl_s)
-        return direct or f"{base}/v1/files/{f.id}/bytes?token={token}"
+    def upload_url(self, f: File, token: str, base: str, *, direct: bool = True) -> str:
+        """Step 2's URL: a presigned PUT straight into the store when it has one (and `direct`),
+        else ours, which streams the bytes through this server into the store."""
+        url = self.home.blobs.presigned_put(staging_key(f), self.settings.upload_token_ttl_s) if direct else None
+        return url or f"{base}/v1/files/{f.id}/bytes?token={token}"
 
     def part_url(self, f: File, part: int, token: str, base: str) -> str:
         if s3_id := (f.multipart or {}).get("s3_upload_id"):
@@ -236,7 +237,9 @@ class FileService:
         except FileNotFoundError:
             raise InvalidInput(f"The bytes of {f.id} have not arrived; PUT the file to its upload URL first.",
                                param="id", code="upload_incomplete") from None
-        self._check_size(info.size)
+        if info.size > self.settings.max_file_bytes:  # a presigned PUT cannot cap its size: refuse it here
+            blobs.delete(key)
+            self._check_size(info.size)
         sha = hashlib.sha256()
         with blobs.open(key) as fh:
             while chunk := fh.read(8 << 20):

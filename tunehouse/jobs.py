@@ -148,12 +148,35 @@ def delete_job(s: Session, job: Job) -> None:
 
 
 # -- worker side --------------------------------------------------------------------------------
+# Heartbeats and the staleness check read the database's clock, never the worker's: workers on
+# several machines compare times one of them wrote with times another reads, and a worker whose
+# clock is 10 minutes off would otherwise requeue live jobs (or have its own requeued).
+def db_now(s: Session) -> datetime:
+    """The database's time: PostgreSQL's `now()` (the transaction's start); SQLite is a file on
+    this machine, so this machine's clock is the database's."""
+    if s.get_bind().dialect.name == "postgresql":
+        return s.scalar(select(func.now()))
+    return utcnow()
+
+
 def claim_next(s: Session, worker_id: str) -> Job | None:
-    """Atomically take the oldest queued job: a conditional UPDATE, so two workers never both
-    win (works the same on SQLite and PostgreSQL)."""
+    """Atomically take the oldest queued job. PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so
+    workers claiming at once each lock a different row and none waits; SQLite (one writer at a
+    time): a conditional UPDATE, so two workers never both win."""
+    if s.get_bind().dialect.name == "postgresql":
+        job = s.scalar(select(Job).where(Job.status == "queued").order_by(Job.created_at).limit(1)
+                       .with_for_update(skip_locked=True).execution_options(populate_existing=True))
+        if job is None:
+            return None
+        now = db_now(s)
+        job.status, job.worker_id, job.heartbeat_at, job.updated_at = "running", worker_id, now, now
+        job.attempts += 1
+        job.started_at = job.started_at or now
+        s.flush()
+        return job
     candidates = s.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at).limit(5))
     for job_id in list(candidates):
-        now = utcnow()
+        now = db_now(s)
         res = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
             status="running", worker_id=worker_id, heartbeat_at=now, updated_at=now,
             attempts=Job.attempts + 1))
@@ -172,7 +195,7 @@ def heartbeat(s: Session, job_id: str, worker_id: str) -> str | None:
     if job is None:
         return None
     if job.worker_id == worker_id:
-        job.heartbeat_at = utcnow()
+        job.heartbeat_at = db_now(s)
     return job.status
 
 
@@ -191,9 +214,9 @@ def requeue_or_fail(s: Session, job: Job, reason: str) -> None:
                   f"Job restarted ({reason}); it resumes from its last checkpoint", level="warning")
 
 
-def recover_stale(s: Session, timeout_s: float, now: datetime | None = None) -> list[str]:
-    """Requeue (or fail) active jobs whose heartbeat is older than `timeout_s`."""
-    cutoff = (now or utcnow()) - timedelta(seconds=timeout_s)
+def recover_stale(s: Session, timeout_s: float) -> list[str]:
+    """Requeue (or fail) active jobs whose heartbeat is older than `timeout_s` by the database's clock."""
+    cutoff = db_now(s) - timedelta(seconds=timeout_s)
     stale = s.scalars(select(Job).where(Job.status.in_(ACTIVE | {"cancel_requested"}), Job.heartbeat_at < cutoff))
     out = []
     for job in list(stale):

@@ -2,7 +2,7 @@
 encrypted and authenticated with Fernet (AES-128-CBC + HMAC-SHA256, from `cryptography`) under a
 key derived from the home's secret. The database alone, or a backup of it, does not give them
 away; only a process holding the home's secret (the training child) opens them. A worker on another
-machine needs the server's `secret.key` in its own home.
+machine needs the server's secret: the same `TUNEHOUSE_SECRET` setting (or a copy of its `secret.key`).
 
 A sealed value is the text `sealed:v1:<fernet token>`.
 """
@@ -40,5 +40,6 @@ def unseal(secret: bytes, value: str) -> str:
         return _fernet(secret).decrypt(value[len(PREFIX):].encode()).decode()
     except InvalidToken:
         raise ValueError("a key given to this job cannot be decrypted here: this worker's home has another "
-                         "secret.key than the server's (copy the server's into the worker's home), or the "
+                         "secret than the server's (give both the same TUNEHOUSE_SECRET, or copy the server's "
+                         "secret.key into the worker's home), or the "
                          "secret changed since the job was created (create it again)") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
@@ -18,7 +18,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEHOUSE_", extra="ignore")
 
     home: Path = Field(Path("~/.tunehouse"), description="Folder holding the database, blobs, keys and model cache.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default an SQLite file in the home (WAL mode).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default an SQLite file in the home (WAL mode). "
+                                     "Several machines: `postgresql+psycopg://user:password@host/db`.")
+    database_pool_size: int | None = Field(None, ge=1, description="Connections each process keeps open; default 20 "
+                                           "on SQLite, 10 on PostgreSQL.")
+    database_max_overflow: int | None = Field(None, ge=0, description="Connections a process may open beyond "
+                                              "those under load; default 80 on SQLite, 20 on PostgreSQL.")
+    database_auto_upgrade: bool = Field(True, description="Upgrade the schema when a process starts; false: refuse "
+                                        "to start until `tunehouse db upgrade` has been run.")
+    secret: SecretStr | None = Field(None, description="Server secret (signs upload URLs, seals job keys), at least "
+                                     "32 characters; default `secret.key` in the home, made on first start. Give "
+                                     "every API server and worker the same one.")
+    admin_key: SecretStr | None = Field(None, description="An admin API key made sure of at start (no `admin.key` "
+                                        "file is written); default: the first `serve` mints one into the home.")
     blob_dir: Path | None = Field(None, description="Blob store folder; default `blobs/` in the home. "
                                   "Ignored when `blob_url` is set.")
     blob_url: str | None = Field(
@@ -52,6 +64,9 @@ class Settings(BaseSettings):
                              "`0,1,2,3` (CUDA_VISIBLE_DEVICES of its training processes); default every visible GPU.")
     num_processes: int | None = Field(None, ge=1, description="Training processes per job (torchrun; one per GPU). "
                                       "Default: one per GPU the worker owns, one on a CPU-only machine.")
+    heartbeat_timeout_s: float = Field(60, ge=5, description="Seconds without a heartbeat from a job's worker "
+                                       "(it beats every 2 s) before another worker requeues the job, which "
+                                       "resumes from its last checkpoint. Time is the database's clock.")
     dist_timeout_s: int = Field(1800, ge=10, description="Seconds a training process waits for the others in a "
                                 "collective before the attempt fails and the job is requeued.")
     serve_max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one forward, at most.")
@@ -63,12 +78,31 @@ class Settings(BaseSettings):
                              "float32), float32, bfloat16 or float16.")
     serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
 
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("TUNEHOUSE_SECRET must be at least 32 characters (it signs upload URLs and seals "
+                             "job keys); make one with `openssl rand -hex 32`")
+        return v
+
+    @field_validator("admin_key")
+    @classmethod
+    def _long_admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("TUNEHOUSE_ADMIN_KEY must be at least 32 characters; make one with "
+                             "`echo th-$(openssl rand -hex 24)`")
+        return v
+
     def model_post_init(self, _context) -> None:
         self.home = self.home.expanduser().resolve()
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home / 'tunehouse.db'}"
+        url = self.database_url or f"sqlite:///{self.home / 'tunehouse.db'}"
+        # The usual `postgresql://` / `postgres://` means psycopg2 to SQLAlchemy; psycopg 3 is the driver installed.
+        scheme, sep, rest = url.partition("://")
+        return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgres", "postgresql") else url
 
     @property
     def blobs_path(self) -> Path:

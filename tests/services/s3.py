@@ -90,16 +90,19 @@ class SeaweedFS:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited {self.proc.returncode}: {(self.dir / 'weed.log').read_text()[-2000:]}")
+                log = (self.dir / "weed.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"weed exited {self.proc.returncode}: {log}")
             try:
                 name = f"probe-{uuid.uuid4().hex[:12]}"
                 self.client.create_bucket(Bucket=name)  # S3 answers only once filer and volume are up
                 self.client.put_object(Bucket=name, Key="probe", Body=b"x")
                 self.client.delete_bucket(Bucket=name)
                 return
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not answer S3 within {timeout_s:.0f} s: {exc}") from exc
                 time.sleep(0.3)
 
     def env(self) -> dict[str, str]:
@@ -136,7 +139,14 @@ def s3_server(request) -> SeaweedFS:
     """The session's server, started on first use; its AWS_* variables set until the session ends."""
     global _server
     if _server is None:
-        server = SeaweedFS(require_weed())
+        weed = require_weed()
+        for attempt in range(3):  # a free port taken by another process meanwhile: new ports
+            try:
+                server = SeaweedFS(weed)
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
         saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
 

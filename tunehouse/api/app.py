@@ -27,12 +27,13 @@ from tunehouse.files import FileService
 from tunehouse.models.registry import Registry
 from tunehouse.serve.endpoints import Supervisor, model_dir_for
 from tunehouse.settings import Settings
-from tunehouse.store.home import open_home
+from tunehouse.store.home import ensure_configured_admin_key, open_home
 from tunehouse.web import router as web_routes
 
 
 def create_app(settings: Settings) -> FastAPI:
     home = open_home(settings)
+    ensure_configured_admin_key(home)  # TUNEHOUSE_ADMIN_KEY, if set
     worker = None
     if settings.embedded_worker:
         from tunehouse.worker.loop import Worker

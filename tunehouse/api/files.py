@@ -50,9 +50,11 @@ def begin_upload(request: Request, caller: CurrentCaller, session: SessionDep, f
                            "a multipart `file` part.", param="file_name")
     f, token = files.begin(session, caller.owner, purpose=purpose, file_name=file_name,
                            file_type=file_type, checksum=checksum)
-    location = files.upload_url(f, token, _public_base(request))
+    web = request.headers.get(WEB_HEADER) == "1"
+    # The dashboard's PUT stays on this origin: a browser PUT to the store would need CORS on the bucket.
+    location = files.upload_url(f, token, _public_base(request), direct=not web)
     headers = {"Location": location, "X-Together-File-Id": f.id}
-    if request.headers.get(WEB_HEADER) == "1":
+    if web:
         # The dashboard's fetch() cannot read a 302's Location (an opaque redirect): it gets the
         # same headers on a 200, the 2xx form the v3 SDK also accepts (api-reference §4.2).
         return JSONResponse({"id": f.id, "upload_url": location}, headers=headers)

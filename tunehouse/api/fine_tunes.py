@@ -11,8 +11,9 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from tunehouse import jobs
 from tunehouse.api.deps import CurrentCaller, FilesDep, HomeDep, RegistryDep, SessionDep
 from tunehouse.api.schemas import PriceEstimate, checkpoint_object, event_object, job_object
-from tunehouse.errors import NotFound
+from tunehouse.errors import InvalidInput, NotFound
 from tunehouse.downloads import build_archive, serve_range
+from tunehouse.export.bundle import build_gguf_download
 from tunehouse.job_requests import create_job, parse_checkpoint_ref, resolve_parent
 from tunehouse.pricing import estimate
 
@@ -114,8 +115,17 @@ def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global
 
 @router.get("/finetune/download")
 def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, request: Request,
-             checkpoint: str | None = None, checkpoint_step: StepQuery = None):
+             checkpoint: str | None = None, checkpoint_step: StepQuery = None,
+             gguf_type: Annotated[str | None, Query(description="f16 (default), bf16 or q8_0; with checkpoint=gguf")
+                                  ] = None):
+    """The weights as a zstd tar, or with checkpoint=gguf a tar of GGUF file(s) and an Ollama Modelfile."""
     key, step = parse_checkpoint_ref(ft_id)
     job = jobs.get_owned(session, caller.owner, key)
-    archive = build_archive(session, home, job, checkpoint, checkpoint_step or step)
-    return serve_range(home.blobs, archive, request.headers.get("range"), f"{job.model_output_name.replace('/', '--')}.tar.zst")
+    if (checkpoint or "").lower() == "gguf":
+        archive, name = build_gguf_download(session, home, job, gguf_type, checkpoint_step or step)
+    elif gguf_type:
+        raise InvalidInput("gguf_type goes with checkpoint=gguf.", param="gguf_type")
+    else:
+        archive = build_archive(session, home, job, checkpoint, checkpoint_step or step)
+        name = f"{job.model_output_name.replace('/', '--')}.tar.zst"
+    return serve_range(home.blobs, archive, request.headers.get("range"), name)

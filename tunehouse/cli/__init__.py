@@ -1,4 +1,4 @@
-"""The `tunehouse` command: serve, worker, keys, models, files, fine-tuning (alias ft),
+"""The `tunehouse` command: serve, worker, keys, models, db, files, fine-tuning (alias ft),
 quickstart, chat, eval. Thin over the client and services; `fine-tuning create` takes the
 together CLI's flags.
 
@@ -7,6 +7,7 @@ together CLI's flags.
     files.py        files check / upload / list / retrieve / content / delete
     fine_tuning.py  fine-tuning create / list / retrieve / events / checkpoints / metrics / … / watch
     chat.py         quickstart, chat, eval
+    db.py           db upgrade / current (the schema)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import typer
 
 from tunehouse.cli import chat, local
+from tunehouse.cli.db import db_app
 from tunehouse.cli.files import files_app
 from tunehouse.cli.fine_tuning import ft_app
 
@@ -26,6 +28,7 @@ app.command()(chat.chat)
 app.command("eval")(chat.eval_models)
 app.add_typer(local.keys_app, name="keys")
 app.add_typer(local.models_app, name="models")
+app.add_typer(db_app, name="db")
 app.add_typer(files_app, name="files")
 app.add_typer(ft_app, name="fine-tuning")
 app.add_typer(ft_app, name="ft", help="Alias of fine-tuning.")

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional, get_type_hints
@@ -216,27 +217,51 @@ def ft_download(
     job_ref: Annotated[str, typer.Argument(metavar="ID[:STEP]", help="A job id, or ID:STEP for an intermediate "
                                            "checkpoint (as `list-checkpoints` shows).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder (default: the current "
-                                                   "folder, named after the output model).")] = None,
+                                                   "folder, named after the output model); with --gguf, a folder.")
+                      ] = None,
     checkpoint_type: Annotated[Literal["merged", "adapter", "default"], typer.Option(
         help="merged (LoRA merged into the base), adapter, or default (merged for LoRA, the model for Full jobs).")
     ] = "default",
     checkpoint_step: Annotated[Optional[int], typer.Option("--checkpoint-step", "-s", help="An intermediate step "
                                                            "(instead of ID:STEP).")] = None,
+    gguf: Annotated[bool, typer.Option("--gguf", help="The final model as GGUF for llama.cpp and Ollama, unpacked "
+                                       "into a folder with a Modelfile (and the LoRA adapter as a GGUF adapter).")
+                    ] = False,
+    gguf_type: Annotated[Literal["f16", "bf16", "q8_0"], typer.Option(help="With --gguf: the weights' type.")
+                         ] = "f16",
     base_url: BaseUrl = None, api_key: ApiKey = None,
 ):
-    """Download a job's weights as a zstd-compressed tar (resumed if the connection breaks)."""
+    """Download a job's weights as a zstd-compressed tar (resumed if the connection breaks), or with
+    --gguf as a ready-to-run GGUF folder (the server builds it on the first download)."""
     job_id, _, step = job_ref.partition(":")
     if step and not step.isdigit():
         raise typer.BadParameter(f"ID[:STEP] with an integer step, got {job_ref!r}", param_hint="ID[:STEP]")
+    if gguf and output is not None:
+        output.mkdir(parents=True, exist_ok=True)
     try:
-        with transfer_progress("downloading") as bar:
-            task = bar.add_task("download", total=None)
+        with transfer_progress("building GGUF, downloading" if gguf else "downloading") as bar:
+            task = bar.add_task("download", total=None)  # no total while the server builds the archive
             path = common.client_for(base_url, api_key).download(
-                job_id, output, checkpoint_type, checkpoint_step or (int(step) if step else None),
-                progress=lambda done, total: bar.update(task, completed=done, total=total))
+                job_id, output, "gguf" if gguf else checkpoint_type, checkpoint_step or (int(step) if step else None),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                gguf_type=gguf_type if gguf else None)
     except ApiError as exc:
         fail(exc)
-    console.print(f"Wrote {path.stat().st_size} bytes to {path}")
+    if not gguf:
+        console.print(f"Wrote {path.stat().st_size} bytes to {path}")
+        return
+    folder = unpack_tar(path)
+    console.print(f"Wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}\n"
+                  f"Run it with Ollama: ollama create {folder.name.lower()} -f {folder / 'Modelfile'}")
+
+
+def unpack_tar(path: Path) -> Path:
+    """Unpack a GGUF download beside itself, delete the tar, and return the one folder it held."""
+    with tarfile.open(path) as tar:
+        tops = {Path(n).parts[0] for n in tar.getnames()}
+        tar.extractall(path.parent, filter="data")
+    path.unlink()
+    return path.parent / tops.pop()
 
 
 @ft_app.command("watch")

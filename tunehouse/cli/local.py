@@ -24,15 +24,19 @@ NumProcesses = Annotated[Optional[int], typer.Option(help="Training processes pe
 
 def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
           port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
-          home: HomeDir = None, gpus: Gpus = None, num_processes: NumProcesses = None):
-    """Start the API server (SQLite + local blob folder by default)."""
+          home: HomeDir = None, gpus: Gpus = None, num_processes: NumProcesses = None,
+          worker: Annotated[Optional[bool], typer.Option(
+              "--worker/--no-worker", help="Run a training worker inside the server (default: on, or "
+                                           "TUNEHOUSE_EMBEDDED_WORKER). Off for API servers of a cluster whose "
+                                           "workers run `tunehouse worker` on the GPU machines.")] = None):
+    """Start the API server (SQLite + local blob folder by default; see docs/deploy.md for PostgreSQL + S3)."""
     import uvicorn
 
     from tunehouse.api.app import create_app
     from tunehouse.store.home import ensure_admin_key, open_home
 
     overrides = {k: v for k, v in {"host": host, "port": port, "home": home, "gpus": gpus,
-                                   "num_processes": num_processes}.items() if v is not None}
+                                   "num_processes": num_processes, "embedded_worker": worker}.items() if v is not None}
     settings = Settings(**overrides)
     new_key = ensure_admin_key(open_home(settings))
     if new_key:

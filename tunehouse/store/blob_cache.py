@@ -54,18 +54,24 @@ class BlobCache:
             fill(tmp / rel)
             _private_tree(tmp / "data")
             _write_private(tmp / "meta", json.dumps({"key": key, "version": version, "size": size}).encode())
-            if entry.exists():  # a stale copy (or another process's fresh one): swap ours in
-                old = self.root / TMP / uuid.uuid4().hex
+            want = {"key": key, "version": version, "size": size}
+            for _ in range(3):
+                if _meta(entry) == want:  # another process put the same copy in first: use that
+                    break
+                if entry.exists():  # a stale copy: move it aside, then ours goes in
+                    old = self.root / TMP / uuid.uuid4().hex
+                    try:
+                        os.replace(entry, old)
+                        shutil.rmtree(old, ignore_errors=True)
+                    except FileNotFoundError:
+                        pass
                 try:
-                    os.replace(entry, old)
-                    shutil.rmtree(old, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process renamed its copy in first (the folder is not empty)
-                if _meta(entry) != {"key": key, "version": version, "size": size}:
-                    raise
+                    os.replace(tmp, entry)
+                    break
+                except OSError:  # someone renamed theirs in meanwhile (the folder is not empty): look again
+                    continue
+            else:
+                raise OSError(f"could not put the cached copy of {key!r} in place under {self.root}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=entry)
@@ -108,13 +114,12 @@ class BlobCache:
         return out
 
     def sweep_temp(self, older_than_s: float = 3600) -> None:
+        """Remove what a crashed fill left: temp folders in which nothing was written for
+        `older_than_s` (a fill in progress writes its file continuously, whatever its size)."""
         cutoff = time.time() - older_than_s
         for p in (self.root / TMP).iterdir():
-            try:
-                if p.lstat().st_mtime < cutoff:
-                    shutil.rmtree(p, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+            if _newest_mtime(p) < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _meta(entry: Path) -> dict | None:
@@ -122,6 +127,14 @@ def _meta(entry: Path) -> dict | None:
         return json.loads((entry / "meta").read_bytes())
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification under `path` (inf when it vanished meanwhile: not ours to sweep)."""
+    try:
+        return max([path.lstat().st_mtime] + [p.lstat().st_mtime for p in path.rglob("*")])
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _touch(path: Path) -> None:

@@ -1,5 +1,6 @@
 """Database engine and sessions. SQLite by default (WAL, so the API and the worker read while
-the other writes); any SQLAlchemy URL such as PostgreSQL works the same way.
+the other writes); PostgreSQL by URL (`postgresql+psycopg://…`) when processes on several
+machines share the records. The schema is Alembic's (`migrate.py`): `create()` upgrades to head.
 
 SQLite allows one writer at a time, so every write transaction here is short: services do their
 slow work (hashing, validation, disk writes) before they write, and a transaction starts with
@@ -19,12 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
-from tunehouse.store.tables import Base, Metric
+from tunehouse.store import migrate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,14 +46,52 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = "IMMEDIATE"
 
 
+# PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock detected, admin/crash
+# shutdown, cannot connect now (starting up), too many connections, and class 08 (connection
+# exceptions). Other OperationalErrors there (a cancelled statement, a full disk) are not.
+PG_TRANSIENT = ("40001", "40P01", "57P01", "57P02", "57P03", "53300", "08")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """A database error worth retrying: locked/busy, or the connection went away."""
+    """A database error worth retrying: SQLite locked/busy, a PostgreSQL serialization failure,
+    deadlock or shutdown, or the connection went away."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError)
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(exc.orig, "sqlstate", None)  # psycopg's; sqlite3 errors have none
+    return code is None or code.startswith(PG_TRANSIENT)
 
 
-def _private_sqlite_file(url: str) -> None:
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine with the per-database connection set-up: SQLite pragmas; PostgreSQL sessions
+    in UTC (times come back as UTC, whatever the server's TimeZone)."""
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
+    elif make_url(url).get_driver_name() == "psycopg":
+        kwargs["connect_args"] = {"options": "-c TimeZone=UTC"}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def migration_engine(url: str) -> Engine:
+    """A one-connection engine for `migrate.upgrade`: on SQLite its transactions start with
+    `BEGIN IMMEDIATE`, so the upgrade holds the write lock from its first read (DDL alone would
+    not make the driver begin one)."""
+    engine = make_engine(url, poolclass=NullPool)
+    if url.startswith("sqlite"):
+        # A SQLite migration that changes a column recreates the table (copy, drop, rename): with
+        # foreign keys on, dropping `jobs` would cascade-delete every event, metric and
+        # checkpoint. Off for the upgrade (it cannot change inside a transaction); `migrate`
+        # checks the keys before it commits.
+        event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.execute("PRAGMA foreign_keys=OFF"))
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return engine
+
+
+def private_sqlite_file(url: str) -> None:
     """Create the SQLite file 0600 (or tighten an older one) before SQLite opens it: SQLite
     gives its -wal and -shm files the database file's mode."""
     u = make_url(url)
@@ -63,6 +103,7 @@ def _private_sqlite_file(url: str) -> None:
     # are open already then fail ("disk I/O error", seen when a second home was opened in a
     # process serving the first).
     if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
@@ -73,35 +114,42 @@ def _private_sqlite_file(url: str) -> None:
 
 
 class Database:
-    """Engine + session factory; `create()` makes the schema (idempotent)."""
+    """Engine + session factory; `create()` brings the schema to head (idempotent)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, pool_size: int | None = None, max_overflow: int | None = None):
         self.url = url
-        # Room for every request thread (anyio's pool has 40) to hold a session while a helper it
-        # calls opens another: a pool of 5+10 starved 50 concurrent chat requests (30 s timeouts).
-        kwargs: dict = {"pool_size": 20, "max_overflow": 80, "pool_pre_ping": not url.startswith("sqlite")}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
-        self.engine: Engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            # Room for every request thread (anyio's pool has 40) to hold a session while a helper
+            # it calls opens another: a pool of 5+10 starved 50 concurrent chat requests (30 s
+            # timeouts). SQLite connections are files: they cost the server nothing.
+            sizes = (20, 80)
+        else:
+            # Each connection is a server process: a stock PostgreSQL allows 100 (97 for us), shared
+            # by every API server, worker and training child. 10 kept + 20 on demand = 30 at most
+            # per process; two API servers (60) and a dozen workers with their children (1-2 each
+            # in use) fit. Settings `database_pool_size` / `database_max_overflow` change it.
+            sizes = (10, 20)
+        kwargs = {"pool_size": pool_size if pool_size is not None else sizes[0],
+                  "max_overflow": max_overflow if max_overflow is not None else sizes[1],
+                  "pool_pre_ping": not self.is_sqlite}
+        self.engine: Engine = make_engine(url, **kwargs)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create(self) -> None:
-        _private_sqlite_file(self.url)
-        Base.metadata.create_all(self.engine)
-        self._ensure_metric_index()
-
-    def _ensure_metric_index(self) -> None:
-        """A home made before metrics were unique per (job, step) may hold the duplicates a resume
-        wrote (208 rows for 198 steps): keep the last row of each step, then add the index."""
-        index = next(i for i in Metric.__table__.indexes if i.unique)
-        if index.name in {i["name"] for i in inspect(self.engine).get_indexes(Metric.__tablename__)}:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(text("DELETE FROM metrics WHERE id NOT IN "
-                              "(SELECT MAX(id) FROM metrics GROUP BY job_id, step)"))
-            index.create(conn, checkfirst=True)
+    def create(self, *, upgrade: bool = True) -> None:
+        """Upgrade the schema to head (a new database is made by the migrations). With
+        `upgrade=False` a database that is not at head is refused instead."""
+        private_sqlite_file(self.url)
+        engine = migration_engine(self.url)
+        try:
+            if upgrade:
+                migrate.upgrade(engine)
+            elif (found := migrate.current(engine)) != migrate.head():
+                raise RuntimeError(f"The database schema is at revision {found or 'none'}, this release needs "
+                                   f"{migrate.head()}: run `tunehouse db upgrade` (or drop "
+                                   "TUNEHOUSE_DATABASE_AUTO_UPGRADE=false, and each process upgrades it at start).")
+        finally:
+            engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

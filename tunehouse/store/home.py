@@ -1,5 +1,8 @@
 """The tunehouse home: database, blob store, upload-signing secret and the admin key file.
-`open_home` creates what is missing; nothing happens at import time."""
+`open_home` creates what is missing; nothing happens at import time.
+
+Stateless API servers (several on one PostgreSQL) take the secret and the admin key from settings
+(`TUNEHOUSE_SECRET`, `TUNEHOUSE_ADMIN_KEY`) instead of files in one machine's home."""
 
 from __future__ import annotations
 
@@ -26,22 +29,40 @@ def open_home(settings: Settings) -> Home:
     # The home holds the secret, keys' hashes, datasets and weights: the server's user only.
     private_dirs(settings.home)
     settings.home.chmod(0o700)
-    db = Database(settings.db_url)
-    db.create()
+    db = Database(settings.db_url, pool_size=settings.database_pool_size,
+                  max_overflow=settings.database_max_overflow)
+    db.create(upgrade=settings.database_auto_upgrade)
     blobs = open_blobs(settings)
     blobs.sweep_temp()
-    return Home(settings, db, blobs, load_or_create_secret(settings.secret_path))
+    if settings.secret:
+        secret = settings.secret.get_secret_value().encode()
+    else:
+        secret = load_or_create_secret(settings.secret_path)
+    return Home(settings, db, blobs, secret)
 
 
 def ensure_admin_key(home: Home, owner: str = "admin") -> str | None:
-    """On an empty home, mint an admin key and store it (mode 0600) where the CLI looks.
+    """With `admin_key` set, make sure it is an admin key (nothing written to the home). Else, on
+    an empty home, mint an admin key and store it (mode 0600) where the CLI looks.
     Returns the new key, or None when keys already exist."""
+    if home.settings.admin_key:
+        ensure_configured_admin_key(home, owner)
+        return None
     with home.db.session() as s:
         if keys.any_keys(s):
             return None
         key = keys.create_key(s, owner, admin=True)
     write_key_file(home.settings.admin_key_path, key)
     return key
+
+
+def ensure_configured_admin_key(home: Home, owner: str = "admin") -> None:
+    """Store the `admin_key` setting as an admin key unless it is there already. An insert that
+    yields on a duplicate hash: two servers starting together on an empty database both succeed,
+    and one row is made. A row an operator revoked stays revoked."""
+    if home.settings.admin_key:
+        with home.db.session() as s:
+            keys.ensure_key(s, home.settings.admin_key.get_secret_value(), owner, admin=True)
 
 
 def write_key_file(path: Path, key: str) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound
-from tunehouse.store.tables import ApiKey
+from tunehouse.store.tables import ApiKey, utcnow
 
 PREFIX = "th-"
 
@@ -28,6 +28,19 @@ def create_key(session: Session, owner: str, *, admin: bool = False) -> str:
     session.add(ApiKey(key_hash=hash_key(key), prefix=key[:10], owner=owner, is_admin=admin))
     session.flush()
     return key
+
+
+def ensure_key(session: Session, key: str, owner: str, *, admin: bool = False) -> bool:
+    """Store a key given from outside (the `admin_key` setting) unless its hash is stored already;
+    True when this call stored it. Safe when several processes run it at once."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    row = dict(key_hash=hash_key(key), prefix=key[:10], owner=owner, is_admin=admin, revoked=False,
+               created_at=utcnow())
+    done = session.execute(insert(ApiKey).values(**row).on_conflict_do_nothing(index_elements=["key_hash"]))
+    return done.rowcount == 1
 
 
 def lookup(session: Session, key: str) -> ApiKey | None:

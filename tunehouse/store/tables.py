@@ -61,7 +61,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(256))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64))
-    from_checkpoint: Mapped[str | None] = mapped_column(String(256))
+    from_checkpoint: Mapped[str | None] = mapped_column(String(512))  # `ID:STEP` or a parent's output name
     config: Mapped[dict] = mapped_column(JSON)  # the resolved training config, wire names
     model_output_name: Mapped[str | None] = mapped_column(String(512), unique=True)
     worker_id: Mapped[str | None] = mapped_column(String(128))

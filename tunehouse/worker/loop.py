@@ -36,13 +36,14 @@ CANCEL_GRACE_S = 30  # after SIGTERM, the child gets this long to stop before SI
 
 class Worker:
     def __init__(self, home: Home, worker_id: str | None = None, *, poll_s: float = 1.0,
-                 heartbeat_s: float = 2.0, stale_after_s: float = 60.0):
+                 heartbeat_s: float = 2.0, stale_after_s: float | None = None):
         self.home = home
         self.gpus, self.num_processes = training_devices(home.settings)
         # Stable across restarts of this worker (recover_own), without the home's path in the database.
         home_tag = hashlib.sha256(str(home.settings.home.resolve()).encode()).hexdigest()[:12]
         self.worker_id = worker_id or f"{socket.gethostname()}:{home_tag}"
-        self.poll_s, self.heartbeat_s, self.stale_after_s = poll_s, heartbeat_s, stale_after_s
+        self.poll_s, self.heartbeat_s = poll_s, heartbeat_s
+        self.stale_after_s = stale_after_s if stale_after_s is not None else home.settings.heartbeat_timeout_s
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
@@ -193,6 +194,8 @@ class Worker:
         st: Settings = self.home.settings
         env = dict(os.environ, **settings_env(st), PYTHONUNBUFFERED="1")
         env[TIMEOUT_ENV] = str(st.dist_timeout_s)
+        if st.secret:  # the child opens the job's sealed keys with it
+            env["TUNEHOUSE_SECRET"] = st.secret.get_secret_value()
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpus))
         elif self.num_processes > 1 and "OMP_NUM_THREADS" not in env:
@@ -202,12 +205,14 @@ class Worker:
 
 def settings_env(st: Settings) -> dict[str, str]:
     """This worker's settings as the training child reads them (`TUNEHOUSE_*`): every field set
-    on it (a CLI flag or a test's Settings reach the child too), and where its database, blobs,
-    blob cache and scratch are."""
+    on it (a CLI flag or a test's Settings reach the child too) but secrets, and where its
+    database, blobs and blob cache are."""
+    from pydantic import SecretStr
+
     env = {}
     for name in st.model_fields_set:
         value = getattr(st, name)
-        if value is not None:
+        if value is not None and not isinstance(value, SecretStr):  # secrets: only what the child needs, below
             env[f"TUNEHOUSE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     env.update(TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url, TUNEHOUSE_BLOB_URL=st.blob_location,
                TUNEHOUSE_BLOB_CACHE_DIR=str(st.blob_cache_path))
