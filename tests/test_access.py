@@ -178,9 +178,13 @@ def test_event_paths_are_blob_keys(live):
     reporter.event("CHECKPOINT_SAVE", "Checkpoint saved", step=3,
                    checkpoint_path=str(home.blobs.root / "jobs/ft-paths/out/checkpoint-3"))
     reporter.event("TRAINING_COMPLETE", "done", model_path="/opt/elsewhere/final")
+    reporter.event("CHECKPOINT_SAVE", f"Saved {reporter.out_dir}/checkpoints/step-000004", step=4,
+                   checkpoint_path=str(reporter.out_dir / "checkpoints" / "step-000004"))  # this machine's scratch
     events = httpx.get(f"{live.url}/v1/fine-tunes/ft-paths/events", headers=_h(live.key)).json()["data"]
-    assert [e["checkpoint_path"] for e in events] == ["jobs/ft-paths/out/checkpoint-3", None]
+    assert [e["checkpoint_path"] for e in events] == ["jobs/ft-paths/out/checkpoint-3", None,
+                                                     "jobs/ft-paths/out/checkpoints/step-000004"]
     assert events[1]["model_path"] == "…/final"
+    assert events[2]["message"] == "Saved jobs/ft-paths/out/checkpoints/step-000004"
     with home.db.session() as s:
         assert str(home.settings.home) not in str([e.fields for e in jobs.events(s, "ft-paths")])
 

@@ -12,7 +12,7 @@ import pytest
 import together
 from together import Together
 
-from conftest import _serve, bin_path, sdk_env
+from conftest import BACKENDS, _serve, backend_settings, bin_path, sdk_env
 from jobs_support import wait_for, write_chat
 from tunehouse.settings import Settings
 
@@ -30,10 +30,11 @@ def write_pairs(path, n: int):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_cache):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory, model_cache):
+    """Each test on both stores (the SFT → DPO chain reads its parent checkpoint from there)."""
     live, bg = _serve(Settings(home=tmp_path_factory.mktemp("dpo") / "home", model_cache=model_cache,
-                               embedded_worker=True))
+                               embedded_worker=True, **backend_settings(request, request.param)))
     yield live
     bg.stop()
 

@@ -155,10 +155,11 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     assert done.status == "cancelled"
     cps = c.fine_tuning.list_checkpoints(job.id).data
     assert cps and all(cp.checkpoint_type == "Intermediate" for cp in cps)
-    out = live_worker.settings.blobs_path / "jobs" / job.id / "out"
-    on_disk = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert on_disk == sorted(f"step-{cp.step:06d}" for cp in cps), "no half-written folder left"
-    assert not (out / "final").exists()
+    blobs = live_worker.app.state.home.blobs
+    out = f"jobs/{job.id}/out"
+    stored = {b.key.removeprefix(f"{out}/checkpoints/").split("/")[0] for b in blobs.list(f"{out}/checkpoints")}
+    assert sorted(stored) == sorted(f"step-{cp.step:06d}" for cp in cps), "no half-written folder left"
+    assert not blobs.list(f"{out}/final")
     with pytest.raises(together.APIStatusError):
         c.fine_tuning.cancel(job.id)
 
@@ -168,7 +169,7 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     with pytest.raises(together.NotFoundError) as exc:
         c.fine_tuning.retrieve(job.id)
     assert exc.value.body["error"]["message"]
-    assert not (live_worker.settings.blobs_path / "jobs" / job.id).exists()
+    assert blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
 
 
 def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):

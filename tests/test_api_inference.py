@@ -13,7 +13,7 @@ import pytest
 import together
 from together import Together
 
-from conftest import _serve
+from conftest import BACKENDS, _serve, backend_settings
 from jobs_support import wait_for, write_chat
 from test_api_files_v1_and_clis import run_v1
 from tunehouse.settings import Settings
@@ -23,10 +23,12 @@ TINY = "tunehouse/tiny-llama"
 HELLO = [{"role": "user", "content": "Say red then blue."}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_cache):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory, model_cache):
+    """On both stores: the fine-tuned model's adapter is loaded from the store's local copy."""
     home = tmp_path_factory.mktemp("inference") / "home"
-    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16))
+    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16,
+                               **backend_settings(request, request.param)))
     c = Together(base_url=live.url, api_key=live.key, max_retries=0)
     f = c.files.upload(write_chat(tmp_path_factory.mktemp("data") / "train.jsonl", 16))
     job = c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, suffix="inf", n_epochs=3,
@@ -235,12 +237,14 @@ def test_deleted_job_model_is_evicted(server, tmp_path):
     job = wait_for(c, c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, n_epochs=1, batch_size=4).id)
     assert c.completions.create(model=job.model_output_name, prompt="Hi", max_tokens=2).choices[0].text is not None
     loaded = lambda: [a for adapters in engine(server).stats()["loaded"].values() for a in adapters]  # noqa: E731
-    assert any(job.id in a for a in loaded())
+    adapter = str(_ref(server, job.model_output_name).adapter_path)  # this server's copy from the store
+    assert adapter in loaded()
     c.fine_tuning.delete(job.id)
     deadline = time.monotonic() + 5
-    while any(job.id in a for a in loaded()) and time.monotonic() < deadline:
+    while adapter in loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(job.id in a for a in loaded())
+    assert adapter not in loaded()
+    assert server.app.state.home.blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
     with pytest.raises(together.NotFoundError):
         c.completions.create(model=job.model_output_name, prompt="Hi", max_tokens=2)
 

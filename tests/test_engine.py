@@ -139,6 +139,32 @@ def test_forget_drops_an_adapter_whose_files_are_gone(models, tmp_path):
     assert stats["loaded"]["tiny"] == [] and stats["adapter_evictions"] == 1
 
 
+def test_forget_by_store_key_drops_weights_read_from_its_local_copy(models):
+    """A deleted job is forgotten by its store folder (`jobs/<id>`): the adapter's local copy (an
+    S3 cache entry names no job) is matched through the ModelRef's source; another job's stays."""
+    from dataclasses import replace
+
+    base, adapters, _ = models
+
+    async def main():
+        engine = TorchEngine(threads=1)
+        try:
+            ids = engine.tokenizer(ref(base)).encode("Hello")
+            for i, a in enumerate(adapters[:2]):
+                await collect(engine, replace(ref(base, a), source=f"jobs/ft-{i}"), ids)
+            engine.forget("jobs/ft-0")
+            for _ in range(100):
+                if str(adapters[0]) not in engine.stats()["loaded"]["tiny"]:
+                    break
+                await asyncio.sleep(0.02)
+            return engine.stats()
+        finally:
+            engine.close()
+
+    stats = asyncio.run(main())
+    assert stats["loaded"]["tiny"] == [str(adapters[1])] and stats["adapter_evictions"] == 1
+
+
 def test_stop_sequence_is_cut_and_never_streamed(models):
     base, _, _ = models
 

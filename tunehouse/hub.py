@@ -32,13 +32,15 @@ def _offline(exc: Exception) -> bool:
 
 def resolve_hf_model(registry: Registry, s: Session, model: str, ref: str, revision: str | None,
                      token: str | None) -> str:
-    """Where `from_hf_model` weights are read: a registry model's folder name, a server folder
-    (absolute), or a hub repo id that exists at `revision`. Raises InvalidInput otherwise."""
+    """Where `from_hf_model` weights are read: a registry model's name (each worker finds its own
+    copy), a server folder (absolute), or a hub repo id that exists at `revision`. Raises
+    InvalidInput otherwise."""
     known = {m.name for m in registry.list(s)}
     folder = Path(ref).expanduser()
     if ref in known:
-        source = str(registry.path(ref, s))
-    elif folder.is_dir():
+        _check_same_architecture(registry, s, model, Path(registry.path(ref, s)), ref)
+        return ref
+    if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise InvalidInput(f"from_hf_model {ref!r} is a folder without config.json: point at a Hugging Face "
                                "model folder.", param="from_hf_model")

@@ -172,7 +172,9 @@ def _context_defaults(values: dict, start: Start, registry: Registry, s: Session
     if out.get("batch_size", "max") == "max" and start.model and start.limits:  # no limits: unknown model
         lora = out.get("lora", True)
         bounds = start.limits["lora_training" if lora else "full_training"]
-        folder = start.weights or (registry.path(start.model, s) if registry.is_materialised(start.model) else None)
+        known = {m.name for m in registry.list(s)}
+        weights = registry.path(start.weights, s) if start.weights in known else start.weights
+        folder = weights or (registry.path(start.model, s) if registry.is_materialised(start.model) else None)
         out["batch_size"] = resolve_max(folder, seq_len=out.get("max_seq_length", _default("max_seq_length")), lora=lora,
                                         max_batch=bounds["max_batch_size_dpo" if method == "dpo" else "max_batch_size"])
     return out

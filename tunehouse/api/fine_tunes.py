@@ -82,11 +82,8 @@ def delete(job_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDe
            force: bool = False):
     job = jobs.get_owned(session, caller.owner, job_id)
     jobs.delete_job(session, job)
-    try:  # its model is gone from inference too
-        request.app.state.engine.forget(home.blobs.local_dir(f"jobs/{job_id}"))
-    except FileNotFoundError:
-        pass
-    home.blobs.delete(f"jobs/{job_id}")
+    request.app.state.engine.forget(f"jobs/{job_id}")  # its model is gone from inference too
+    home.blobs.delete(f"jobs/{job_id}")  # every object under jobs/<id>/
     return {"id": job_id, "object": "fine-tune", "deleted": True, "message": f"Job {job_id} deleted"}
 
 

@@ -4,6 +4,9 @@
   package, converted once into the home),
 - `tunehouse/tiny-llama`, a tiny random model for tests, docs and demos (built in-process),
 - any local folder or hub id added with `tunehouse models add NAME SOURCE` (stored in the DB).
+  A folder is copied into the blob store (`models/<name>/…`, source `store:models/<name>`) when
+  it is added, so every worker and server finds it, each through its own local copy; a hub id
+  stays a hub id. Built-ins are materialised on each machine, in its model cache.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
 # SmolLM2-Instruct's template (ChatML, any role, no tools, no reasoning), known without converting
 # the GGUF (~20 s) just to answer a limits call; tests/test_tools.py probes the tiny copy of it.
 SMOLLM2_SUPPORT = TemplateSupport(chat=True, tools=False, tool_role=True, reasoning_key=None)
+STORED = "store:"  # a source in the blob store: `store:models/<name>`
+
+
+def stored_key(name: str) -> str:
+    """The store folder of an added model: `models/my-org--my-model` (one level, like the hub cache,
+    so no name's folder holds another's)."""
+    return "models/" + name.replace("/", "--")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class Registry:
         # converted/built models live under <cache>/models
         self.cache = (home.settings.model_cache or home.settings.home).expanduser()
         self._support: dict[tuple[str, str], TemplateSupport | None] = {}
+        self._context: dict[str, int] = {}
 
     def list(self, s: Session | None = None) -> list[ModelInfo]:
         out = [ModelInfo(n, "builtin", c) for n, c in BUILTIN_CONTEXT.items()]
@@ -59,7 +70,7 @@ class Registry:
             with self.home.db.session() as own:
                 return self.list(own)
         rows = list(s.scalars(select(ModelRow).order_by(ModelRow.name)))
-        return out + [ModelInfo(r.name, r.source, _context_of(r.source)) for r in rows]
+        return out + [ModelInfo(r.name, r.source, self._context_of(r.source)) for r in rows]
 
     def get(self, name: str, s: Session | None = None) -> ModelInfo:
         known = self.list(s)
@@ -71,16 +82,21 @@ class Registry:
                        code="model_not_found")
 
     def add(self, name: str, source: str) -> ModelInfo:
-        if not name or name in BUILTIN_CONTEXT:
+        """A folder is copied into the blob store (replacing an earlier model of that name); a hub
+        id is recorded as it is."""
+        if not name or name in BUILTIN_CONTEXT or name.startswith(STORED):
             raise InvalidInput(f"Model name {name!r} is empty or taken by a built-in model.", param="name")
         src = Path(source).expanduser()
         if src.exists():
             if not (src / "config.json").is_file():
                 raise InvalidInput(f"{src} has no config.json: point at a Hugging Face model folder.", param="source")
-            source = str(src.resolve())
+            key = stored_key(name)
+            self.home.blobs.put_dir(key, src.resolve())  # whole before the row names it
+            source = STORED + key
+            self._context.pop(source, None)
         with self.home.db.session() as s:
             s.merge(ModelRow(name=name, source=source))
-        return ModelInfo(name, source, _context_of(source))
+        return ModelInfo(name, source, self._context_of(source))
 
     def path(self, name: str, s: Session | None = None) -> Path | str:
         """A loadable location (local folder, materialised on first use, or hub id)."""
@@ -89,7 +105,9 @@ class Registry:
             return ensure_default_model(self.cache)
         if info.name == TINY_MODEL_NAME:
             return build_tiny_model(self.cache / "models" / "tunehouse--tiny-llama")
-        return info.source
+        if info.source.startswith(STORED):
+            return self.home.blobs.local_dir(info.source.removeprefix(STORED))  # this machine's copy
+        return info.source  # a hub id (or a folder added before models were stored)
 
     def limits(self, name: str, s: Session | None = None) -> dict:
         """The `models/limits` answer (api-reference §5.3): every key v1 requires, v3's `default_rank`."""
@@ -141,6 +159,20 @@ class Registry:
             return default_model_dir(self.cache).exists()
         return True
 
+    def _context_of(self, source: str) -> int:
+        """From the model's config.json (read once per source): the stored copy's, or a folder's."""
+        if source not in self._context:
+            try:
+                if source.startswith(STORED):
+                    with self.home.blobs.open(source.removeprefix(STORED) + "/config.json") as fh:
+                        data = json.loads(fh.read())
+                else:
+                    data = json.loads((Path(source) / "config.json").read_text())
+            except (OSError, ValueError):
+                return 2048  # a hub id, or unreadable now: ask again next time
+            self._context[source] = int(data.get("max_position_embeddings") or data.get("n_positions") or 2048)
+        return self._context[source]
+
 
 def _probe_template(location: Path | str) -> TemplateSupport | None:
     from transformers import AutoTokenizer
@@ -150,12 +182,3 @@ def _probe_template(location: Path | str) -> TemplateSupport | None:
     except Exception:  # not cached here, or unreadable: unknown, never a failed limits call
         return None
     return template_support(tokenizer)
-
-
-def _context_of(source: str) -> int:
-    cfg = Path(source) / "config.json"
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return 2048
-    return int(data.get("max_position_embeddings") or data.get("n_positions") or 2048)

@@ -322,8 +322,9 @@ def model_dir_for(s: Session, home: Home, registry, owner: str, name: str) -> Pa
     if job.status != "completed":
         raise InvalidInput(f"Model {name!r} is not ready: its job {job.id} is {job.status}.", param="model")
     final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"][-1]
-    folder = home.blobs.local_dir(final.blob_key)
-    return folder / "merged" if (folder / "merged" / "config.json").exists() else folder
+    # this machine's copy from the store (fetched once, cached): merged/ alone for a LoRA job
+    merged = f"{final.blob_key}/merged"
+    return home.blobs.local_dir(merged if home.blobs.exists(f"{merged}/config.json") else final.blob_key)
 
 
 def route_for(home: Home, supervisor: Supervisor, owner: str, name: str) -> str | None:

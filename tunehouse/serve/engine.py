@@ -58,6 +58,7 @@ class ModelRef:
     weights_path: Path
     context_length: int
     adapter_path: Path | None = None
+    source: str | None = None  # the blob-store folder the weights were copied from (`jobs/<id>`)
 
 
 @dataclass
@@ -133,8 +134,9 @@ class Engine(ABC):
         tokens at each position), without generating; call from a running event loop."""
 
     @abstractmethod
-    def forget(self, path: Path) -> None:
-        """Drop loaded weights and adapters stored at or under `path` (e.g. a deleted job's folder)."""
+    def forget(self, where: str | Path) -> None:
+        """Drop loaded weights and adapters read from at or under `where`: a local folder, or a
+        blob-store key (`jobs/<id>`, a deleted job's) matched against each ModelRef's source."""
 
     @abstractmethod
     def stats(self) -> dict:
@@ -199,6 +201,7 @@ class TorchEngine(Engine):
         self._waiting: deque[_Seq] = deque()
         self._scoring: deque[_ScoreJob] = deque()
         self._forget: set[str] = set()
+        self._sources: dict[str, str] = {}  # local weights/adapter path → the store key it came from
         self._models: OrderedDict[str, LoadedWeights] = OrderedDict()
         self._tokenizers: dict[str, Any] = {}
         self._tokenizer_lock = threading.Lock()
@@ -213,7 +216,13 @@ class TorchEngine(Engine):
         self._thread.start()
 
     # -- interface --------------------------------------------------------------------------------
+    def _note(self, model: ModelRef) -> None:
+        if model.source:
+            with self._cv:
+                self._sources[str(model.adapter_path or model.weights_path)] = model.source
+
     def tokenizer(self, model: ModelRef):
+        self._note(model)
         key = str(model.weights_path)
         # One loader at a time: concurrent first requests raced in transformers' lazy import
         # ("cannot import name 'AutoTokenizer'") and would load the same tokenizer twice.
@@ -229,6 +238,7 @@ class TorchEngine(Engine):
 
     def submit(self, model: ModelRef, prompt_ids: list[int], params: SamplingParams, n: int = 1,
                grammar: Grammar | None = None) -> Generation:
+        self._note(model)
         gen = Generation(n, on_cancel=self._wake)
         seqs = [_Seq(gen, i, model, list(prompt_ids), params,
                      make_generator(None if params.seed is None else params.seed + i),
@@ -243,6 +253,7 @@ class TorchEngine(Engine):
         return gen
 
     def score(self, model: ModelRef, token_ids: list[int], top: int = 0) -> asyncio.Future[scoring.Scored]:
+        self._note(model)
         loop = asyncio.get_running_loop()
         job = _ScoreJob(model, list(token_ids), top, loop.create_future(), loop)
         with self._cv:
@@ -252,9 +263,9 @@ class TorchEngine(Engine):
             self._cv.notify()
         return job.future
 
-    def forget(self, path: Path) -> None:
+    def forget(self, where: str | Path) -> None:
         with self._cv:
-            self._forget.add(str(path))
+            self._forget.add(str(where))
             self._cv.notify()
 
     def stats(self) -> dict:
@@ -372,8 +383,11 @@ class TorchEngine(Engine):
         if not prefixes:
             return
 
+        def under(path: str | None) -> bool:
+            return path is not None and any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
         def gone(path: str) -> bool:
-            return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+            return under(path) or under(self._sources.get(path))
 
         busy = [str(s.model.adapter_path or s.model.weights_path) for s in (self._batch.seqs if self._batch else [])]
         if any(gone(p) for p in busy):  # in flight: its weights are in memory; drop them once it is done
@@ -390,6 +404,9 @@ class TorchEngine(Engine):
         for path in [t for t in self._tokenizers if gone(t)]:
             del self._tokenizers[path]
         self.grammars.forget(gone)
+        with self._cv:
+            for path in [p for p in self._sources if gone(p)]:
+                del self._sources[path]
 
     def _load(self, model: ModelRef, adapters: set[Path]) -> LoadedWeights:
         """The weights of `model` (LRU across weights), with `adapters` attached (LRU across adapters)."""

@@ -6,6 +6,10 @@ and each of the caller's completed fine-tuning jobs by its `model_output_name`.
   weights that are not the registry base, so its `merged/` folder is served as a model of its own;
   so is a full fine-tune's final folder.
 - Another owner's model looks exactly like an unknown one (404), so names do not leak.
+
+Weights are read from this machine's local copy of the blob store (`local_dir`: the blobs
+themselves on the local backend, a cached copy on S3), fetched on first use; the ModelRef names
+the job's store folder so the engine can forget it when the job is deleted.
 """
 
 from __future__ import annotations
@@ -46,19 +50,24 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
         raise InvalidInput(f"The model {name!r} is not ready: its fine-tuning job {job.id} is {job.status}. "
                            "It can be used once the job has completed.", param="model", code="model_not_ready")
     final = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Final"]
-    try:
-        folder = home.blobs.local_dir(final[0].blob_key) if final else None
-    except FileNotFoundError:
-        folder = None
-    if folder is None:
+    if not final:
         raise _unknown(name)
     base = bases.get(job.model) or registry.get(job.model, s)
     spec = JobSpec.of(job)
     lora = spec.lora
-    if lora and not spec.parent and not spec.weights:  # trained on the registry's base itself
-        return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder)
-    weights = folder / MERGED_DIR if lora else folder
-    return ModelRef(name, name, weights, base.context_length)
+    on_base = lora and not spec.parent and not spec.weights  # trained on the registry's base itself
+    # only what is served is fetched: a full fine-tune's folder, a LoRA job's merged/ (its adapter
+    # when it is served on the shared base: the final folder, merged/ included)
+    key = final[0].blob_key if on_base or not lora else f"{final[0].blob_key}/{MERGED_DIR}"
+    try:
+        folder = home.blobs.local_dir(key)
+    except FileNotFoundError:
+        raise _unknown(name) from None
+    source = f"jobs/{job.id}"
+    if on_base:
+        return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder,
+                        source=source)
+    return ModelRef(name, name, folder, base.context_length, source=source)
 
 
 def resolve_for(home: Home, registry: Registry, owner: str, name: str) -> ModelRef:

@@ -1,10 +1,16 @@
 """The training child process: `python -m tunehouse.train.run JOB_ID`.
 
-The worker starts it with the home in the environment (TUNEHOUSE_HOME, TUNEHOUSE_DATABASE_URL,
-TUNEHOUSE_BLOB_DIR). It resolves the job's inputs (base weights, parent checkpoint, data files,
-its own last checkpoint when resuming), runs the recipe with a reporter that writes events,
-metrics and checkpoints through the store, and finishes the job. SIGTERM means cancel: the recipe
-stops before its next step and writes nothing half-done.
+The worker starts it with its settings in the environment (TUNEHOUSE_HOME, TUNEHOUSE_DATABASE_URL,
+TUNEHOUSE_BLOB_URL, …). It resolves the job's inputs (base weights, parent checkpoint, data files,
+its own last checkpoint when resuming) as local copies of blobs, runs the recipe with a reporter
+that writes events, metrics and checkpoints through the store, and finishes the job. SIGTERM
+means cancel: the recipe stops before its next step and writes nothing half-done.
+
+Nothing is shared between machines but the database and the blob store. The recipe writes into
+this machine's scratch (`work_path/jobs/<id>/out/…`); each checkpoint is put into the store
+(`jobs/<id>/out/checkpoints/step-…`, `jobs/<id>/out/final`) before the database records it, so a
+recorded checkpoint is always complete in the store, and a job that another worker started
+resumes from there on any machine. The scratch folder goes when the attempt ends.
 
 Under torchrun (N processes, train/distributed.py) rank 0 does all of the above and the other
 ranks train the plan it broadcasts, with a reporter that writes nothing. A collective that fails
@@ -18,6 +24,7 @@ anything else (or a signal) means the process died and the worker requeues the j
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,18 +34,19 @@ from pathlib import Path
 
 from tunehouse import jobs
 from tunehouse.atomic import sweep_temp_dirs
-from tunehouse.downloads import build_download
+from tunehouse.downloads import build_archive
 from tunehouse.errors import redact_paths
 from tunehouse.files import blob_key
 from tunehouse.job_spec import JobSpec
 from tunehouse.models.registry import Registry
 from tunehouse.settings import Settings
-from tunehouse.store.blobs import sha256_file
+from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home, open_home
 from tunehouse.store.db import is_transient
 from tunehouse.store.tables import File, Job
 from tunehouse.train import distributed
 from tunehouse.train import events as ev
+from tunehouse.train.early_stopping import BEST_WEIGHTS
 
 EXIT_CANCELLED = 3
 EXIT_PEER_LOST = 4  # another training process died or stopped answering
@@ -50,28 +58,35 @@ class StoreReporter:
 
     def __init__(self, home: Home, job_id: str):
         self.home, self.job_id = home, job_id
+        self.out_dir = scratch_dir(home, job_id) / "out"  # what the recipe writes…
+        self.out_key = f"jobs/{job_id}/out"  # …and where the store keeps it
         self.stop_signal = False
         self._checked_at = 0.0
         self._stop = False
         self._t0 = time.monotonic()
         self._first_step: int | None = None
 
-    def _public(self, value):
-        """Events are the owner's to read: a folder in the blob store is named by its key
-        (`jobs/ft-…/out/checkpoint-…`), any other absolute path by its last component."""
-        if not (isinstance(value, str) and value.startswith("/")):
-            return value
+    def key_of(self, path: Path) -> str | None:
+        """The store key of a file or folder the recipe wrote (`jobs/ft-…/out/final`); None
+        for a path outside the job's output."""
         try:
-            return Path(value).resolve().relative_to(self.home.blobs.root.resolve()).as_posix()
+            rel = Path(path).resolve().relative_to(self.out_dir.resolve()).as_posix()
         except ValueError:
-            return redact_paths(value)
+            return None
+        return self.out_key if rel == "." else f"{self.out_key}/{rel}"
+
+    @staticmethod
+    def _public(value: str) -> str:
+        """Events are the owner's to read: what is left of an absolute path once this machine's
+        folders became blob keys (`server_paths_out`) is named by its last component."""
+        return redact_paths(value) if value.startswith("/") else value
 
     def event(self, type: str, message: str, level: str = "info", **fields) -> None:
-        message = server_paths_out(self.home, message)
-        fields = {k: server_paths_out(self.home, v) if isinstance(v, str) else v for k, v in fields.items()}
+        message = server_paths_out(self.home, message, self.job_id)
+        fields = {k: self._public(server_paths_out(self.home, v, self.job_id)) if isinstance(v, str) else v
+                  for k, v in fields.items()}
         if type == ev.TRAINING_START:
             self._t0, self._first_step = time.monotonic(), None  # the ETA clock starts with training
-        fields = {k: self._public(v) for k, v in fields.items()}
         self.home.db.retrying(lambda s: self._write_event(s, type, message, level, fields), what=f"event {type}")
 
     def _write_event(self, s, type: str, message: str, level: str, fields: dict) -> None:
@@ -114,7 +129,16 @@ class StoreReporter:
         self.home.db.retrying(write, what=f"metrics of step {step}")
 
     def checkpoint(self, step: int, path: Path, checkpoint_type: str) -> None:
-        key = str(Path(path).resolve().relative_to(self.home.blobs.root.resolve()))
+        """Put the checkpoint folder into the store, then record it: a recorded checkpoint is
+        complete in the store. Early stopping's best weights so far go with each intermediate
+        one, so a run resumed elsewhere still has them."""
+        key = self.key_of(path)
+        if key is None:
+            raise ValueError(f"checkpoint {path} is outside the job's output folder {self.out_dir}")
+        best = self.out_dir / BEST_WEIGHTS
+        if checkpoint_type == ev.INTERMEDIATE and best.is_file():
+            self.home.blobs.put_file(f"{self.out_key}/{BEST_WEIGHTS}", best)
+        self.home.blobs.put_dir(key, Path(path))
         self.home.db.retrying(lambda s: jobs.record_checkpoint(s, self.job_id, step, checkpoint_type, key),
                               what=f"checkpoint of step {step}")
 
@@ -161,8 +185,12 @@ def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, repo
         validation_path = home.blobs.local_file(blob_key(val)) if val else None
         done = [c for c in jobs.checkpoints(s, job.id) if c.checkpoint_type == "Intermediate"]
     reporter.event("TRAINING_DATA_DOWNLOAD_COMPLETE", "Training data downloaded")
-    resume_from = home.blobs.local_dir(done[-1].blob_key) if done else None
+    resume_from = home.blobs.local_dir(done[-1].blob_key) if done else None  # from any machine's try
     if resume_from is not None:
+        best = f"{reporter.out_key}/{BEST_WEIGHTS}"
+        if home.blobs.exists(best):  # early stopping's best weights so far, where the recipe keeps them
+            private_dirs(reporter.out_dir)
+            shutil.copyfile(home.blobs.local_file(best), reporter.out_dir / BEST_WEIGHTS)
         reporter.event(ev.WARNING, f"Resuming from the checkpoint at step {done[-1].step}", level="info",
                        step=done[-1].step)
     return dict(model_path=model_path, init_adapter=init_adapter, training_path=training_path,
@@ -170,9 +198,12 @@ def resolve_inputs(home: Home, job: Job, spec: JobSpec, registry: Registry, repo
 
 
 def _starting_weights(home: Home, spec: JobSpec, registry: Registry) -> Path:
-    """The registry's base, a server folder, or a hub repo fetched into the model cache (from_hf_model)."""
+    """The registry's base, or from_hf_model's weights: another registry model, a server folder,
+    or a hub repo fetched into the model cache. Registry models are this machine's copies."""
     if spec.weights is None:
         return Path(registry.path(spec.train.model))
+    if spec.weights in {m.name for m in registry.list()}:
+        return Path(registry.path(spec.weights))
     if Path(spec.weights).is_dir():
         return Path(spec.weights)
     from tunehouse.hub import fetch_weights
@@ -185,7 +216,7 @@ def _merged(home: Home, job: Job, adapter_folder: Path, base_path: Path) -> Path
     them; an intermediate one is merged here, once."""
     if (adapter_folder / "merged").is_dir():
         return adapter_folder / "merged"
-    dest = home.settings.work_path / "jobs" / job.id / "parent-merged"
+    dest = scratch_dir(home, job.id) / "parent-merged"
     if not (dest / "config.json").exists():
         from tunehouse.train.lora import merge_adapter_folder
 
@@ -204,6 +235,19 @@ def main(job_id: str) -> int:
         return _follow(d)
     settings = Settings()
     home = open_home(settings)
+    try:
+        return _main(home, job_id, d)
+    finally:  # checkpoints and outputs are in the store: the attempt's scratch goes
+        shutil.rmtree(scratch_dir(home, job_id), ignore_errors=True)
+
+
+def scratch_dir(home: Home, job_id: str) -> Path:
+    """This machine's folder for one job's attempt: what the recipe writes before it is stored,
+    the parent's merged weights."""
+    return home.settings.work_path / "jobs" / job_id
+
+
+def _main(home: Home, job_id: str, d: distributed.Dist) -> int:
     registry = Registry(home)
     reporter = StoreReporter(home, job_id)
     signal.signal(signal.SIGTERM, lambda *_: setattr(reporter, "stop_signal", True))
@@ -233,9 +277,9 @@ def main(job_id: str) -> int:
 
 def _plan(home: Home, job: Job, spec: JobSpec, inputs: dict) -> dict:
     """What every rank trains: the recipe, its config and inputs, where it writes."""
-    plan = dict(method=spec.method, cfg=spec.train, inputs=inputs, output_dir=home.blobs.root / f"jobs/{job.id}/out")
+    plan = dict(method=spec.method, cfg=spec.train, inputs=inputs, output_dir=scratch_dir(home, job.id) / "out")
     for parent in (plan["output_dir"], plan["output_dir"] / "checkpoints"):
-        sweep_temp_dirs(parent)  # what a killed try left half-written
+        sweep_temp_dirs(parent)  # what a killed try on this machine left half-written
     if spec.method == "dpo":
         from tunehouse.train.dpo import weights_stamp
 
@@ -319,18 +363,29 @@ def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
     if not _advance(home, job_id, ("compressing", "COMPRESSING_MODEL", "Compressing output model")):
         return EXIT_CANCELLED
     with home.db.session() as s:
-        archive = build_download(s, home, s.get(Job, job_id), None, None)
-    size = f"{archive.name}, {archive.stat().st_size / 2**20:.1f} MiB"
+        archive = build_archive(s, home, s.get(Job, job_id), None, None)
+    size = f"{archive.rsplit('/', 1)[-1]}, {home.blobs.size(archive) / 2**20:.1f} MiB"
     if not _advance(home, job_id, (None, "MODEL_COMPRESSION_COMPLETE", f"Model compression complete: {size}"),
                     ("uploading", "MODEL_UPLOADING", "Uploading output model")):
         return EXIT_CANCELLED
-    digest = sha256_file(archive)
+    digest = _sha256_blob(home, archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
     if not _advance(home, job_id, (None, "MODEL_UPLOAD_COMPLETE", "Model upload complete"), digest=digest):
         return EXIT_CANCELLED
     _finish(home, job_id, "completed", "JOB_COMPLETE", "Job finished")
     return 0
+
+
+def _sha256_blob(home: Home, key: str) -> str:
+    """Streamed from the store: no local copy of an archive this machine will never serve."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with home.blobs.open(key) as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _advance(home: Home, job_id: str, *steps: tuple[str | None, str, str], digest: str | None = None) -> bool:
@@ -377,18 +432,26 @@ def _finish(home: Home, job_id: str, status: str, type_: str, message: str) -> N
         if job is None:
             return
         jobs.set_status(job, status)
-        jobs.add_event(s, job_id, type_, server_paths_out(home, message), "info" if status == "completed" else "error")
+        jobs.add_event(s, job_id, type_, server_paths_out(home, message, job_id),
+                       "info" if status == "completed" else "error")
 
     home.db.retrying(write, what=type_)
 
 
-def server_paths_out(home: Home, text: str) -> str:
-    """`text` with the server's own folders taken out: a path in the blob store reads as its blob
-    key (`jobs/ft-…/out/final`). Events are shown to API callers, who have no business knowing
-    where the server keeps its home."""
-    for root in (home.blobs.root, home.settings.home):
-        for form in {str(root), str(Path(root).resolve())}:
-            text = text.replace(form + "/", "").replace(form, ".")
+def server_paths_out(home: Home, text: str, job_id: str | None = None) -> str:
+    """`text` with this machine's folders taken out: a path the job wrote reads as its blob key
+    (`jobs/ft-…/out/final`), one in a local blob store or the scratch folder as its key too.
+    Events are shown to API callers, who have no business knowing where a server or worker keeps
+    its home."""
+    roots: list[tuple[Path, str]] = []
+    if job_id:
+        roots.append((scratch_dir(home, job_id), f"jobs/{job_id}"))
+    local_store = getattr(home.blobs, "root", None)  # the local backend's folder
+    roots += [(home.settings.work_path, ""), *([(local_store, "")] if local_store else []),
+              (home.settings.home, "")]
+    for root, key in roots:
+        for form in sorted({str(root), str(Path(root).resolve())}, key=len, reverse=True):
+            text = text.replace(form + "/", key + "/" if key else "").replace(form, key or ".")
     return text
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,7 @@ class Worker:
                 if not recovered:
                     with self.home.db.session() as s:
                         jobs.recover_own(s, self.worker_id)  # what this worker held when it last died
+                    self.sweep_scratch()
                     recovered = True
                 with self.home.db.session() as s:
                     jobs.recover_stale(s, self.stale_after_s)
@@ -96,6 +98,18 @@ class Worker:
         self._run_child(job_id, attempt)
         return True
 
+    def sweep_scratch(self) -> None:
+        """Remove what killed tries left in this machine's scratch: the folders of jobs this
+        worker does not run now (their checkpoints are in the store)."""
+        folder = self.home.settings.work_path / "jobs"
+        if not folder.is_dir():
+            return
+        with self.home.db.session() as s:
+            for p in folder.iterdir():
+                job = s.get(Job, p.name)
+                if job is None or job.worker_id != self.worker_id or job.status not in jobs.ACTIVE:
+                    shutil.rmtree(p, ignore_errors=True)
+
     # -- one job ----------------------------------------------------------------------------
     def _run_child(self, job_id: str, attempt: int) -> None:
         log_path = self.home.settings.run_path / "jobs" / job_id / f"attempt-{attempt}.log"
@@ -112,6 +126,8 @@ class Worker:
                 raise
             finally:
                 self.child = None
+                # a killed child cannot clean up: its scratch goes here (what counts is in the store)
+                shutil.rmtree(self.home.settings.work_path / "jobs" / job_id, ignore_errors=True)
         self._record_exit(job_id, rc, log_path)
 
     def _supervise(self, job_id: str, child: subprocess.Popen) -> int:
@@ -176,8 +192,7 @@ class Worker:
         from tunehouse.train.distributed import TIMEOUT_ENV
 
         st: Settings = self.home.settings
-        env = dict(os.environ, TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url,
-                   TUNEHOUSE_BLOB_DIR=str(st.blobs_path), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **settings_env(st), PYTHONUNBUFFERED="1")
         env[TIMEOUT_ENV] = str(st.dist_timeout_s)
         if st.secret:  # the child opens the job's sealed keys with it
             env["TUNEHOUSE_SECRET"] = st.secret.get_secret_value()
@@ -186,6 +201,23 @@ class Worker:
         elif self.num_processes > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.num_processes))  # CPU: cores shared
         return env
+
+
+def settings_env(st: Settings) -> dict[str, str]:
+    """This worker's settings as the training child reads them (`TUNEHOUSE_*`): every field set
+    on it (a CLI flag or a test's Settings reach the child too) but secrets, and where its
+    database, blobs and blob cache are."""
+    from pydantic import SecretStr
+
+    env = {}
+    for name in st.model_fields_set:
+        value = getattr(st, name)
+        if value is not None and not isinstance(value, SecretStr):  # secrets: only what the child needs, below
+            env[f"TUNEHOUSE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(TUNEHOUSE_HOME=str(st.home), TUNEHOUSE_DATABASE_URL=st.db_url, TUNEHOUSE_BLOB_URL=st.blob_location,
+               TUNEHOUSE_BLOB_CACHE_DIR=str(st.blob_cache_path))
+    env.pop("TUNEHOUSE_BLOB_DIR", None)  # blob_url says it
+    return env
 
 
 def training_devices(settings: Settings) -> tuple[list[int] | None, int]:
