@@ -187,7 +187,8 @@ def test_models_list_and_add(server, tmp_path):
     added = run(server, "models", "add", "me/my-model", str(folder), "--home", home)
     assert added.returncode == 0, added.stderr
     listed = run(server, "models", "list", "--home", home)
-    assert "me/my-model" in listed.stdout and str(folder) in listed.stdout
+    # the folder was copied into the blob store, where every worker and server finds it
+    assert "me/my-model" in listed.stdout and "store:models/me--my-model" in listed.stdout
     bad = run(server, "models", "add", "me/nothing", str(tmp_path), "--home", home)
     assert bad.returncode == 1 and "config.json" in bad.stderr
 

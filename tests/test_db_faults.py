@@ -55,20 +55,26 @@ def _inject_child_faults(monkeypatch, spec: str) -> None:
 
 
 def test_existing_home_gets_unique_metrics(tmp_path):
-    """A database made before metrics were unique, holding the rows a resume duplicated: opening it
-    keeps the last row of each step and adds the unique index, with no migration tool."""
+    """A database made before metrics were unique (and before migrations), holding the rows a
+    resume duplicated: opening it keeps the last row of each step, adds the unique index, and
+    brings the schema to the newest revision."""
+    from sqlalchemy import create_engine
+
+    from tunehouse.store.tables import Base
+
     path = tmp_path / "old.db"
-    con = sqlite3.connect(path)
-    con.executescript("""
-        CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY);
-        CREATE TABLE metrics (id INTEGER PRIMARY KEY, job_id VARCHAR(64) REFERENCES jobs(id), step INTEGER,
-                              "values" JSON, created_at DATETIME);
-        INSERT INTO jobs VALUES ('ft-a');
-        INSERT INTO metrics (job_id, step, "values") VALUES
-            ('ft-a', 1, '{"v": 1}'), ('ft-a', 2, '{"v": 2}'), ('ft-a', 3, '{"v": 3}'),
-            ('ft-a', 2, '{"v": 20}'), ('ft-a', 3, '{"v": 30}'), ('ft-a', 4, '{"v": 40}');
-    """)
-    con.close()
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    with engine.begin() as con:
+        con.exec_driver_sql("DROP INDEX ux_metrics_job_step")
+        con.exec_driver_sql("INSERT INTO jobs (id, owner, status, method, model, training_file, config, attempts, "
+                            "created_at, updated_at) VALUES ('ft-a', 'alice', 'completed', 'sft', 'm', 'file-x', "
+                            "'{}', 1, '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
+        con.exec_driver_sql("""INSERT INTO metrics (job_id, step, "values", created_at) VALUES
+            ('ft-a', 1, '{"v": 1}', '2026-01-01'), ('ft-a', 2, '{"v": 2}', '2026-01-01'),
+            ('ft-a', 3, '{"v": 3}', '2026-01-01'), ('ft-a', 2, '{"v": 20}', '2026-01-01'),
+            ('ft-a', 3, '{"v": 30}', '2026-01-01'), ('ft-a', 4, '{"v": 40}', '2026-01-01')""")
+    engine.dispose()
     db = Database(f"sqlite:///{path}")
     db.create()
     db.create()  # idempotent
