@@ -115,7 +115,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
-    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter, autocast)
     if kernels := recipe.fused_kernels(causal_lm, device):
         reporter.event(ev.WARNING, kernels, level="info")
     if cfg.lora and init_adapter is not None:

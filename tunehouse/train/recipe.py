@@ -14,7 +14,8 @@ import torch
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import distributed
 from tunehouse.train import events as ev
-from tunehouse.train.lora import add_lora, load_lora, merge
+from tunehouse.train.lora import add_lora, lean_forward, load_lora, merge, restore_base_weights
+from tunehouse.train.precision import store_frozen_in
 from tunehouse.train.schedule import lr_multiplier
 
 
@@ -33,9 +34,13 @@ def resolve_batch(cfg, model_path: Path, device: torch.device):
                                                max_batch=MAX_BATCH_DPO if dpo else MAX_BATCH, device=device.type))
 
 
-def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None):
+def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None,
+                autocast=None):
     """(tokenizer, causal LM, model to train): the weights at model_path (a full-weights resume:
-    the checkpoint's), with a new LoRA adapter, or the one being resumed or continued."""
+    the checkpoint's), with a new LoRA adapter, or the one being resumed or continued.
+
+    LoRA under bf16 `autocast`: the frozen base weights are stored in bf16 (cast once here, not at
+    every forward) and the LoRA layers take `lora.lean_forward`; the adapter stays fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -49,6 +54,10 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
     else:
         model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    if cfg.lora:
+        lean_forward(model)
+        if autocast is not None:
+            store_frozen_in(model, autocast.fast_dtype)
     return tokenizer, causal_lm, model
 
 
@@ -121,6 +130,7 @@ def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> 
              "seed": run.cfg.random_seed, "metrics": history}
 
     def write_merged(tmp: Path) -> None:
+        restore_base_weights(run.model)  # fp32 base (trained in bf16): the merged model of an fp32 run
         plain = merge(run.model)
         plain.save_pretrained(tmp / ckpt.MERGED_DIR)
         run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)
