@@ -147,6 +147,7 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN, pr
                      gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear",
                      max_steps=steps, logging_steps=1, save_strategy="no", report_to=[],
                      use_cpu=True, bf16=bf16, packing=True, packing_strategy="bfd", seed=42,
+                     gradient_checkpointing=False,  # TRL's default is on: slower, and tunehouse has it off
                      include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
     losses: list[float] = []
 
@@ -171,7 +172,7 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN, pr
             "peak_rss_mb": peak_rss_mb(), "steps": len(timings),
             "settings": f"SFTTrainer {precision} (weights {str(dtype).removeprefix('torch.')}, "
                         f"bf16={bf16}), packing bfd = padding-free ({batch} rows x {max_len}), attn {attn}, "
-                        f"completion-only loss, LoRA r={LORA['r']} alpha={LORA['alpha']} {LORA['modules']}, "
+                        f"no gradient checkpointing, completion-only loss, LoRA r={LORA['r']} alpha={LORA['alpha']} {LORA['modules']}, "
                         f"AdamW lr {LR} linear, torch threads {torch_threads()}"}
 
 
