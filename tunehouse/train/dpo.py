@@ -116,6 +116,8 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
     tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter, autocast)
+    if recipe.activation_checkpointing(cfg, causal_lm):
+        reporter.event(ev.WARNING, "Activation checkpointing on (long sequences)", level="info")
     if kernels := recipe.fused_kernels(causal_lm, device):
         reporter.event(ev.WARNING, kernels, level="info")
     if cfg.lora and init_adapter is not None:

@@ -45,7 +45,9 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
-    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
+    # LoRA under bf16: load the base in bf16 directly (its fp32 copy never exists: lower peak RSS)
+    low = autocast.fast_dtype if (autocast is not None and cfg.lora) else torch.float32
+    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=low)
     causal_lm.config.use_cache = False
     if not cfg.lora:
         model = causal_lm
@@ -56,9 +58,31 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
                          modules=cfg.lora_trainable_modules, base_name=cfg.model)
     if cfg.lora:
         lean_forward(model)
-        if autocast is not None:
-            store_frozen_in(model, autocast.fast_dtype)
+        store_frozen_in(model, low)  # (already so, unless a loader kept some weights in fp32)
+        for p in model.parameters():  # the adapter's master weights stay fp32
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     return tokenizer, causal_lm, model
+
+
+CHECKPOINTING_ENV = "TUNEHOUSE_ACTIVATION_CHECKPOINTING"  # "1" always, "0" never, unset: by the limits
+
+
+def activation_checkpointing(cfg, causal_lm) -> bool:
+    """Turn on activation checkpointing (non-reentrant, per decoder layer) when a micro-batch has at
+    least `registry.CHECKPOINT_FROM_TOKENS` tokens, or as $TUNEHOUSE_ACTIVATION_CHECKPOINTING says;
+    whether it is on. Same losses and gradients, less peak memory, one more forward per step."""
+    import os
+
+    from tunehouse.models.registry import CHECKPOINT_FROM_TOKENS
+
+    forced = os.environ.get(CHECKPOINTING_ENV)
+    size = cfg.micro_batch_size() if cfg.batch_size != "max" else 1
+    on = forced == "1" if forced in ("0", "1") else size * cfg.max_seq_length >= CHECKPOINT_FROM_TOKENS
+    if on and getattr(causal_lm, "supports_gradient_checkpointing", False):
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
 
 
 def fused_kernels(causal_lm, device: torch.device) -> str | None:

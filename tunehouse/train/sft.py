@@ -83,6 +83,8 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
 
     # Tokenizer and model (+ LoRA), wrapped for N processes (DDP for LoRA, FSDP for full)
     tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter, autocast)
+    if recipe.activation_checkpointing(cfg, causal_lm):
+        reporter.event(ev.WARNING, "Activation checkpointing on (long sequences)", level="info")
     if kernels := recipe.fused_kernels(causal_lm, device):
         reporter.event(ev.WARNING, kernels, level="info")
     model.to(device).train()
