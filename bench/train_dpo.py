@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best is kept")
     parser.add_argument("--side", choices=list(SIDES))
     parser.add_argument("--precision", choices=["both", "bf16", "fp32"], default="both")
+    parser.add_argument("--sides", default="", help="comma list of the sides to run (default: all of the "
+                        "precisions asked for); each precision needs its tunehouse side and at least one TRL side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: torch's default)")
     args = parser.parse_args()
 
@@ -209,7 +211,8 @@ def main() -> None:
 
     bf16 = cpu_supports_bf16()
     precisions = [p for p in ("bf16", "fp32") if args.precision in ("both", p) and (p == "fp32" or bf16)]
-    sides = [name for name, p in SIDES.items() if p in precisions]
+    sides = [name for name, p in SIDES.items() if p in precisions
+             and (not args.sides or name in args.sides.split(","))]
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(max(1, args.rounds)):
         for name in sides:

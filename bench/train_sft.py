@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--side", choices=[*SIDES, "tunehouse"])
     parser.add_argument("--batch", type=int, default=0, help="packed rows per step (default: 2 at 512, 1 at 2048)")
     parser.add_argument("--precision", choices=["both", "bf16", "fp32"], default="both")
+    parser.add_argument("--sides", default="", help="comma list of the sides to run (default: all of the "
+                        "precisions asked for); each precision needs its tunehouse side and at least one TRL side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of every side (0: torch's default)")
     parser.add_argument("--processes", type=int, default=1, help="compare tunehouse on 1 process with this many "
                         "(torchrun, DDP) instead of with TRL")
@@ -242,7 +244,8 @@ def main() -> None:
 
     bf16 = cpu_supports_bf16()
     precisions = [p for p in ("bf16", "fp32") if args.precision in ("both", p) and (p == "fp32" or bf16)]
-    sides = [name for name, p in SIDES.items() if p in precisions]
+    sides = [name for name, p in SIDES.items() if p in precisions
+             and (not args.sides or name in args.sides.split(","))]
     shape = model_shape(model_dir)
     mm = lambda dtype: matmul_gflops(dtype, tokens=batch * args.max_len, hidden=shape["hidden"],  # noqa: E731
                                      intermediate=shape["intermediate"], vocab=shape["vocab"])
