@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=0, help="rows per step (default 2 at 512, 1 at 2048)")
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--cpu-time", action="store_true", help="no profiler: 1 torch thread, tokens per CPU-second "
+                   "of this process (robust to other processes sharing the cores), for before/after comparisons")
     p.add_argument("--stacks", default="", help="comma list of ops (aten::copy_) whose calling lines to print")
     args = p.parse_args()
     import torch
@@ -81,7 +83,18 @@ def main() -> None:
     sft._train_loop = original
     run = captured["run"]
     rows = [run.train_rows[i] for i in range(batch)]
+    if args.cpu_time:
+        torch.set_num_threads(1)
     sft.train_step(run, rows, 1e-4)  # warm-up
+    if args.cpu_time:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(args.steps):
+            loss, acc, gn, tokens = sft.train_step(run, rows, 1e-4)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        print(f"seq_len {args.seq_len}, {batch} rows/step, {'fp32' if args.fp32 else 'bf16'}, 1 thread: "
+              f"{tokens * args.steps / cpu:.1f} tokens per CPU-second ({tokens * args.steps / wall:.1f} tokens/s wall), "
+              f"loss {loss:.4f}")
+        return
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], with_stack=bool(args.stacks),
                  record_shapes=bool(args.stacks)) as prof:
