@@ -91,9 +91,16 @@ def main() -> None:
         for _ in range(args.steps):
             loss, acc, gn, tokens = sft.train_step(run, rows, 1e-4)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        sys.path.insert(0, str(ROOT / "bench"))
+        from roofline import fraction, matmul_gflops, model_shape
+
+        shape = model_shape(model_dir)
+        peak = matmul_gflops(torch.bfloat16, tokens=batch * args.seq_len, hidden=shape["hidden"],
+                             intermediate=shape["intermediate"], vocab=shape["vocab"], clock=time.process_time)
         print(f"seq_len {args.seq_len}, {batch} rows/step, {'fp32' if args.fp32 else 'bf16'}, 1 thread: "
               f"{tokens * args.steps / cpu:.1f} tokens per CPU-second ({tokens * args.steps / wall:.1f} tokens/s wall), "
-              f"loss {loss:.4f}")
+              f"loss {loss:.4f}; bf16 matmul {peak:.0f} GFLOP/s per CPU-second (1 thread, same run): roofline "
+              f"fraction {fraction(tokens * args.steps / cpu, shape['n_params'], peak):.3f} (4·N FLOPs per token)")
         return
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], with_stack=bool(args.stacks),
