@@ -88,6 +88,16 @@ def side_tunehouse(model_dir: Path, steps: int, bf16: bool) -> dict:
         return out
 
     dpo.reference_logps = timed
+    steps_cpu: list[float] = []
+    real_step = dpo.train_step
+
+    def timed_step(run, picked, lr):
+        c0 = time.process_time()
+        out = real_step(run, picked, lr)
+        steps_cpu.append(time.process_time() - c0)
+        return out
+
+    dpo.train_step = timed_step
     reporter = MemoryReporter(stop_after_steps=steps)  # cancel before the last step: no save
     try:
         dpo.run_dpo(cfg, model_path=model_dir, training_path=data, validation_path=None,
@@ -100,7 +110,7 @@ def side_tunehouse(model_dir: Path, steps: int, bf16: bool) -> dict:
     # the precompute covered steps + 1 batches; charge the timed steps their share
     ref_seconds = sum(reference_seconds) * (len(rates) - 1) / (len(rates) + 1)
     pairs = BATCH * (len(rates) - 1)
-    return {"pairs_per_second": pairs / train_seconds,
+    return {"pairs_per_second": pairs / train_seconds, "pairs_per_cpu_second": pairs / sum(steps_cpu[1:]),
             "pairs_per_second_with_reference": pairs / (train_seconds + ref_seconds),
             "reference_seconds": sum(reference_seconds), "steps": len(rates),
             "losses": reporter.losses(), "peak_rss_mb": peak_rss_mb(),
@@ -124,14 +134,16 @@ def side_trl(model_dir: Path, steps: int, precision: str, checkpointing: bool) -
                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]}
                                  for r in synthetic_pairs((steps + 1) * BATCH)])
     timings: list[float] = []
+    cpu: list[float] = []
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             timings.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -155,6 +167,7 @@ def side_trl(model_dir: Path, steps: int, precision: str, checkpointing: bool) -
     trainer.train()
     setup_and_precompute = time.perf_counter() - t0 - sum(timings)
     return {"pairs_per_second": BATCH * (len(timings) - 1) / sum(timings[1:]),
+            "pairs_per_cpu_second": BATCH * (len(cpu) - 1) / sum(cpu[1:]),
             "steps": len(timings), "losses": losses, "peak_rss_mb": peak_rss_mb(),
             "setup_and_reference_seconds": setup_and_precompute,
             "settings": f"DPOTrainer {precision} (weights {str(dtype).removeprefix('torch.')}, bf16={bf16}), "
@@ -176,7 +189,7 @@ def run_side(name: str, steps: int, threads: int) -> dict:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"{name} side failed")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {name}: {result['pairs_per_second']:.3f} pairs/s, peak RSS {result['peak_rss_mb']:.0f} MB",
+    print(f"  {name}: {result['pairs_per_second']:.3f} pairs/s, {result['pairs_per_cpu_second']:.3f} per CPU-second, peak RSS {result['peak_rss_mb']:.0f} MB",
           file=sys.stderr, flush=True)
     return result
 
@@ -224,7 +237,8 @@ def main() -> None:
         r = best[name]
         extra = (f", {r['pairs_per_second_with_reference']:.3f} pairs/s with its reference precompute "
                  f"({r['reference_seconds']:.1f} s)") if name.startswith("tunehouse") else ""
-        print(f"{name}: {r['pairs_per_second']:.3f} pairs/s{extra} (rounds: "
+        print(f"{name}: {r['pairs_per_second']:.3f} pairs/s{extra}, {r['pairs_per_cpu_second']:.3f} pairs per "
+              f"CPU-second of its process (rounds: "
               f"{', '.join(format(x['pairs_per_second'], '.3f') for x in runs[name])}), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB\n    settings: {r['settings']}\n    losses: {[round(x, 4) for x in r['losses']]}")
     summary = {"steps": args.steps, "rounds": args.rounds, "batch_pairs": BATCH, "max_seq_length": MAX_LEN,
@@ -237,6 +251,10 @@ def main() -> None:
         speedup = th["pairs_per_second"] / best[fastest]["pairs_per_second"]
         with_ref = th["pairs_per_second_with_reference"] / best[fastest]["pairs_per_second"]
         rss = th["peak_rss_mb"] / best[leanest]["peak_rss_mb"]
+        trl_cpu = max(best[n]["pairs_per_cpu_second"] for n in trls)
+        cpu_speedup = th["pairs_per_cpu_second"] / trl_cpu
+        print(f"{p} vs {p} per CPU-second: tunehouse {th['pairs_per_cpu_second']:.3f}, TRL's best {trl_cpu:.3f}: "
+              f"{cpu_speedup:.2f}x")
         print(f"{p} vs {p}: tunehouse {th['pairs_per_second']:.3f} pairs/s, TRL at its fastest ({fastest}) "
               f"{best[fastest]['pairs_per_second']:.3f}: {speedup:.2f}x ({with_ref:.2f}x counting tunehouse's "
               f"reference precompute); peak RSS {th['peak_rss_mb']:.0f} MB vs TRL's lowest ({leanest}) "
@@ -245,10 +263,11 @@ def main() -> None:
                       "tunehouse_pairs_per_second_with_reference": round(th["pairs_per_second_with_reference"], 3),
                       "trl_pairs_per_second": round(best[fastest]["pairs_per_second"], 3), "trl_fastest": fastest,
                       "speedup": round(speedup, 2), "speedup_with_reference": round(with_ref, 2),
+                      "speedup_cpu_time": round(cpu_speedup, 2),
                       "tunehouse_peak_rss_mb": round(th["peak_rss_mb"]), "trl_lowest_rss_mb": round(best[leanest]["peak_rss_mb"]),
                       "trl_lowest_rss": leanest, "rss_ratio": round(rss, 3)}
     lead = summary[precisions[0]]
-    summary.update(speedup=lead["speedup"], rss_ratio=lead["rss_ratio"])
+    summary.update(speedup=lead["speedup"], rss_ratio=lead["rss_ratio"], speedup_cpu_time=lead["speedup_cpu_time"])
     print(json.dumps(summary))
 
 

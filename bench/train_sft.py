@@ -26,6 +26,12 @@ same run, right before the sides, in both precisions; roofline fraction = achiev
 (4·N per trained token, N = 134.5M) ÷ the measured bf16 matmul FLOP/s. The last line printed is
 one JSON object with every figure (`speedup` = tunehouse ÷ TRL at its best, in bf16 where the
 CPU has it; `roofline_fraction` = tunehouse's, bf16).
+
+On a shared machine wall-clock rates swing with the other load (one side alone was seen at 5 and
+at 20 tokens/s within minutes), so each side also reports tokens per CPU-second of its own
+process, and the roofline is measured in CPU time too (`*_cpu_time` figures). With `--threads 1`
+that is the clean comparison there (no OpenMP thread waiting for a descheduled partner, which
+makes small ops 10x dearer in CPU time on an overloaded box); on an idle machine use wall time.
 """
 
 from __future__ import annotations
@@ -102,6 +108,18 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len:
                     max_seq_length=max_len, packing=True, train_on_inputs=False, lora=True,
                     lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                     lora_trainable_modules=LORA["modules"], random_seed=42)
+    from tunehouse.train import sft
+
+    steps_timed: list[tuple[float, float, int]] = []  # (wall s, CPU s, tokens) per optimizer step
+    real_step = sft.train_step
+
+    def timed_step(run, rows, lr):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = real_step(run, rows, lr)
+        steps_timed.append((time.perf_counter() - t0, time.process_time() - c0, out[3]))
+        return out
+
+    sft.train_step = timed_step
     reporter = MemoryReporter(stop_after_steps=steps)  # cancel after N steps: no final save
     try:
         run_sft(cfg, model_path=model_dir, training_path=data, validation_path=None,
@@ -110,9 +128,10 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len:
         pass
     if not d.is_main:
         return None
-    rates = reporter.losses("tokens_per_second")[1:]
-    # packed rows are all close to max_len tokens, so Σtokens/Σtime ≈ the harmonic mean of rates
-    return {"tokens_per_second": len(rates) / sum(1 / r for r in rates), "losses": reporter.losses(),
+    timed = steps_timed[1:]  # the first step is warm-up
+    tokens = sum(n for _, _, n in timed)
+    return {"tokens_per_second": tokens / sum(w for w, _, _ in timed),
+            "tokens_per_cpu_second": tokens / sum(c for _, c, _ in timed), "losses": reporter.losses(),
             "peak_rss_mb": peak_rss_mb(), "steps": len(rates) + 1,
             "settings": f"run_sft, {'bf16 (frozen weights bf16, LoRA fp32, autocast)' if bf16 else 'fp32'}, "
                         f"packing {batch} rows x {max_len}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
@@ -136,10 +155,11 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN, pr
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.n0 = time.perf_counter(), state.num_input_tokens_seen
+            self.t0, self.c0, self.n0 = time.perf_counter(), time.process_time(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            timings.append((time.perf_counter() - self.t0, state.num_input_tokens_seen - self.n0))
+            timings.append((time.perf_counter() - self.t0, state.num_input_tokens_seen - self.n0,
+                            time.process_time() - self.c0))
 
     tmp = tempfile.mkdtemp(prefix="bench-trl-")
     bf16 = precision != "fp32"
@@ -165,10 +185,11 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN, pr
                                target_modules=LORA["modules"], task_type="CAUSAL_LM"),
         callbacks=[Clock(), Losses()])
     trainer.train()
-    seconds = sum(t for t, _ in timings[1:])
-    tokens = sum(n for _, n in timings[1:])
+    seconds = sum(t for t, _, _ in timings[1:])
+    tokens = sum(n for _, n, _ in timings[1:])
+    cpu = sum(c for _, _, c in timings[1:])
     attn = trainer.model.config._attn_implementation
-    return {"tokens_per_second": tokens / seconds, "losses": losses,
+    return {"tokens_per_second": tokens / seconds, "tokens_per_cpu_second": tokens / cpu, "losses": losses,
             "peak_rss_mb": peak_rss_mb(), "steps": len(timings),
             "settings": f"SFTTrainer {precision} (weights {str(dtype).removeprefix('torch.')}, "
                         f"bf16={bf16}), packing bfd = padding-free ({batch} rows x {max_len}), attn {attn}, "
@@ -192,7 +213,7 @@ def run_side(name: str, steps: int, batch: int, max_len: int, processes: int = 1
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"{name} side failed")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {name}: {result['tokens_per_second']:.1f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB",
+    print(f"  {name}: {result['tokens_per_second']:.1f} tokens/s, {result['tokens_per_cpu_second']:.1f} per CPU-second, peak RSS {result['peak_rss_mb']:.0f} MB",
           file=sys.stderr, flush=True)
     return result
 
@@ -247,27 +268,32 @@ def main() -> None:
     sides = [name for name, p in SIDES.items() if p in precisions
              and (not args.sides or name in args.sides.split(","))]
     shape = model_shape(model_dir)
-    mm = lambda dtype: matmul_gflops(dtype, tokens=batch * args.max_len, hidden=shape["hidden"],  # noqa: E731
-                                     intermediate=shape["intermediate"], vocab=shape["vocab"])
+    mm = lambda dtype, **kw: matmul_gflops(dtype, tokens=batch * args.max_len, hidden=shape["hidden"],  # noqa: E731
+                                           intermediate=shape["intermediate"], vocab=shape["vocab"], **kw)
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     peaks = {"bf16": [], "fp32": []}
+    cpu_peaks = {"bf16": [], "fp32": []}  # the same, in this process's CPU time (robust to other load)
     for _ in range(max(1, args.rounds)):
-        if bf16:
-            peaks["bf16"].append(mm(torch.bfloat16))
-        peaks["fp32"].append(mm(torch.float32))
+        for p, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            if p == "fp32" or bf16:
+                peaks[p].append(mm(dtype))
+                cpu_peaks[p].append(mm(dtype, clock=time.process_time))
         for name in sides:
             runs[name].append(run_side(name, args.steps, batch, args.max_len, threads=args.threads))
     best = {name: max(rs, key=lambda r: r["tokens_per_second"]) for name, rs in runs.items()}
     peak = {p: max(v) for p, v in peaks.items() if v}
+    cpu_peak = {p: max(v) for p, v in cpu_peaks.items() if v}
 
     print(f"SmolLM2-135M-Instruct LoRA SFT, rows of {args.max_len} tokens, {batch} per step, {args.steps} steps "
           f"(first excluded), best of {args.rounds} alternating rounds; CPU native bf16: {bf16}")
     print(f"matmul roofline measured in this run (FLOP-weighted over the step's shapes): "
           + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peak.items())
+          + " wall, " + ", ".join(f"{p} {g:.0f}" for p, g in cpu_peak.items()) + " per CPU-second"
           + f"; FLOPs per trained token 4·N = {4 * shape['n_params'] / 1e6:.0f} MFLOP (N = {shape['n_params'] / 1e6:.1f}M)")
     for name in sides:
         r = best[name]
-        print(f"{name}: {r['tokens_per_second']:.1f} tokens/s (rounds: "
+        print(f"{name}: {r['tokens_per_second']:.1f} tokens/s wall, {r['tokens_per_cpu_second']:.1f} tokens per "
+              f"CPU-second of its process (rounds: "
               f"{', '.join(format(x['tokens_per_second'], '.1f') for x in runs[name])}), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB, roofline fraction "
               f"{fraction(r['tokens_per_second'], shape['n_params'], peak.get('bf16', peak['fp32'])):.3f}\n"
@@ -275,6 +301,7 @@ def main() -> None:
     summary = {"seq_len": args.max_len, "rows_per_step": batch, "steps": args.steps, "rounds": args.rounds,
                "threads": torch.get_num_threads(), "bf16": bf16,
                "matmul_gflops": {p: round(g, 1) for p, g in peak.items()},
+               "matmul_gflops_cpu_time": {p: round(g, 1) for p, g in cpu_peak.items()},
                "flops_per_token": 4 * shape["n_params"]}
     for p in precisions:
         th = best[f"tunehouse-{p}"]
@@ -282,21 +309,30 @@ def main() -> None:
                        key=lambda n: best[n]["tokens_per_second"])
         trl = best[trl_name]
         speedup = th["tokens_per_second"] / trl["tokens_per_second"]
+        trl_cpu = max((best[n] for n in sides if n.startswith("trl") and SIDES[n] == p),
+                      key=lambda r: r["tokens_per_cpu_second"])
+        cpu_speedup = th["tokens_per_cpu_second"] / trl_cpu["tokens_per_cpu_second"]
         print(f"{p} vs {p}: tunehouse {th['tokens_per_second']:.1f} tokens/s, TRL at its best ({trl_name}) "
-              f"{trl['tokens_per_second']:.1f}: {speedup:.2f}x; peak RSS {th['peak_rss_mb']:.0f} vs "
+              f"{trl['tokens_per_second']:.1f}: {speedup:.2f}x wall; per CPU-second {th['tokens_per_cpu_second']:.1f} "
+              f"vs {trl_cpu['tokens_per_cpu_second']:.1f}: {cpu_speedup:.2f}x; peak RSS {th['peak_rss_mb']:.0f} vs "
               f"{trl['peak_rss_mb']:.0f} MB")
         summary[p] = {"tunehouse_tokens_per_second": round(th["tokens_per_second"], 1),
                       "trl_tokens_per_second": round(trl["tokens_per_second"], 1), "trl_best": trl_name,
-                      "speedup": round(speedup, 2),
+                      "speedup": round(speedup, 2), "speedup_cpu_time": round(cpu_speedup, 2),
+                      "tunehouse_tokens_per_cpu_second": round(th["tokens_per_cpu_second"], 1),
+                      "trl_tokens_per_cpu_second": round(trl_cpu["tokens_per_cpu_second"], 1),
                       "tunehouse_peak_rss_mb": round(th["peak_rss_mb"]), "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
                       "roofline_fraction": round(fraction(th["tokens_per_second"], shape["n_params"],
-                                                          peak.get("bf16", peak["fp32"])), 3)}
+                                                          peak.get("bf16", peak["fp32"])), 3),
+                      "roofline_fraction_cpu_time": round(fraction(th["tokens_per_cpu_second"], shape["n_params"],
+                                                                   cpu_peak.get("bf16", cpu_peak["fp32"])), 3)}
     if len(precisions) == 2:
         gap = max(abs(a - b) for a, b in zip(best["tunehouse-bf16"]["losses"], best["tunehouse-fp32"]["losses"]))
         print(f"tunehouse max |loss bf16 − fp32| over {args.steps} steps: {gap:.4f}")
         summary["bf16_fp32_max_loss_gap"] = round(gap, 5)
     lead = summary[precisions[0]]
-    summary.update(speedup=lead["speedup"], roofline_fraction=lead["roofline_fraction"])
+    summary.update(speedup=lead["speedup"], roofline_fraction=lead["roofline_fraction"],
+                   speedup_cpu_time=lead["speedup_cpu_time"], roofline_fraction_cpu_time=lead["roofline_fraction_cpu_time"])
     print(json.dumps(summary))
 
 
