@@ -132,7 +132,7 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len:
     tokens = sum(n for _, _, n in timed)
     return {"tokens_per_second": tokens / sum(w for w, _, _ in timed),
             "tokens_per_cpu_second": tokens / sum(c for _, c, _ in timed), "losses": reporter.losses(),
-            "peak_rss_mb": peak_rss_mb(), "steps": len(rates) + 1,
+            "peak_rss_mb": peak_rss_mb(), "steps": len(steps_timed),
             "settings": f"run_sft, {'bf16 (frozen weights bf16, LoRA fp32, autocast)' if bf16 else 'fp32'}, "
                         f"packing {batch} rows x {max_len}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
                         f"{LORA['modules']}, AdamW lr {LR} linear, torch threads {torch_threads()}"}
