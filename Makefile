@@ -52,7 +52,8 @@ test-fast: $(STAMP) $(V1STAMP) chromium postgres
 
 bench: $(STAMP) $(V1STAMP) chromium  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
-	$(BIN)/python bench/train_sft.py
+	$(BIN)/python bench/train_sft.py --seq-len 512
+	$(BIN)/python bench/train_sft.py --seq-len 2048
 	$(BIN)/python bench/train_dpo.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/dashboard.py

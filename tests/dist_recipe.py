@@ -24,7 +24,7 @@ def main(spec_path: str) -> None:
     reporter = MemoryReporter()
     paths = {k: Path(spec[k]) if spec.get(k) else None for k in ("model_path", "training_path", "output_dir",
                                                                    "resume_from", "validation_path")}
-    common = dict(reporter=reporter, **paths)
+    common = dict(reporter=reporter, bf16=False, **paths)  # fp32: N processes must give 1's losses to 1e-5
     if spec["method"] == "dpo":
         from tunehouse.train.config import DPOConfig
         from tunehouse.train.dpo import run_dpo

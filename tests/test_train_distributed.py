@@ -47,7 +47,8 @@ def torchrun(tmp: Path, name: str, method: str, cfg: dict, n: int = 2, **paths) 
 def one_process(tmp: Path, name: str, method: str, cfg: dict, **paths) -> tuple[Path, MemoryReporter]:
     reporter = MemoryReporter()
     recipe, config = (run_dpo, DPOConfig) if method == "dpo" else (run_sft, SFTConfig)
-    final = recipe(config(**cfg), output_dir=tmp / name, reporter=reporter, **{"validation_path": None, **paths})
+    final = recipe(config(**cfg), output_dir=tmp / name, reporter=reporter, bf16=False,  # as tests/dist_recipe.py
+                   **{"validation_path": None, **paths})
     return final, reporter
 
 

@@ -66,6 +66,7 @@ def learn_files(tmp_path_factory) -> tuple[Path, Path]:
 def train(tmp: Path, model_dir: Path, data: Path, *, reporter: MemoryReporter | None = None,
           name: str = "run", **overrides):
     reporter = reporter or MemoryReporter()
+    overrides.setdefault("bf16", False)  # the recorded numbers are fp32; bf16=None is the default precision
     cfg = DPOConfig(**{**BASE, **overrides.pop("cfg", {})})
     final = dpo.run_dpo(cfg, model_path=model_dir, training_path=data,
                         validation_path=overrides.pop("validation_path", None),

@@ -41,6 +41,7 @@ RECORDED_LOSSES = [7.147700, 6.993497, 6.237105, 5.031139]
 def train(tmp: Path, model_dir: Path, data: Path, *, reporter: MemoryReporter | None = None,
           name: str = "run", **overrides):
     reporter = reporter or MemoryReporter()
+    overrides.setdefault("bf16", False)  # the recorded numbers are fp32; bf16=None is the default precision
     cfg = SFTConfig(**{**BASE, **overrides.pop("cfg", {})})
     final = run_sft(cfg, model_path=model_dir, training_path=data,
                     validation_path=overrides.pop("validation_path", None),
@@ -73,6 +74,28 @@ def memorised(tmp_path_factory, tiny_model_dir, chat_file):
 def test_first_losses_match_recorded(tmp_path, tiny_model_dir, chat_file):
     _, reporter = train(tmp_path, tiny_model_dir, chat_file)
     assert reporter.losses()[:4] == pytest.approx(RECORDED_LOSSES, abs=1e-4)
+
+
+# Bound on the largest |bf16 − fp32| train loss over the 12 steps of `test_bf16_default_trains_like_fp32`
+# (measured 0.033-0.036 on 2026-11-30, AVX512-BF16 CPU); the margin leaves room for other bf16 CPUs.
+BF16_LOSS_GAP = 0.05
+
+
+def test_bf16_default_trains_like_fp32(tmp_path, tiny_model_dir, chat_file):
+    """The default precision (bf16 where the CPU has it: frozen base weights stored in bf16,
+    LoRA masters and the loss in fp32) gives the fp32 losses within BF16_LOSS_GAP, and still learns."""
+    from tunehouse.train.precision import bf16_default
+
+    if not bf16_default(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: the default is fp32")
+    cfg = dict(n_epochs=3)
+    _, low = train(tmp_path, tiny_model_dir, chat_file, name="default", bf16=None, cfg=cfg)
+    _, high = train(tmp_path, tiny_model_dir, chat_file, name="fp32", bf16=False, cfg=cfg)
+    gap = max(abs(a - b) for a, b in zip(low.losses(), high.losses()))
+    print(f"bf16 vs fp32: max |loss gap| {gap:.4f} over {len(high.losses())} steps")
+    assert len(low.losses()) == len(high.losses()) >= 6
+    assert gap < BF16_LOSS_GAP
+    assert low.losses()[-1] < 0.8 * low.losses()[0]
 
 
 def test_loss_decreases_and_metrics_and_events(memorised):
@@ -269,3 +292,12 @@ def test_early_stopping_keeps_the_best_evaluation_weights(tmp_path, tiny_model_d
     best = tmp_path / "run" / "checkpoints" / f"step-{verdict.best_step:06d}"
     a, b = (load_file(f / "adapter_model.safetensors") for f in (best, final))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, chat_file, monkeypatch):
+    """Recomputing each layer in the backward (on from registry.CHECKPOINT_FROM_TOKENS tokens per
+    micro-batch, or forced by $TUNEHOUSE_ACTIVATION_CHECKPOINTING=1) changes memory, not numbers."""
+    monkeypatch.setenv("TUNEHOUSE_ACTIVATION_CHECKPOINTING", "1")
+    _, reporter = train(tmp_path, tiny_model_dir, chat_file)
+    assert any("checkpointing on" in e["message"] for e in reporter.events)
+    assert reporter.losses()[:4] == pytest.approx(RECORDED_LOSSES, abs=1e-4)

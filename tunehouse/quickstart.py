@@ -53,7 +53,7 @@ class Plan:
     sft: dict  # the SFT job's hyperparameters (config field names; train/wire.py nests them)
     dpo: dict  # the DPO job's hyperparameters (wire names)
     max_tokens: int  # answer length cap when evaluating
-    bf16: bool  # TUNEHOUSE_BF16=1 for the training child (bf16 autocast on CPUs that have it)
+    bf16: bool  # TUNEHOUSE_BF16=1 (bf16 where the CPU has it, the default) or 0 (fp32) for the training child
 
 
 # Sized for ≤ 10 minutes on a 2-core CPU, measured with other jobs sharing it: SFT 8.2k tokens in
@@ -95,8 +95,8 @@ def run(settings: Settings, *, small: bool = False, model: str | None = None, co
     plan = replace(SMALL if small else FULL, **({"model": model} if model else {}))
     if coqa_file:  # real CoQA stories run to ~400 tokens
         plan = replace(plan, sft=plan.sft | {"max_seq_length": 1024}, dpo=plan.dpo | {"max_seq_length": 768})
-    if plan.bf16:
-        os.environ.setdefault("TUNEHOUSE_BF16", "1")  # read by the training child the worker starts
+    # read by the training child the worker starts (bf16 is the default where the CPU has it)
+    os.environ.setdefault("TUNEHOUSE_BF16", "1" if plan.bf16 else "0")
     # The embedded server loads models in this process: keep its loading bars and notices off the page.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

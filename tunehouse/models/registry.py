@@ -30,6 +30,10 @@ BUILTIN_CONTEXT = {DEFAULT_MODEL_NAME: 8192, TINY_MODEL_NAME: 2048}
 MAX_LORA_RANK = 64
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_BATCH, MAX_BATCH, MAX_BATCH_DPO = 1, 64, 32
+# Activation checkpointing (recompute each decoder layer in the backward instead of keeping its
+# activations) from this many tokens per micro-batch (rows × max_seq_length): long sequences,
+# where activations, not weights, set the peak memory; it costs one more forward (~+33% compute).
+CHECKPOINT_FROM_TOKENS = 16384
 # SmolLM2-Instruct's template (ChatML, any role, no tools, no reasoning), known without converting
 # the GGUF (~20 s) just to answer a limits call; tests/test_tools.py probes the tiny copy of it.
 SMOLLM2_SUPPORT = TemplateSupport(chat=True, tools=False, tool_role=True, reasoning_key=None)

@@ -47,7 +47,7 @@ import torch
 from tunehouse.data.preference import Pair, PairBatch, collate_pairs, tokenize_pair
 from tunehouse.data.tokenize import pad_token_id, read_rows
 from tunehouse.store.blobs import sha256_file
-from tunehouse.train import attention, distributed
+from tunehouse.train import allocator, attention, distributed
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import DPOConfig
@@ -108,6 +108,7 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     """
     # Processes, seed, device, precision; batch_size "max" for this device; rank 0 alone reports
     d = distributed.setup()
+    allocator.keep_freed_memory()  # reuse the step's large blocks instead of page-faulting them in again
     reporter = distributed.rank_reporter(reporter, d)
     torch.manual_seed(cfg.random_seed)
     device = d.device
@@ -115,7 +116,9 @@ def run_dpo(cfg: DPOConfig, *, model_path: Path, training_path: Path,
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA; + the frozen "reference" adapter when continuing one)
-    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter, autocast)
+    if recipe.activation_checkpointing(cfg, causal_lm):
+        reporter.event(ev.WARNING, "Activation checkpointing on (long sequences)", level="info")
     if kernels := recipe.fused_kernels(causal_lm, device):
         reporter.event(ev.WARNING, kernels, level="info")
     if cfg.lora and init_adapter is not None:

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tunehouse.atomic import atomic_dir
@@ -54,6 +57,62 @@ def load_lora(model: nn.Module, adapter_dir: Path, *, r: int | None = None, trai
         raise ValueError(f"adapter in {adapter_dir} has r={found.r}, the job asks for r={r}; "
                          "continue from its merged model instead")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def lean_forward(peft_model: nn.Module) -> int:
+    """Give every PEFT LoRA linear layer of `peft_model` a leaner training forward; the count.
+
+        y = addmm(W·x + b, A·dropout(x), Bᵀ, alpha=scaling)
+
+    is PEFT's `W·x + B·A·x · scaling` with the scale and the add fused into one matmul, and
+    without PEFT's casts of x to the adapter's dtype and back (under bf16 autocast they cost two
+    copies of every layer input, forward and backward). Anything else (adapters disabled or
+    merged, several active adapters, DoRA and other variants, extra arguments) takes PEFT's own
+    forward, so disabling adapters, switching to a reference adapter and merging behave as before.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    n = 0
+    for module in peft_model.modules():
+        if type(module) is Linear:  # subclasses (quantised layers) keep their own forward
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            n += 1
+    return n
+
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    y = F.linear(x, base.weight, base.bias)
+    h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype),
+                      self.lora_B[name].weight.t().to(y.dtype), alpha=self.scaling[name])
+    return out.view(y.shape)
+
+
+def restore_base_weights(peft_model: nn.Module) -> int:
+    """Put the base model's original weights back where training stored them in a lower
+    precision (bf16 frozen weights, `precision.store_frozen_in`), read again from the folder the
+    base came from, so the merged model is base (fp32) + adapter as with fp32 training; a no-op
+    when the base is already fp32. Returns how many tensors were restored."""
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    low = {name for name, p in base.named_parameters() if p.is_floating_point() and p.dtype != torch.float32
+           and ".lora_" not in name}
+    if not low:
+        return 0
+    original = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32).state_dict()
+    n = 0
+    for name, p in base.named_parameters():
+        if name in low:
+            p.data = original[name.replace(".base_layer.", ".")].to(p.device)
+            n += 1
+    return n
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

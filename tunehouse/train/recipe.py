@@ -14,7 +14,8 @@ import torch
 from tunehouse.train import checkpoint as ckpt
 from tunehouse.train import distributed
 from tunehouse.train import events as ev
-from tunehouse.train.lora import add_lora, load_lora, merge
+from tunehouse.train.lora import add_lora, lean_forward, load_lora, merge, restore_base_weights
+from tunehouse.train.precision import store_frozen_in
 from tunehouse.train.schedule import lr_multiplier
 
 
@@ -33,14 +34,20 @@ def resolve_batch(cfg, model_path: Path, device: torch.device):
                                                max_batch=MAX_BATCH_DPO if dpo else MAX_BATCH, device=device.type))
 
 
-def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None):
+def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: Path | None,
+                autocast=None):
     """(tokenizer, causal LM, model to train): the weights at model_path (a full-weights resume:
-    the checkpoint's), with a new LoRA adapter, or the one being resumed or continued."""
+    the checkpoint's), with a new LoRA adapter, or the one being resumed or continued.
+
+    LoRA under bf16 `autocast`: the frozen base weights are stored in bf16 (cast once here, not at
+    every forward) and the LoRA layers take `lora.lean_forward`; the adapter stays fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     full_source = resume_from if (resume_from is not None and not cfg.lora) else model_path
-    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=torch.float32)
+    # LoRA under bf16: load the base in bf16 directly (its fp32 copy never exists: lower peak RSS)
+    low = autocast.fast_dtype if (autocast is not None and cfg.lora) else torch.float32
+    causal_lm = AutoModelForCausalLM.from_pretrained(full_source, dtype=low)
     causal_lm.config.use_cache = False
     if not cfg.lora:
         model = causal_lm
@@ -49,7 +56,33 @@ def load_policy(cfg, model_path: Path, resume_from: Path | None, init_adapter: P
     else:
         model = add_lora(causal_lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          modules=cfg.lora_trainable_modules, base_name=cfg.model)
+    if cfg.lora:
+        lean_forward(model)
+        store_frozen_in(model, low)  # (already so, unless a loader kept some weights in fp32)
+        for p in model.parameters():  # the adapter's master weights stay fp32
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     return tokenizer, causal_lm, model
+
+
+CHECKPOINTING_ENV = "TUNEHOUSE_ACTIVATION_CHECKPOINTING"  # "1" always, "0" never, unset: by the limits
+
+
+def activation_checkpointing(cfg, causal_lm) -> bool:
+    """Turn on activation checkpointing (non-reentrant, per decoder layer) when a micro-batch has at
+    least `registry.CHECKPOINT_FROM_TOKENS` tokens, or as $TUNEHOUSE_ACTIVATION_CHECKPOINTING says;
+    whether it is on. Same losses and gradients, less peak memory, one more forward per step."""
+    import os
+
+    from tunehouse.models.registry import CHECKPOINT_FROM_TOKENS
+
+    forced = os.environ.get(CHECKPOINTING_ENV)
+    size = cfg.micro_batch_size() if cfg.batch_size != "max" else 1
+    on = forced == "1" if forced in ("0", "1") else size * cfg.max_seq_length >= CHECKPOINT_FROM_TOKENS
+    if on and getattr(causal_lm, "supports_gradient_checkpointing", False):
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
 
 
 def fused_kernels(causal_lm, device: torch.device) -> str | None:
@@ -121,6 +154,7 @@ def save(run, step: int, history: list[dict], folder: Path, *, merged: bool) -> 
              "seed": run.cfg.random_seed, "metrics": history}
 
     def write_merged(tmp: Path) -> None:
+        restore_base_weights(run.model)  # fp32 base (trained in bf16): the merged model of an fp32 run
         plain = merge(run.model)
         plain.save_pretrained(tmp / ckpt.MERGED_DIR)
         run.tokenizer.save_pretrained(tmp / ckpt.MERGED_DIR)

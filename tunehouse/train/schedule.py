@@ -40,9 +40,13 @@ def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if _decays(n, p)]
     no_decay = [p for n, p in named if not _decays(n, p)]
+    # fused: one kernel over every tensor per step (the default on a CPU is a Python loop of ~10
+    # ops per tensor: 420 tensors for LoRA on all linear layers of SmolLM2-135M); FSDP's sharded
+    # parameters (DTensors) keep the default implementation
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for _, p in named)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+                             lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=plain or None)
 
 
 def _decays(name: str, param: torch.nn.Parameter) -> bool:

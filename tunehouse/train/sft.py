@@ -27,7 +27,7 @@ import torch
 
 from tunehouse.data.packing import Batch, collate, pack
 from tunehouse.data.tokenize import Tokenized, pad_token_id, read_rows, split_packed, tokenize_row
-from tunehouse.train import attention, distributed
+from tunehouse.train import allocator, attention, distributed
 from tunehouse.train import recipe
 from tunehouse.train import events as ev
 from tunehouse.train.config import SFTConfig
@@ -75,6 +75,7 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     """
     # Processes, seed, device, precision; batch_size "max" for this device; rank 0 alone reports
     d = distributed.setup()
+    allocator.keep_freed_memory()  # reuse the step's large blocks instead of page-faulting them in again
     reporter = distributed.rank_reporter(reporter, d)
     torch.manual_seed(cfg.random_seed)
     device = d.device
@@ -82,7 +83,9 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     autocast = autocast_for(device, bf16)
 
     # Tokenizer and model (+ LoRA), wrapped for N processes (DDP for LoRA, FSDP for full)
-    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter)
+    tokenizer, causal_lm, model = recipe.load_policy(cfg, model_path, resume_from, init_adapter, autocast)
+    if recipe.activation_checkpointing(cfg, causal_lm):
+        reporter.event(ev.WARNING, "Activation checkpointing on (long sequences)", level="info")
     if kernels := recipe.fused_kernels(causal_lm, device):
         reporter.event(ev.WARNING, kernels, level="info")
     model.to(device).train()
