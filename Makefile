@@ -50,13 +50,14 @@ test: $(STAMP) $(V1STAMP) chromium postgres
 test-fast: $(STAMP) $(V1STAMP) chromium postgres
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP) $(V1STAMP) chromium  # ~40 min on 2 cores; each bench's last line is its JSON summary
+bench: $(STAMP) $(V1STAMP) chromium postgres  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
 	$(BIN)/python bench/train_sft.py --seq-len 512
 	$(BIN)/python bench/train_sft.py --seq-len 2048
 	$(BIN)/python bench/train_dpo.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/store.py
 
 screenshots: $(STAMP) chromium  # the dashboard images in the README (docs/*.png)
 	$(BIN)/python docs/screenshots.py

@@ -1,11 +1,12 @@
 """What the many-machine set-up costs and gives: the same tiny-model jobs through tunehouse on
 SQLite + a local blob folder (one machine) and on PostgreSQL + S3 (the cluster set-up).
 
-Per job it reads the job's own event times (the database's clock): claim latency (created →
-started by a worker), and output time (training finished → the output is in the store and the
-job is completed: merge, archive, upload). Then jobs per minute with 1 and 2 workers, each
-worker a `tunehouse worker` process with its own home (no shared folder), behind one
-`tunehouse serve --no-worker`, all driven through the together SDK.
+Per-job overhead, from each job's own event times (the database's clock), jobs run one at a
+time on an idle worker: created → training started (the claim, fetching the dataset and base
+weights into the worker's cache, loading) plus training completed → job completed (the final
+checkpoint and output into the store, the download archive). Then jobs per minute with 1 and 2
+workers, jobs submitted at once. Every worker is a `tunehouse worker` process with its own home
+(no shared folder), behind one `tunehouse serve --no-worker`, all driven through the together SDK.
 
     .venv/bin/python bench/store.py [--jobs 6] [--database-url URL --blob-url s3://bucket/prefix]
 
@@ -104,15 +105,15 @@ def cluster(work: Path, env: dict, n_workers: int):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def run_jobs(url: str, key: str, n_jobs: int, data: Path) -> dict:
-    """Submit `n_jobs` at once, wait for all; per-job figures from each job's events."""
-    from together import Together
+def _events(c, job_id: str) -> dict[str, float]:
+    """First time of each event message (its text up to a comma or parenthesis)."""
+    at: dict[str, float] = {}
+    for e in c.fine_tuning.list_events(job_id).data:
+        at.setdefault(e.message.split(",")[0].split(" (")[0].split(":")[0], _ts(e.created_at))
+    return at
 
-    c = Together(base_url=url, api_key=key, max_retries=0)
-    train = c.files.upload(data)
-    t0 = time.monotonic()
-    ids = [c.fine_tuning.create(training_file=train.id, model=TINY, lora=True, n_epochs=1, batch_size=4,
-                                learning_rate=1e-3, suffix=f"b{i}").id for i in range(n_jobs)]
+
+def _wait(c, ids: list[str]) -> None:
     pending = set(ids)
     while pending:
         for job_id in list(pending):
@@ -123,22 +124,51 @@ def run_jobs(url: str, key: str, n_jobs: int, data: Path) -> dict:
                                        f"{[e.message for e in c.fine_tuning.list_events(job_id).data][-3:]}")
                 pending.discard(job_id)
         time.sleep(0.2)
-    wall = time.monotonic() - t0
-    claim, output = [], []
-    for job_id in ids:
-        at = {}
-        for e in c.fine_tuning.list_events(job_id).data:
-            at.setdefault(e.message.split(",")[0].split(" (")[0], _ts(e.created_at))
+
+
+def _create(c, file_id: str, suffix: str) -> str:
+    return c.fine_tuning.create(training_file=file_id, model=TINY, lora=True, n_epochs=1, batch_size=4,
+                                learning_rate=1e-3, n_checkpoints=2, suffix=suffix).id
+
+
+def overhead(url: str, key: str, n_jobs: int, data: Path) -> dict:
+    """Jobs one at a time on an idle worker: what a job costs beyond its training. `before` =
+    created → training started (claim, fetching the dataset and weights, loading); `after` =
+    training completed → job completed (final checkpoint and output into the store, archive)."""
+    from together import Together
+
+    c = Together(base_url=url, api_key=key, max_retries=0)
+    train = c.files.upload(data)
+    before, after, claim = [], [], []
+    for i in range(n_jobs):
+        job_id = _create(c, train.id, f"o{i}")
+        _wait(c, [job_id])
+        at = _events(c, job_id)
         claim.append(at["Job started"] - at["Fine tune request created"])
-        output.append(max(_ts(e.created_at) for e in c.fine_tuning.list_events(job_id).data)
-                      - at["Training completed"])
-    return {"jobs": n_jobs, "wall_s": round(wall, 2), "jobs_per_min": round(n_jobs / wall * 60, 2),
-            "claim_s": round(statistics.median(claim), 3), "output_s": round(statistics.median(output), 3)}
+        before.append(at["Training started"] - at["Fine tune request created"])
+        after.append(at["Job finished"] - at["Training completed"])
+    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    return {"jobs": n_jobs, "claim_s": med(claim), "before_s": med(before), "after_s": med(after),
+            "overhead_s": round(med(before) + med(after), 3)}
+
+
+def throughput(url: str, key: str, n_jobs: int, data: Path) -> dict:
+    """`n_jobs` submitted at once; jobs per minute from the first create to the last completion."""
+    from together import Together
+
+    c = Together(base_url=url, api_key=key, max_retries=0)
+    train = c.files.upload(data)
+    t0 = time.monotonic()
+    ids = [_create(c, train.id, f"t{i}") for i in range(n_jobs)]
+    _wait(c, ids)
+    wall = time.monotonic() - t0
+    return {"jobs": n_jobs, "wall_s": round(wall, 2), "jobs_per_min": round(n_jobs / wall * 60, 2)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=6)
+    ap.add_argument("--jobs", type=int, default=6, help="jobs submitted at once for jobs per minute")
+    ap.add_argument("--sequential", type=int, default=3, help="jobs run one at a time for the per-job overhead")
     ap.add_argument("--rows", type=int, default=32, help="rows of the tiny dataset each job trains on")
     ap.add_argument("--database-url", help="a PostgreSQL URL (postgresql+psycopg://…); default: a throwaway one")
     ap.add_argument("--blob-url", help="s3://bucket/prefix; default: a throwaway SeaweedFS bucket")
@@ -169,25 +199,27 @@ def main() -> None:
         print(f"jobs: {args.jobs} LoRA SFT jobs on {TINY}, {args.rows} rows, 1 epoch, batch 4, submitted at once "
               f"through the together SDK to `tunehouse serve --no-worker`; workers are `tunehouse worker` "
               f"processes with their own homes; {os.cpu_count()} CPU cores")
-        results = {}
+        over, rate = {}, {}
+        for name in setups:
+            work = tmp / f"{name}-overhead"
+            work.mkdir()
+            with cluster(work, setups[name], 1) as url:
+                over[name] = o = overhead(url, key, args.sequential, data)
+            print(f"{name:14s} per job: claim {o['claim_s']:.2f} s, created → training {o['before_s']:.2f} s, "
+                  f"training done → completed {o['after_s']:.2f} s  (median of {args.sequential}, one at a time)")
         for name, workers in (("sqlite+folder", 1), ("postgres+s3", 1), ("postgres+s3", 2)):
-            env = setups[name]
             work = tmp / f"{name}-{workers}"
             work.mkdir()
-            with cluster(work, env, workers) as url:
-                r = run_jobs(url, key, args.jobs, data)
-            results[f"{name} x{workers}"] = r
-            print(f"{name:14s} {workers} worker{'s' if workers > 1 else ' '}  {r['jobs_per_min']:6.2f} jobs/min  "
-                  f"claim {r['claim_s']:.2f} s  output {r['output_s']:.2f} s  (median per job; wall {r['wall_s']} s)")
-    local, pg1, pg2 = results["sqlite+folder x1"], results["postgres+s3 x1"], results["postgres+s3 x2"]
-    overhead_local = local["claim_s"] + local["output_s"]
-    overhead_remote = pg1["claim_s"] + pg1["output_s"]
-    print(f"per-job overhead (claim + output): sqlite+folder {overhead_local:.2f} s, "
-          f"postgres+s3 {overhead_remote:.2f} s; 2 workers vs 1: {pg2['jobs_per_min'] / pg1['jobs_per_min']:.2f}x")
-    print(json.dumps({"bench": "store", "results": results,
-                      "overhead_s": {"sqlite+folder": round(overhead_local, 3), "postgres+s3": round(overhead_remote, 3)},
-                      "workers_2_vs_1": round(pg2["jobs_per_min"] / pg1["jobs_per_min"], 2),
-                      "speedup": round(overhead_local / overhead_remote, 2)}))
+            with cluster(work, setups[name], workers) as url:
+                rate[f"{name} x{workers}"] = r = throughput(url, key, args.jobs, data)
+            print(f"{name:14s} {workers} worker{'s' if workers > 1 else ' '}  {r['jobs_per_min']:6.2f} jobs/min "
+                  f"({args.jobs} jobs at once, {r['wall_s']} s)")
+    local, remote_o = over["sqlite+folder"]["overhead_s"], over["postgres+s3"]["overhead_s"]
+    scale = rate["postgres+s3 x2"]["jobs_per_min"] / rate["postgres+s3 x1"]["jobs_per_min"]
+    print(f"per-job overhead: sqlite+folder {local:.2f} s, postgres+s3 {remote_o:.2f} s "
+          f"({remote_o - local:+.2f} s); postgres+s3 with 2 workers vs 1: {scale:.2f}x jobs/min")
+    print(json.dumps({"bench": "store", "overhead": over, "throughput": rate,
+                      "workers_2_vs_1": round(scale, 2), "speedup": round(local / remote_o, 2)}))
 
 
 @contextlib.contextmanager
