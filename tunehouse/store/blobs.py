@@ -60,21 +60,31 @@ class BlobInfo:
 
 class BlobWriter(ABC):
     """Streams bytes into one blob, hashing as it goes. Nothing is visible under the key until
-    `commit()`; leaving the `writer()` block without a commit discards everything."""
+    `commit()`; leaving the `writer()` block without a commit discards everything. A backend
+    implements `_put` (where the bytes go), `commit` and `abort`."""
 
-    size: int
+    def __init__(self, *, md5: bool = False):
+        self.size = 0
+        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
+
+    def write(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        if self._md5 is not None:
+            self._md5.update(chunk)
+        self.size += len(chunk)
+        self._put(chunk)
 
     @abstractmethod
-    def write(self, chunk: bytes) -> None: ...
+    def _put(self, chunk: bytes) -> None: ...
 
     @property
-    @abstractmethod
-    def sha256(self) -> str: ...
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
 
     @property
-    @abstractmethod
     def md5(self) -> str:
         """The S3-style ETag of the bytes; only for a writer opened with `md5=True`."""
+        return self._md5.hexdigest()
 
     def sync(self) -> None:
         """Make the bytes durable (the slow part of a commit; call it before taking a lock)."""

@@ -6,7 +6,6 @@ Datasets and weights are private to the server's user: files 0600, folders 0700.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -24,25 +23,12 @@ class LocalBlobWriter(BlobWriter):
     """Streams bytes to a temp file; `commit()` renames it into place."""
 
     def __init__(self, tmp: Path, final: Path, *, md5: bool = False):
+        super().__init__(md5=md5)
         self.tmp, self.final = tmp, final
-        self.size = 0
-        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
         self._fh: BinaryIO = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
-    def write(self, chunk: bytes) -> None:
+    def _put(self, chunk: bytes) -> None:
         self._fh.write(chunk)
-        self._sha.update(chunk)
-        if self._md5 is not None:
-            self._md5.update(chunk)
-        self.size += len(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    @property
-    def md5(self) -> str:
-        return self._md5.hexdigest()
 
     def sync(self) -> None:
         if not self._fh.closed:

@@ -86,9 +86,8 @@ class S3BlobWriter(BlobWriter):
     """Streams into a multipart upload, one part in memory; a blob under one part is one PutObject."""
 
     def __init__(self, store: S3BlobStore, key: str, *, md5: bool = False):
+        super().__init__(md5=md5)
         self.store, self.key = store, key
-        self.size = 0
-        self._sha, self._md5 = hashlib.sha256(), hashlib.md5() if md5 else None
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
@@ -97,11 +96,7 @@ class S3BlobWriter(BlobWriter):
     def _part_size(self) -> int:
         return PART * (1 + len(self._parts) // 1000)
 
-    def write(self, chunk: bytes) -> None:
-        self._sha.update(chunk)
-        if self._md5 is not None:
-            self._md5.update(chunk)
-        self.size += len(chunk)
+    def _put(self, chunk: bytes) -> None:
         self._buf += chunk
         while len(self._buf) >= self._part_size():
             n = self._part_size()
@@ -119,14 +114,6 @@ class S3BlobWriter(BlobWriter):
         r = s.client.upload_part(Bucket=s.bucket, Key=s._full(self.key), UploadId=self._upload_id,
                                  PartNumber=number, Body=data)
         self._parts.append({"PartNumber": number, "ETag": r["ETag"]})
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-    @property
-    def md5(self) -> str:
-        return self._md5.hexdigest()
 
     def commit(self) -> None:
         s = self.store
