@@ -70,8 +70,8 @@ def run_sft(cfg: SFTConfig, *, model_path: Path, training_path: Path,
     resume_from: a checkpoint folder of this same job (same step, data order and RNG after).
     init_adapter: continue training an existing LoRA adapter of the same rank (a different
       shape, or full training, continues from a merged model passed as model_path instead).
-    bf16: autocast to bfloat16; None = on for CUDA with bf16, on CPU only if $TUNEHOUSE_BF16=1
-      and the CPU has native bf16. Raises `Cancelled` when reporter.should_stop() turns true.
+    bf16: autocast to bfloat16; None = wherever the hardware has native bf16 (CUDA or CPU) unless
+      $TUNEHOUSE_BF16=0. Raises `Cancelled` when reporter.should_stop() turns true.
     """
     # Processes, seed, device, precision; batch_size "max" for this device; rank 0 alone reports
     d = distributed.setup()
