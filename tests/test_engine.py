@@ -30,6 +30,14 @@ def ref(base, adapter=None, weights="tiny"):
     return ModelRef("m", weights, base, 2048, adapter_path=adapter)
 
 
+async def until(condition, tries: int = 100) -> None:
+    """Poll `condition` every 20 ms until true or `tries` run out (the caller asserts the outcome)."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+
+
 async def collect(engine, model, prompt_ids, params=GREEDY, delay=0.0):
     await asyncio.sleep(delay)
     tokens, text = [], ""
@@ -127,10 +135,7 @@ def test_forget_drops_an_adapter_whose_files_are_gone(models, tmp_path):
             await collect(engine, ref(base, doomed), ids)
             assert str(doomed) in engine.stats()["loaded"]["tiny"]
             shutil.rmtree(tmp_path / "job")  # deleted by another process: the sweep notices
-            for _ in range(100):
-                if not engine.stats()["loaded"]["tiny"]:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: not engine.stats()["loaded"]["tiny"])
             return engine.stats()
         finally:
             engine.close()
@@ -153,10 +158,7 @@ def test_forget_by_store_key_drops_weights_read_from_its_local_copy(models):
             for i, a in enumerate(adapters[:2]):
                 await collect(engine, replace(ref(base, a), source=f"jobs/ft-{i}"), ids)
             engine.forget("jobs/ft-0")
-            for _ in range(100):
-                if str(adapters[0]) not in engine.stats()["loaded"]["tiny"]:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: str(adapters[0]) not in engine.stats()["loaded"]["tiny"])
             return engine.stats()
         finally:
             engine.close()
