@@ -52,24 +52,28 @@ def supports(config) -> str | None:
 
 
 @dataclass
-class _Layer:
-    qkv: torch.Tensor  # [q + 2·kv dims, hidden]
+class _Layer:  # projection weights stored transposed, [in, out]: see _transposed
+    qkv: torch.Tensor  # [hidden, q + 2·kv dims]
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # [2·intermediate, hidden]
+    gate_up: torch.Tensor  # [hidden, 2·intermediate]
     down: torch.Tensor
     norm_in: torch.Tensor
     norm_post: torch.Tensor
 
 
-def _fuse(linears) -> torch.Tensor:
-    """One [Σ out, in] weight for `linears`; each keeps a view of its rows (memory is shared)."""
-    fused = torch.cat([m.weight.data for m in linears])
+def _transposed(linears) -> torch.Tensor:
+    """One [in, Σ out] weight for `linears`, each left holding a (transposed) view of its columns,
+    so the memory is shared with the transformers modules, which still compute x Wᵀ from it.
+
+    [in, out] because a one-row product x·W streams that layout faster: SmolLM2-135M's 3072×576
+    gate/up on this CPU, fp32, one thread: 400 µs in [in, out] against 700 µs in [out, in]."""
+    fused = torch.cat([m.weight.data.t() for m in linears], 1).contiguous()
     start = 0
     for m in linears:
         rows = m.weight.shape[0]
-        m.weight.data = fused[start:start + rows]
+        m.weight.data = fused[:, start:start + rows].t()
         start += rows
     return fused
 
@@ -135,19 +139,20 @@ class LlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
         self.context = getattr(cfg, "max_position_embeddings", 2048)
+        self.head = _transposed([model.lm_head])  # tied embeddings become a view of it too
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.head = model.lm_head.weight
         self.rotary = inner.rotary_emb
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.dtype, self.device = self.head.dtype, self.head.device
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = [_base(a.q_proj), _base(a.k_proj), _base(a.v_proj)]
             bias = torch.cat([p.bias.data for p in qkv]) if qkv[0].bias is not None else None
             o = _base(a.o_proj)
-            self.layers.append(_Layer(_fuse(qkv), bias, o.weight.data, None if o.bias is None else o.bias.data,
-                                      _fuse([_base(m.gate_proj), _base(m.up_proj)]), _base(m.down_proj).weight.data,
+            self.layers.append(_Layer(_transposed(qkv), bias, _transposed([o]), None if o.bias is None else o.bias.data,
+                                      _transposed([_base(m.gate_proj), _base(m.up_proj)]),
+                                      _transposed([_base(m.down_proj)]),
                                       layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data))
         self.widths = (self.heads * self.head_dim, self.kv_heads * self.head_dim)
         self.adapters: dict[str, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -264,7 +269,7 @@ class LlamaDecoder:
         return x + _linear(F.silu(gate) * up, layer.down, None, lora and lora.get("down"), rows)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.eps) @ self.head
 
     def _lora_layers(self, rows):
         """Per layer: None (no adapter rows), or {name: that layer's fused pairs} for the routes."""
@@ -290,8 +295,8 @@ def _routes(routes: list[str | None], device):
 
 
 def _linear(x, weight, bias, pairs, rows):
-    """x Wᵀ (+ b), plus each routed adapter's (x A)(s B) on its rows."""
-    out = F.linear(x, weight, bias)
+    """x W (+ b) for a transposed weight [in, out], plus each routed adapter's (x A)(s B) on its rows."""
+    out = x @ weight if bias is None else torch.addmm(bias, x, weight)
     if not pairs:
         return out
     if isinstance(rows, str):
@@ -311,7 +316,7 @@ def _fuse_lora(modules, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     pairs = [getattr(m, "adapters", {}).get(name) for m in modules]
     if all(p is None for p in pairs):
         return None
-    outs = [_base(m).weight.shape[0] for m in modules]
+    outs = [_base(m).weight.shape[0] for m in modules]  # [out, in] views
     ranks = [0 if p is None else p[0].shape[1] for p in pairs]
     ref = next(p for p in pairs if p is not None)[0]
     a = torch.cat([p[0] for p in pairs if p is not None], 1)
