@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -197,11 +196,12 @@ class TorchEngine(Engine):
             cuda_bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
             dtype = "bfloat16" if cuda_bf16 else "float32"
         self.dtype = getattr(torch, dtype)
-        # Every core by default: decoding a small model is bound by weight reads, and two threads
-        # stream them faster than one. While `cores_shared()` (the embedded worker's training child
-        # is running beside us) half of them: oversubscribed intra-op threads spin, and on 2 shared
-        # cores a 32-token reply took 1.1 s with 2 threads against 0.07 s with 1.
-        self.threads = threads or os.cpu_count() or 1
+        # Every core by default (torch's count: the physical cores, or $OMP_NUM_THREADS): decoding
+        # is bound by weight reads, and two threads stream them faster than one. While
+        # `cores_shared()` (the embedded worker's training child is running beside us) half of
+        # them: oversubscribed intra-op threads spin, and on 2 shared cores a 32-token reply took
+        # 1.1 s with 2 threads against 0.07 s with 1.
+        self.threads = threads or torch.get_num_threads()
         self._cores_shared = cores_shared
         self._cv = threading.Condition()
         self._waiting: deque[_Seq] = deque()
