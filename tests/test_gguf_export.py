@@ -31,13 +31,13 @@ from jobs_support import untar_zst, wait_for, write_chat
 from train_fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401  (fixtures)
 from tunehouse.errors import InvalidInput
 from tunehouse.export.bundle import write_bundle
-from tunehouse.export.gguf import permute_qk, pre_tokenizer_name, write_model
+from tunehouse.export.gguf import adapter_type, permute_qk, pre_tokenizer_name, write_model
 from tunehouse.export.modelfile import CHATML_TEMPLATE, default_system, modelfile
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 LORA_R, LORA_ALPHA = 8, 16
-TOLERANCE = {"f16": 0.02, "bf16": 0.15, "q8_0": 0.6}
+TOLERANCE = {"f32": 1e-4, "f16": 0.02, "bf16": 0.15, "q8_0": 0.6}
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Say red then blue."}, {"role": "assistant", "content": "red blue"},
@@ -125,7 +125,7 @@ def test_cli_download_gguf_folder_runs_in_transformers(finished, tmp_path):
     assert "{{ .System }}" in modelfile_text and "{{ .Content }}" in modelfile_text
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "bf16"])
+@pytest.mark.parametrize("kind", ["q8_0", "bf16", "f32"])
 def test_api_gguf_types_are_cached_and_served_with_ranges(finished, tmp_path, kind):
     live, job, merged, _ = finished
     probe = _get(live, job.id, {"Range": "bytes=0-1"}, checkpoint="gguf", gguf_type=kind)
@@ -138,7 +138,7 @@ def test_api_gguf_types_are_cached_and_served_with_ranges(finished, tmp_path, ki
     assert _get(live, job.id, {"Range": "bytes=100-"}, checkpoint="gguf", gguf_type=kind).content == body[100:]
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         tar.extractall(tmp_path, filter="data")
-    adapter = "adapter-bf16.gguf" if kind == "bf16" else "adapter-f16.gguf"
+    adapter = f"adapter-{adapter_type(kind)}.gguf"
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["Modelfile", adapter, f"model-{kind}.gguf"]
     reader = gguf.GGUFReader(tmp_path / name / f"model-{kind}.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -204,7 +204,7 @@ def test_refusals_say_what_to_change(finished, tmp_path):
     live, job, merged, _ = finished
     bad = _get(live, job.id, checkpoint="gguf", gguf_type="q4_k")
     assert bad.status_code == 400
-    assert bad.json()["error"]["message"] == "gguf_type must be one of f16, bf16, q8_0; got 'q4_k'."
+    assert bad.json()["error"]["message"] == "gguf_type must be one of f32, f16, bf16, q8_0; got 'q4_k'."
     assert _get(live, job.id, checkpoint="gguf", checkpoint_step=1).json()["error"]["param"] == "checkpoint_step"
     assert _get(live, job.id, gguf_type="q8_0").json()["error"]["message"] == "gguf_type goes with checkpoint=gguf."
 
