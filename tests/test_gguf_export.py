@@ -6,7 +6,8 @@ Tolerances on next-token logits (the tiny model's logits span about ±5; its 0.2
 rounding errors larger than a pretrained model's): f16 0.02, bf16 0.15, q8_0 0.6, and the same
 argmax for f16. Measured on 2026-11-30 over 3 chats: transformers f16 0.006, bf16 0.071, q8_0 0.32;
 llama.cpp (TUNEHOUSE_LLAMA_CPP_PYTHON) f16 0.014, q8_0 0.41 (it also rounds activations to 8 bits),
-base f16 + LoRA GGUF adapter 0.012.
+base f16 + LoRA GGUF adapter 0.012; f32 (model, and base + f32 adapter) 0.0000 with an f32 KV cache,
+0.004 with llama.cpp's default f16 one.
 """
 
 from __future__ import annotations
@@ -270,8 +271,9 @@ LLAMA_CHECK = """import json, sys, numpy as np
 from llama_cpp import Llama
 spec = json.loads(sys.argv[1])
 out = []
-for model, lora in spec["cases"]:
-    llm = Llama(model_path=model, lora_path=lora, n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+for model, lora, kind in spec["cases"]:
+    kv = {"type_k": 0, "type_v": 0} if kind == "f32" else {}  # GGML_TYPE_F32; the KV cache is f16 by default
+    llm = Llama(model_path=model, lora_path=lora, n_ctx=256, n_threads=2, logits_all=True, verbose=False, **kv)
     rows = []
     for ids in spec["ids"]:
         llm.reset()
@@ -285,23 +287,25 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not LLAMA_PYTHON, reason="set TUNEHOUSE_LLAMA_CPP_PYTHON to a Python with llama-cpp-python")
 def test_llama_cpp_loads_the_exports(finished, tiny_model_dir, tmp_path):  # noqa: F811
-    """llama.cpp itself: the f16 and q8_0 models, and base + the LoRA GGUF adapter, give the merged
+    """llama.cpp itself: the f16, q8_0 and f32 models, and base + the LoRA GGUF adapter, give the merged
     model's next-token logits (tolerances as for transformers) and tokenize chats as HF does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     live, job, merged, _ = finished
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "q8_0", "f32"):
         with tarfile.open(fileobj=io.BytesIO(_get(live, job.id, checkpoint="gguf", gguf_type=kind).content)) as tar:
             tar.extractall(tmp_path, filter="data")
-    (f16,), (q8,), (adapter,) = (list(tmp_path.glob(n)) for n in ("*/model-f16.gguf", "*/model-q8_0.gguf",
-                                                                  "*-f16/adapter-f16.gguf"))
+    (f16,), (q8,), (f32,), (adapter,), (adapter32,) = (list(tmp_path.glob(n)) for n in (
+        "*/model-f16.gguf", "*/model-q8_0.gguf", "*/model-f32.gguf", "*-f16/adapter-f16.gguf", "*-f32/adapter-f32.gguf"))
     base = write_model(tiny_model_dir, tmp_path / "base-f16.gguf", "f16")
+    base32 = write_model(tiny_model_dir, tmp_path / "base-f32.gguf", "f32")
     tokenizer = AutoTokenizer.from_pretrained(merged)
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     ref = _next_token_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
-    cases = [(str(f16), None, "f16"), (str(q8), None, "q8_0"), (str(base), str(adapter), "f16")]
-    spec = {"cases": [c[:2] for c in cases], "ids": ids, "texts": texts}
+    cases = [(str(f16), None, "f16"), (str(q8), None, "q8_0"), (str(base), str(adapter), "f16"),
+             (str(f32), None, "f32"), (str(base32), str(adapter32), "f32")]
+    spec = {"cases": cases, "ids": ids, "texts": texts}
     run = subprocess.run([LLAMA_PYTHON, "-c", LLAMA_CHECK, json.dumps(spec)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
