@@ -186,7 +186,11 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
               f"one request and one left-padded batch of {CONCURRENT}")
 
         async def rounds() -> dict:
-            async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=4 * CONCURRENT)) as client:
+            # A fresh connection per request: a kept-alive one that llama-server had closed meanwhile
+            # failed a request ("Server disconnected without sending a response"); loopback connects
+            # cost well under a millisecond.
+            limits = httpx.Limits(max_connections=4 * CONCURRENT, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=None, limits=limits) as client:
                 sides = {"tunehouse": tunehouse_side(engine, base, lora), "llama_cpp": llama_side(server, client)}
                 for one in sides.values():  # warm-up: load weights and adapter, first-call costs
                     await one(prompts[0], False, 2)
