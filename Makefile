@@ -50,6 +50,8 @@ test: $(STAMP) $(V1STAMP) chromium postgres
 test-fast: $(STAMP) $(V1STAMP) chromium postgres
 	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
 
+# bench/serve.py builds llama.cpp's llama-server once (cmake and a C++ compiler; ~20 min on 2 cores,
+# cached in ~/.cache/tunehouse-bench) to compare tunehouse's serving with it.
 bench: $(STAMP) $(V1STAMP) chromium postgres  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
 	$(BIN)/python bench/train_sft.py --seq-len 512

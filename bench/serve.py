@@ -1,23 +1,37 @@
-"""Generation throughput of tunehouse's TorchEngine vs plain `transformers` `model.generate`.
+"""Serving speed of tunehouse's TorchEngine against llama.cpp's `llama-server` and transformers'
+batched `generate`, on the same model, precision, prompts and thread count.
 
-SmolLM2-135M-Instruct (the built-in default, fp32), chat prompts from its own template, greedy,
-a fixed number of new tokens per request (EOS ignored on both sides). Each engine figure is the
-best of `--rounds` runs (base and LoRA alternate), since the load of a shared machine drifts; the
-peer runs its 16 requests once. In-process: the engine is driven through its Python interface (no
-HTTP), so the figures are the engine's, not uvicorn's.
+    .venv/bin/python bench/serve.py [--tokens 32] [--rounds 2] [--threads N] [--precision fp32|bf16|both]
 
-    .venv/bin/python bench/serve.py [--tokens 32] [--threads N] [--rounds 2]
+The model is the built-in default (SmolLM2-135M-Instruct, dequantized to safetensors). llama.cpp
+runs the same weights written as GGUF by tunehouse's own exporter (tunehouse/export/gguf.py), f32
+for fp32 and bf16 for bf16, so both precisions compare like with like. `llama-server` is built once
+from the llama.cpp that llama-cpp-python 0.3.36 vendors (bench/llama_cpp.py; the first run takes
+~20 min on 2 cores) and run at its documented best on a CPU: `-t N -tb N -np 16` with continuous
+batching (its default), a context of 16 × (longest prompt + new tokens), the KV cache in the
+weights' precision (`-ctk/-ctv f32|bf16`, as tunehouse keeps it; llama.cpp's default is f16), no web
+UI, no prompt cache (`cache_prompt: false`, `-cram 0`: tunehouse's engine has none, so a repeated
+prompt is not free).
 
-Figures:
-- base and LoRA single-request tokens/s (LoRA: a random r=8 adapter on all linear layers, B
-  non-zero so it really changes the outputs), target LoRA ≥ 0.9× base;
-- adapter switch latency: time to first token on an adapter not yet loaded (load + attach), on
-  another adapter already loaded (switch), and on the base (reference);
-- throughput (generated tokens/s of wall time) at 1, 4 and 16 concurrent requests, target
-  16 ≥ 3× 1;
-- the peer: `model.generate` one request at a time over the same 16 requests.
-The last line printed is one JSON object with every figure; `speedup` = tunehouse 16-concurrent
-throughput ÷ the peer's sequential throughput.
+The prompts are 8 chat questions through the model's chat template, sent to both engines as the
+same token ids; greedy, exactly `--tokens` new tokens per request (EOS ignored). Both engines are
+timed from the client: tunehouse in-process through `TorchEngine.submit` (its Python interface, no
+HTTP), llama-server over loopback HTTP with streaming. Every side uses every core (`os.cpu_count()`)
+unless `--threads` says otherwise.
+
+Figures, per precision:
+- single request: decode rate (tokens after the first ÷ seconds after the first) and time to first
+  token, on the base and with a LoRA adapter applied at request time (a random r=8 adapter on all
+  linear layers; llama-server loads its GGUF with `--lora … --lora-init-without-apply` and applies
+  it per request); target LoRA ≥ 0.9× base;
+- 16 concurrent requests: generated tokens ÷ wall seconds (tunehouse `max_batch_size=16`,
+  llama-server 16 slots, transformers one left-padded batch of 16);
+- ratios tunehouse ÷ llama.cpp and tunehouse ÷ transformers; targets single and 16-concurrent ≥ 1×
+  llama.cpp.
+Sides alternate within each of `--rounds` rounds and each figure keeps its best round, since the
+load of a shared machine drifts. Each side's settings are printed first; the last line is one JSON
+object: `speedup` = tunehouse 16-concurrent ÷ llama-server 16-parallel in bf16 (fp32 if only that
+ran), every other figure beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -34,8 +49,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from bench.llama_cpp import LlamaServer, Stream, build_info, ensure_llama_server  # noqa: E402
+from tunehouse.export.gguf import write_adapter, write_model  # noqa: E402
 from tunehouse.models.default import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
 from tunehouse.models.tiny import random_lora_adapter  # noqa: E402
 from tunehouse.serve.engine import ModelRef, TorchEngine  # noqa: E402
@@ -45,103 +63,217 @@ CACHE = Path.home() / ".cache" / "tunehouse-bench"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
              "Give me three tips for learning to cook.", "Why is the sky blue?", "What is a prime number?",
              "Describe a cat to someone who has never seen one.", "How do trains work?"]
+CONCURRENT = 16
+PRECISIONS = {"fp32": ("float32", "f32"), "bf16": ("bfloat16", "bf16")}  # → (torch dtype, GGUF type)
 
 
-async def run(engine: TorchEngine, model: ModelRef, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
-    """All prompts at once; returns (wall seconds, mean time to first token)."""
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+def single(s: Stream) -> dict:
+    return {"tok_s": (s.tokens - 1) / (s.end - s.first), "ttft_ms": 1000 * (s.first - s.start)}
 
-    async def one(ids):
+
+async def measure(one, prompts: list[list[int]], tokens: int) -> dict:
+    """`one(ids, lora, tokens) -> Stream` on one side: a single base request, a single LoRA request,
+    then CONCURRENT base requests at once."""
+    base, lora = single(await one(prompts[0], False, tokens)), single(await one(prompts[0], True, tokens))
+    start = time.perf_counter()
+    await asyncio.gather(*[one(prompts[i % len(prompts)], False, tokens) for i in range(CONCURRENT)])
+    return {"single_tok_s": base["tok_s"], "ttft_ms": base["ttft_ms"], "lora_tok_s": lora["tok_s"],
+            "lora_ttft_ms": lora["ttft_ms"], "concurrent16_tok_s": CONCURRENT * tokens / (time.perf_counter() - start)}
+
+
+def keep_best(best: dict, new: dict) -> dict:
+    return {k: v if k not in best else (min if k.endswith("_ms") else max)(best[k], v) for k, v in new.items()}
+
+
+def tunehouse_side(engine: TorchEngine, base: ModelRef, lora: ModelRef):
+    async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         start, first, n = time.perf_counter(), None, 0
-        async for ev in engine.submit(model, ids, params):
-            first = first or time.perf_counter() - start
+        async for _ in engine.submit(lora if with_lora else base, ids, params):
+            first = first or time.perf_counter()
             n += 1
         assert n == tokens, n
-        return first
-
-    start = time.perf_counter()
-    firsts = await asyncio.gather(*[one(p) for p in prompts])
-    return time.perf_counter() - start, sum(firsts) / len(firsts)
+        return Stream(start, first, time.perf_counter(), n)
+    return one
 
 
-def peer(path: Path, prompts: list[list[int]], tokens: int, threads: int) -> float:
-    """transformers `generate`, one request at a time; returns generated tokens/s."""
-    from transformers import AutoModelForCausalLM
+def llama_side(server: LlamaServer, client: httpx.AsyncClient):
+    async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
+        return await server.complete(client, ids, tokens, lora=0 if with_lora else None)
+    return one
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+
+class FirstToken:
+    """A `generate` streamer noting when the first new token arrives (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, _):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+class TransformersSide:
+    """`model.generate`, greedy, exactly `tokens` new tokens: one request, and all CONCURRENT
+    prompts as one left-padded batch (its batched generation)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, pad_id: int):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.pad_id = pad_id
+
+    def generate(self, prompts: list[list[int]], tokens: int, streamer=None) -> None:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                                      do_sample=False, pad_token_id=self.pad_id, streamer=streamer)
+        assert out.shape[1] == width + tokens, out.shape
+
+    def measure(self, prompts: list[list[int]], tokens: int) -> dict:
+        first, start = FirstToken(), time.perf_counter()
+        self.generate(prompts[:1], tokens, first)
+        s = single(Stream(start, first.first, time.perf_counter(), tokens))
         start = time.perf_counter()
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            assert out.shape[1] - len(ids) == tokens
-        return len(prompts) * tokens / (time.perf_counter() - start)
+        self.generate([prompts[i % len(prompts)] for i in range(CONCURRENT)], tokens)
+        return {"single_tok_s": s["tok_s"], "ttft_ms": s["ttft_ms"],
+                "batched16_tok_s": CONCURRENT * tokens / (time.perf_counter() - start)}
+
+
+def cached_gguf(base_dir: Path, gguf_type: str) -> Path:
+    """The default model as GGUF, written once (temp name, then rename) by tunehouse's exporter."""
+    dest = CACHE / "gguf" / f"{DEFAULT_MODEL_NAME.split('/')[-1]}-{gguf_type}.gguf"
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".partial")
+        write_model(base_dir, tmp, gguf_type, name=DEFAULT_MODEL_NAME)
+        tmp.rename(dest)
+    return dest
+
+
+def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[list[int]], binary: Path,
+                  tmp: Path) -> dict:
+    """Every side's figures at one precision, best of `args.rounds`, sides alternating."""
+    dtype, gguf_type = PRECISIONS[name]
+    t, threads = args.tokens, args.threads
+    model_gguf = cached_gguf(base_dir, gguf_type)
+    config = json.loads((base_dir / "config.json").read_text())
+    lora_gguf = write_adapter(adapter, config, tmp / f"lora0-{gguf_type}.gguf", gguf_type)
+    engine = TorchEngine(max_batch_size=CONCURRENT, threads=threads, dtype=dtype)
+    base = ModelRef(DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME, base_dir, 8192)
+    lora = ModelRef("lora0", DEFAULT_MODEL_NAME, base_dir, 8192, adapter_path=adapter)
+    peer = TransformersSide(base_dir, getattr(torch, dtype), engine.tokenizer(base).pad_token_id or 0)
+    ctx_per_slot = 256 * math.ceil((max(map(len, prompts)) + t + 1) / 256)
+    with LlamaServer(binary, model_gguf, threads=threads, slots=CONCURRENT, ctx_per_slot=ctx_per_slot,
+                     cache_type=gguf_type, loras=[lora_gguf]) as server:
+        print(f"\n== {name} ==")
+        print(f"tunehouse     TorchEngine(max_batch_size={CONCURRENT}, threads={engine.threads}, dtype={dtype}), "
+              f"torch {torch.__version__}, in-process submit(), greedy, ignore_eos, LoRA {adapter.name} "
+              f"attached at request time")
+        print(f"llama.cpp     llama-server, GGUF {gguf_type} ({model_gguf.name}, adapter {lora_gguf.name}), "
+              + ", ".join(f"{k} {v}" for k, v in server.settings.items())
+              + "; temperature 0, top_k 1, ignore_eos, streamed over loopback HTTP")
+        print(f"              {' '.join(server.cmd[1:])}")
+        print(f"transformers  model.generate, {dtype}, {threads} threads, attention "
+              f"{peer.model.config._attn_implementation}, greedy, min_new_tokens=max_new_tokens={t}, "
+              f"one request and one left-padded batch of {CONCURRENT}")
+
+        async def rounds() -> dict:
+            # A fresh connection per request: a kept-alive one that llama-server had closed meanwhile
+            # failed a request ("Server disconnected without sending a response"); loopback connects
+            # cost well under a millisecond.
+            limits = httpx.Limits(max_connections=4 * CONCURRENT, max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+                sides = {"tunehouse": tunehouse_side(engine, base, lora), "llama_cpp": llama_side(server, client)}
+                for one in sides.values():  # warm-up: load weights and adapter, first-call costs
+                    await one(prompts[0], False, 2)
+                    await one(prompts[0], True, 2)
+                peer.generate(prompts[:2], 2)
+                best = {k: {} for k in [*sides, "transformers"]}
+                for r in range(args.rounds):
+                    order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # who goes first alternates
+                    for side in order:
+                        best[side] = keep_best(best[side], await measure(sides[side], prompts, t))
+                    best["transformers"] = keep_best(best["transformers"], peer.measure(prompts, t))
+                return best
+
+        best = asyncio.run(rounds())
+    engine.close()
+    return best
+
+
+def report(name: str, best: dict) -> dict:
+    """Print one precision's readable lines; return its flat JSON figures."""
+    th, lc, tf = best["tunehouse"], best["llama_cpp"], best["transformers"]
+    r = {"single_vs_llama_cpp": th["single_tok_s"] / lc["single_tok_s"],
+         "lora_vs_llama_cpp": th["lora_tok_s"] / lc["lora_tok_s"],
+         "concurrent16_vs_llama_cpp": th["concurrent16_tok_s"] / lc["concurrent16_tok_s"],
+         "single_vs_transformers": th["single_tok_s"] / tf["single_tok_s"],
+         "concurrent16_vs_transformers_batched": th["concurrent16_tok_s"] / tf["batched16_tok_s"],
+         "tunehouse_lora_vs_base": th["lora_tok_s"] / th["single_tok_s"],
+         "llama_cpp_lora_vs_base": lc["lora_tok_s"] / lc["single_tok_s"]}
+    print(f"{name} single request  tunehouse {th['single_tok_s']:.1f} tok/s (first token {th['ttft_ms']:.0f} ms), "
+          f"llama.cpp {lc['single_tok_s']:.1f} tok/s ({lc['ttft_ms']:.0f} ms), "
+          f"transformers {tf['single_tok_s']:.1f} tok/s ({tf['ttft_ms']:.0f} ms)")
+    print(f"{name} LoRA single     tunehouse {th['lora_tok_s']:.1f} tok/s ({r['tunehouse_lora_vs_base']:.2f}x base, "
+          f"target >= 0.9x; first token {th['lora_ttft_ms']:.0f} ms), llama.cpp {lc['lora_tok_s']:.1f} tok/s "
+          f"({r['llama_cpp_lora_vs_base']:.2f}x base; {lc['lora_ttft_ms']:.0f} ms)")
+    print(f"{name} {CONCURRENT} concurrent   tunehouse {th['concurrent16_tok_s']:.1f} tok/s, llama-server "
+          f"-np {CONCURRENT} {lc['concurrent16_tok_s']:.1f} tok/s, transformers batched "
+          f"{tf['batched16_tok_s']:.1f} tok/s")
+    print(f"{name} tunehouse ÷     llama.cpp: single {r['single_vs_llama_cpp']:.2f}x, LoRA {r['lora_vs_llama_cpp']:.2f}x, "
+          f"{CONCURRENT} concurrent {r['concurrent16_vs_llama_cpp']:.2f}x (targets >= 1x); transformers: single "
+          f"{r['single_vs_transformers']:.2f}x, {CONCURRENT} concurrent vs batched "
+          f"{r['concurrent16_vs_transformers_batched']:.2f}x")
+    flat = {f"{k}_{name}": v for k, v in r.items()}
+    for side, figures in best.items():
+        flat.update({f"{side}_{k}_{name}": v for k, v in figures.items()})
+    return flat
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: the engine's)")
-    ap.add_argument("--rounds", type=int, default=2, help="repeats of each engine figure; the best is kept")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads, every side (default: all cores)")
+    ap.add_argument("--rounds", type=int, default=2, help="repeats of every figure; the best is kept")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = ap.parse_args()
-    rounds = args.rounds
 
+    binary = ensure_llama_server(CACHE)
+    info = build_info(binary)
+    llama_version = info.get("version", "?").splitlines()[0].removeprefix("version: ")
     base_dir = ensure_default_model(CACHE, progress=print)
     tmp = Path(tempfile.mkdtemp(prefix="tunehouse-bench-serve-"))
-    adapters = [random_lora_adapter(base_dir, tmp / f"lora{i}", seed=i) for i in range(3)]
-    engine = TorchEngine(max_batch_size=16, threads=args.threads)
-    threads = engine.threads
-    base = ModelRef(DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME, base_dir, 8192)
-    lora = [ModelRef(f"lora{i}", DEFAULT_MODEL_NAME, base_dir, 8192, adapter_path=a) for i, a in enumerate(adapters)]
-    tok = engine.tokenizer(base)
+    adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
+    from transformers import AutoTokenizer, __version__ as transformers_version
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
                for q in QUESTIONS]
     prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    t = args.tokens
-    print(f"{DEFAULT_MODEL_NAME} fp32, {t} new tokens per request, {threads} torch thread(s), "
+    print(f"{DEFAULT_MODEL_NAME}, {args.tokens} new tokens per request, {len(QUESTIONS)} chat prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.threads} thread(s) every side, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"llama.cpp {llama_version}, built from {info.get('sdist')} "
+          f"(vendored llama.cpp) with {' '.join(info.get('cmake_flags', []))} in {info.get('build_seconds')} s; "
+          f"transformers {transformers_version}")
 
-    async def engine_figures() -> dict:
-        await run(engine, base, prompts[:1], 2)  # warm-up: load the base
-        out = {}
-        _, ttft_cold = await run(engine, lora[0], prompts[:1], 2)  # load + attach
-        await run(engine, lora[1], prompts[:1], 2)
-        _, ttft_switch = await run(engine, lora[0], prompts[:1], 2)  # loaded: switch only
-        _, ttft_base = await run(engine, base, prompts[:1], 2)
-        out["adapter_cold_ttft_ms"], out["adapter_switch_ttft_ms"] = 1000 * ttft_cold, 1000 * ttft_switch
-        out["base_ttft_ms"] = 1000 * ttft_base
-        # Base and LoRA alternate, best of `rounds` each: on a shared machine the load drifts.
-        base_s, lora_s = [], []
-        for _ in range(rounds):
-            base_s.append(t / (await run(engine, base, prompts[:1], t))[0])
-            lora_s.append(t / (await run(engine, lora[0], prompts[:1], t))[0])
-        out["base_tokens_per_s"], out["lora_tokens_per_s"] = max(base_s), max(lora_s)
-        for c in (1, 4, 16):
-            work = [prompts[i % len(prompts)] for i in range(c)]
-            out[f"concurrent_{c}_tokens_per_s"] = max([c * t / (await run(engine, base, work, t))[0]
-                                                      for _ in range(rounds)])
-        return out
-
-    fig = asyncio.run(engine_figures())
-    fig["max_batch_size_seen"] = engine.stats()["max_batch_size"]
-    engine.close()
-    fig["peer_sequential_tokens_per_s"] = peer(base_dir, [prompts[i % len(prompts)] for i in range(16)], t, threads)
-    fig["load_average_end"] = os.getloadavg()[0]
-    fig["lora_vs_base"] = fig["lora_tokens_per_s"] / fig["base_tokens_per_s"]
-    fig["concurrency_16_vs_1"] = fig["concurrent_16_tokens_per_s"] / fig["concurrent_1_tokens_per_s"]
-    fig["speedup"] = fig["concurrent_16_tokens_per_s"] / fig["peer_sequential_tokens_per_s"]
-
-    print(f"single request   base {fig['base_tokens_per_s']:.1f} tok/s, LoRA {fig['lora_tokens_per_s']:.1f} tok/s "
-          f"({fig['lora_vs_base']:.2f}x base; target >= 0.9x)")
-    print(f"first token      base {fig['base_ttft_ms']:.0f} ms, adapter cold (load) {fig['adapter_cold_ttft_ms']:.0f} ms, "
-          f"adapter switch {fig['adapter_switch_ttft_ms']:.0f} ms")
-    print("throughput       " + ", ".join(f"{c} concurrent {fig[f'concurrent_{c}_tokens_per_s']:.1f} tok/s"
-                                          for c in (1, 4, 16))
-          + f" (16 vs 1: {fig['concurrency_16_vs_1']:.2f}x; target >= 3x)")
-    print(f"peer             transformers generate, one at a time: {fig['peer_sequential_tokens_per_s']:.1f} tok/s; "
-          f"tunehouse 16 concurrent is {fig['speedup']:.2f}x that")
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items()}))
+    names = list(PRECISIONS) if args.precision == "both" else [args.precision]
+    fig = {}
+    for name in names:
+        fig.update(report(name, run_precision(name, args, base_dir, adapter, prompts, binary, tmp)))
+    headline = "bf16" if "bf16" in names else "fp32"
+    out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
+           **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+           "llama_cpp": llama_version, "load_average_end": os.getloadavg()[0]}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 
 if __name__ == "__main__":

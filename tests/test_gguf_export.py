@@ -6,7 +6,8 @@ Tolerances on next-token logits (the tiny model's logits span about ±5; its 0.2
 rounding errors larger than a pretrained model's): f16 0.02, bf16 0.15, q8_0 0.6, and the same
 argmax for f16. Measured on 2026-11-30 over 3 chats: transformers f16 0.006, bf16 0.071, q8_0 0.32;
 llama.cpp (TUNEHOUSE_LLAMA_CPP_PYTHON) f16 0.014, q8_0 0.41 (it also rounds activations to 8 bits),
-base f16 + LoRA GGUF adapter 0.012.
+base f16 + LoRA GGUF adapter 0.012; f32 (model, and base + f32 adapter) 0.0000 with an f32 KV cache,
+0.004 with llama.cpp's default f16 one.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from jobs_support import untar_zst, wait_for, write_chat
 from train_fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401  (fixtures)
 from tunehouse.errors import InvalidInput
 from tunehouse.export.bundle import write_bundle
-from tunehouse.export.gguf import permute_qk, pre_tokenizer_name, write_model
+from tunehouse.export.gguf import adapter_type, permute_qk, pre_tokenizer_name, write_model
 from tunehouse.export.modelfile import CHATML_TEMPLATE, default_system, modelfile
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 LORA_R, LORA_ALPHA = 8, 16
-TOLERANCE = {"f16": 0.02, "bf16": 0.15, "q8_0": 0.6}
+TOLERANCE = {"f32": 1e-4, "f16": 0.02, "bf16": 0.15, "q8_0": 0.6}
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Say red then blue."}, {"role": "assistant", "content": "red blue"},
@@ -125,7 +126,7 @@ def test_cli_download_gguf_folder_runs_in_transformers(finished, tmp_path):
     assert "{{ .System }}" in modelfile_text and "{{ .Content }}" in modelfile_text
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "bf16"])
+@pytest.mark.parametrize("kind", ["q8_0", "bf16", "f32"])
 def test_api_gguf_types_are_cached_and_served_with_ranges(finished, tmp_path, kind):
     live, job, merged, _ = finished
     probe = _get(live, job.id, {"Range": "bytes=0-1"}, checkpoint="gguf", gguf_type=kind)
@@ -138,7 +139,7 @@ def test_api_gguf_types_are_cached_and_served_with_ranges(finished, tmp_path, ki
     assert _get(live, job.id, {"Range": "bytes=100-"}, checkpoint="gguf", gguf_type=kind).content == body[100:]
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         tar.extractall(tmp_path, filter="data")
-    adapter = "adapter-bf16.gguf" if kind == "bf16" else "adapter-f16.gguf"
+    adapter = f"adapter-{adapter_type(kind)}.gguf"
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["Modelfile", adapter, f"model-{kind}.gguf"]
     reader = gguf.GGUFReader(tmp_path / name / f"model-{kind}.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -204,7 +205,7 @@ def test_refusals_say_what_to_change(finished, tmp_path):
     live, job, merged, _ = finished
     bad = _get(live, job.id, checkpoint="gguf", gguf_type="q4_k")
     assert bad.status_code == 400
-    assert bad.json()["error"]["message"] == "gguf_type must be one of f16, bf16, q8_0; got 'q4_k'."
+    assert bad.json()["error"]["message"] == "gguf_type must be one of f32, f16, bf16, q8_0; got 'q4_k'."
     assert _get(live, job.id, checkpoint="gguf", checkpoint_step=1).json()["error"]["param"] == "checkpoint_step"
     assert _get(live, job.id, gguf_type="q8_0").json()["error"]["message"] == "gguf_type goes with checkpoint=gguf."
 
@@ -270,8 +271,9 @@ LLAMA_CHECK = """import json, sys, numpy as np
 from llama_cpp import Llama
 spec = json.loads(sys.argv[1])
 out = []
-for model, lora in spec["cases"]:
-    llm = Llama(model_path=model, lora_path=lora, n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+for model, lora, kind in spec["cases"]:
+    kv = {"type_k": 0, "type_v": 0} if kind == "f32" else {}  # GGML_TYPE_F32; the KV cache is f16 by default
+    llm = Llama(model_path=model, lora_path=lora, n_ctx=256, n_threads=2, logits_all=True, verbose=False, **kv)
     rows = []
     for ids in spec["ids"]:
         llm.reset()
@@ -285,23 +287,25 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not LLAMA_PYTHON, reason="set TUNEHOUSE_LLAMA_CPP_PYTHON to a Python with llama-cpp-python")
 def test_llama_cpp_loads_the_exports(finished, tiny_model_dir, tmp_path):  # noqa: F811
-    """llama.cpp itself: the f16 and q8_0 models, and base + the LoRA GGUF adapter, give the merged
+    """llama.cpp itself: the f16, q8_0 and f32 models, and base + the LoRA GGUF adapter, give the merged
     model's next-token logits (tolerances as for transformers) and tokenize chats as HF does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     live, job, merged, _ = finished
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "q8_0", "f32"):
         with tarfile.open(fileobj=io.BytesIO(_get(live, job.id, checkpoint="gguf", gguf_type=kind).content)) as tar:
             tar.extractall(tmp_path, filter="data")
-    (f16,), (q8,), (adapter,) = (list(tmp_path.glob(n)) for n in ("*/model-f16.gguf", "*/model-q8_0.gguf",
-                                                                  "*-f16/adapter-f16.gguf"))
+    (f16,), (q8,), (f32,), (adapter,), (adapter32,) = (list(tmp_path.glob(n)) for n in (
+        "*/model-f16.gguf", "*/model-q8_0.gguf", "*/model-f32.gguf", "*-f16/adapter-f16.gguf", "*-f32/adapter-f32.gguf"))
     base = write_model(tiny_model_dir, tmp_path / "base-f16.gguf", "f16")
+    base32 = write_model(tiny_model_dir, tmp_path / "base-f32.gguf", "f32")
     tokenizer = AutoTokenizer.from_pretrained(merged)
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in CHATS]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     ref = _next_token_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokenizer)
-    cases = [(str(f16), None, "f16"), (str(q8), None, "q8_0"), (str(base), str(adapter), "f16")]
-    spec = {"cases": [c[:2] for c in cases], "ids": ids, "texts": texts}
+    cases = [(str(f16), None, "f16"), (str(q8), None, "q8_0"), (str(base), str(adapter), "f16"),
+             (str(f32), None, "f32"), (str(base32), str(adapter32), "f32")]
+    spec = {"cases": cases, "ids": ids, "texts": texts}
     run = subprocess.run([LLAMA_PYTHON, "-c", LLAMA_CHECK, json.dumps(spec)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -116,7 +116,7 @@ def list_metrics(job_id: str, caller: CurrentCaller, session: SessionDep, global
 @router.get("/finetune/download")
 def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeDep, request: Request,
              checkpoint: str | None = None, checkpoint_step: StepQuery = None,
-             gguf_type: Annotated[str | None, Query(description="f16 (default), bf16 or q8_0; with checkpoint=gguf")
+             gguf_type: Annotated[str | None, Query(description="f16 (default), f32, bf16 or q8_0; with checkpoint=gguf")
                                   ] = None):
     """The weights as a zstd tar, or with checkpoint=gguf a tar of GGUF file(s) and an Ollama Modelfile."""
     key, step = parse_checkpoint_ref(ft_id)

@@ -227,7 +227,7 @@ def ft_download(
     gguf: Annotated[bool, typer.Option("--gguf", help="The final model as GGUF for llama.cpp and Ollama, unpacked "
                                        "into a folder with a Modelfile (and the LoRA adapter as a GGUF adapter).")
                     ] = False,
-    gguf_type: Annotated[Literal["f16", "bf16", "q8_0"], typer.Option(help="With --gguf: the weights' type.")
+    gguf_type: Annotated[Literal["f16", "f32", "bf16", "q8_0"], typer.Option(help="With --gguf: the weights' type.")
                          ] = "f16",
     base_url: BaseUrl = None, api_key: ApiKey = None,
 ):

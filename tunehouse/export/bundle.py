@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from tunehouse.downloads import pick_folder
 from tunehouse.errors import InvalidInput
-from tunehouse.export.gguf import check_architecture, check_type, write_adapter, write_model
+from tunehouse.export.gguf import adapter_type, check_architecture, check_type, write_adapter, write_model
 from tunehouse.export.modelfile import modelfile
 from tunehouse.job_spec import JobSpec
 from tunehouse.store.home import Home
@@ -36,7 +36,7 @@ def write_bundle(model_dir: Path, adapter_dir: Path | None, out: Path, gguf_type
     check_architecture(config)  # before any work
     files = [write_model(model_dir, out / f"model-{gguf_type}.gguf", gguf_type, name, progress)]
     if adapter_dir is not None:
-        files.append(write_adapter(adapter_dir, config, out / f"adapter-{'bf16' if gguf_type == 'bf16' else 'f16'}.gguf",
+        files.append(write_adapter(adapter_dir, config, out / f"adapter-{adapter_type(gguf_type)}.gguf",
                                    gguf_type, name))
     tokenizer_config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
     template = Path(model_dir) / "chat_template.jinja"

@@ -24,8 +24,10 @@ import numpy as np
 from tunehouse.errors import InvalidInput
 
 Q = gguf.GGMLQuantizationType
-# --gguf-type → (2-D tensor type, general.file_type).
-GGUF_TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+# --gguf-type → (2-D tensor type, general.file_type). f32 keeps fp32 weights exact (bench/serve.py
+# runs llama.cpp on it to compare fp32 with fp32).
+GGUF_TYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+              "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
               "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
               "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 # config.json model_type → llama.cpp architecture (the llama graph; others need their own tensors).
@@ -38,6 +40,12 @@ def check_type(gguf_type: str | None) -> str:
     if kind not in GGUF_TYPES:
         raise InvalidInput(f"gguf_type must be one of {', '.join(GGUF_TYPES)}; got {gguf_type!r}.", param="gguf_type")
     return kind
+
+
+def adapter_type(gguf_type: str) -> str:
+    """The adapter's type beside a model of `gguf_type`: its own for f32/bf16; F16 for f16/q8_0, as
+    lora_b's rows are r values long, too short for Q8_0 blocks."""
+    return gguf_type if gguf_type in ("f32", "bf16") else "f16"
 
 
 def check_architecture(config: dict) -> gguf.MODEL_ARCH:
@@ -198,8 +206,7 @@ def write_model(folder: Path, dest: Path, gguf_type: str = "f16", name: str = ""
 def write_adapter(adapter_dir: Path, config: dict, dest: Path, gguf_type: str = "f16", name: str = "") -> Path:
     """Write the PEFT LoRA adapter in `adapter_dir` (for a base model with `config`) as a GGUF
     adapter: general.type=adapter, adapter.type=lora, adapter.lora.alpha, and per adapted weight
-    `<llama.cpp weight name>.lora_a` (r × in) and `.lora_b` (out × r). F16 (BF16 for bf16): lora_b's
-    rows are r values long, too short for Q8_0 blocks."""
+    `<llama.cpp weight name>.lora_a` (r × in) and `.lora_b` (out × r), typed by `adapter_type`."""
     from safetensors import safe_open
 
     adapter_dir, dest = Path(adapter_dir), Path(dest)
@@ -211,7 +218,7 @@ def write_adapter(adapter_dir: Path, config: dict, dest: Path, gguf_type: str = 
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    qtype = Q.BF16 if check_type(gguf_type) == "bf16" else Q.F16
+    qtype = GGUF_TYPES[adapter_type(check_type(gguf_type))][0]
     # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r), i.e. an alpha of alpha·sqrt(r).
     alpha = lora["lora_alpha"] * (math.sqrt(lora["r"]) if lora.get("use_rslora") else 1.0)
 
