@@ -76,7 +76,8 @@ class Settings(BaseSettings):
                                            "MiB; beyond it the least recently used are dropped.")
     serve_dtype: str = Field("auto", description="Inference weights dtype: auto (bfloat16 on a GPU with bf16, else "
                              "float32), float32, bfloat16 or float16.")
-    serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default half the cores.")
+    serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default every core, half of "
+                                      "them while the embedded worker's training process runs beside it.")
 
     @field_validator("secret")
     @classmethod

@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
         from tunehouse.worker.loop import Worker
 
         worker = Worker(home)
-    engine = _LazyEngine(settings)
+    engine = _LazyEngine(settings, cores_shared=(lambda: worker.child is not None) if worker else None)
     registry = Registry(home)
     supervisor = Supervisor(home, lambda s, owner, name: model_dir_for(s, home, registry, owner, name))
 
@@ -112,8 +112,8 @@ class _LazyEngine:
     """The inference engine, created on the first inference request (so starting the server loads
     no model) and shut down with the app."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, cores_shared=None):
+        self.settings, self.cores_shared = settings, cores_shared
         self.engine = None
         self._lock = threading.Lock()
 
@@ -125,7 +125,8 @@ class _LazyEngine:
                 s = self.settings
                 self.engine = TorchEngine(max_batch_size=s.serve_max_batch_size, max_models=s.serve_max_loaded_models,
                                           max_adapters=s.serve_max_loaded_adapters, dtype=s.serve_dtype,
-                                          threads=s.serve_threads, adapter_memory_mb=s.serve_adapter_memory_mb)
+                                          threads=s.serve_threads, adapter_memory_mb=s.serve_adapter_memory_mb,
+                                          cores_shared=self.cores_shared)
             return self.engine
 
     def forget(self, path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tunehouse.serve import lora, scoring
+from tunehouse.serve import decoder, lora, scoring
 
 
 class LoadedWeights:
@@ -26,6 +26,9 @@ class LoadedWeights:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self.routing = lora.Routing()
+        # The lean decoding forward where the architecture has one (it fuses the projection weights
+        # in place, before any adapter wraps them); None: decode with the transformers forward.
+        self.decoder = decoder.LlamaDecoder(self.model) if decoder.supports(self.model.config) is None else None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # least recently used first
         self.adapter_bytes: dict[str, int] = {}
         self._next_id = 0
@@ -35,9 +38,14 @@ class LoadedWeights:
         self._next_id += 1
         self.adapter_bytes[str(path)] = lora.load_adapter(self.model, self.routing, path, name)
         self.adapters[str(path)] = name
+        if self.decoder is not None:
+            self.decoder.add_adapter(name)
 
     def detach(self, path: str) -> None:
-        lora.remove_adapter(self.model, self.adapters.pop(path))
+        name = self.adapters.pop(path)
+        lora.remove_adapter(self.model, name)
+        if self.decoder is not None:
+            self.decoder.remove_adapter(name)
         self.adapter_bytes.pop(path, None)
 
     @contextmanager
