@@ -17,7 +17,10 @@ The prompts are 8 chat questions through the model's chat template, sent to both
 same token ids; greedy, exactly `--tokens` new tokens per request (EOS ignored). Both engines are
 timed from the client: tunehouse in-process through `TorchEngine.submit` (its Python interface, no
 HTTP), llama-server over loopback HTTP with streaming. Every side uses every core (`os.cpu_count()`)
-unless `--threads` says otherwise.
+unless `--threads` says otherwise. Run it on an otherwise idle machine: when all threads have a core
+each, anything else that runs stalls llama.cpp's threads at its per-operation barriers. Measured on
+2 cores at load 3 (another test suite running), llama-server f32 single-request decode was 3.5 tok/s
+with -t 2 and 21 tok/s with -t 1.
 
 Figures, per precision:
 - single request: decode rate (tokens after the first ÷ seconds after the first) and time to first
