@@ -363,11 +363,13 @@ class TorchEngine(Engine):
             for j in jobs:
                 j.resolve(error=exc)
             return
-        for j, r in zip(jobs, results):
-            j.resolve(scoring.Scored(r.logprobs, [t[:j.top] for t in r.top] if j.top else []))
+        # counted before the callers wake: a caller reading stats() right after its result saw 0
+        # scored on a busy machine
         self._stats["scored"] += len(jobs)
         self._stats["score_forwards"] += 1
         self._stats["scored_tokens"] += sum(len(j.ids) for j in jobs)
+        for j, r in zip(jobs, results):
+            j.resolve(scoring.Scored(r.logprobs, [t[:j.top] for t in r.top] if j.top else []))
 
     def _sweep(self) -> None:
         """Forget loaded weights and adapters whose files are gone (called under the lock)."""
