@@ -32,6 +32,13 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a `slow` test run first: under pytest-xdist (`make test`) the real-model
+    quick-start (minutes) then starts at once beside the rest, not alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @dataclass
 class Live:
     url: str  # http://127.0.0.1:PORT, no /v1
