@@ -44,11 +44,20 @@ postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -q && apt-get install -y -q postgresql)
 
+# Two pytest-xdist workers, one test module each at a time (module-scoped servers and trained
+# models are built once), one torch thread each (tests/conftest.py): most of a job test is a
+# single-threaded training child or a wait, so two of them fill two cores. Each worker starts its
+# own PostgreSQL and S3 server on free ports. --no-loadscope-reorder keeps conftest's order (the
+# modules with a slow test first; xdist's own order by test count started the 4-min real-model
+# quick-start 9 min in, last). --durations: the slowest tests, in CI's output too.
+PYTEST := TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q \
+	-n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP) $(V1STAMP) chromium postgres
-	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q
+	$(PYTEST) --durations=25
 
 test-fast: $(STAMP) $(V1STAMP) chromium postgres
-	TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # bench/serve.py builds llama.cpp's llama-server once (cmake and a C++ compiler; ~20 min on 2 cores,
 # cached in ~/.cache/tunehouse-bench) to compare tunehouse's serving with it.

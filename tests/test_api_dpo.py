@@ -12,7 +12,7 @@ import pytest
 import together
 from together import Together
 
-from conftest import BACKENDS, _serve, backend_settings, bin_path, sdk_env
+from conftest import _serve, bin_path, sdk_env
 from jobs_support import wait_for, write_chat
 from tunehouse.settings import Settings
 
@@ -30,11 +30,13 @@ def write_pairs(path, n: int):
     return path
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def server(request, tmp_path_factory, model_cache):
-    """Each test on both stores (the SFT → DPO chain reads its parent checkpoint from there)."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_cache):
+    """On the local store only: what DPO jobs do on PostgreSQL + S3 that these would add (a parent
+    checkpoint read from the store, then continued or merged) test_api_fine_tunes.py's end-to-end
+    job does on both stores; the recipe never touches the store itself."""
     live, bg = _serve(Settings(home=tmp_path_factory.mktemp("dpo") / "home", model_cache=model_cache,
-                               embedded_worker=True, **backend_settings(request, request.param)))
+                               embedded_worker=True))
     yield live
     bg.stop()
 

@@ -4,8 +4,6 @@ validation; cancel; delete; continuation from `ID:STEP`; crash and restart recov
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import httpx
@@ -14,19 +12,25 @@ import torch
 import together
 from together import Together
 
-from conftest import BACKENDS, DATA, _serve, backend_settings
+from conftest import BACKENDS, DATA, _serve
 from jobs_support import untar_zst, wait_for, write_chat
 from tunehouse.settings import Settings
 
 TINY = "tunehouse/tiny-llama"
 CHAT = DATA / "api" / "chat.jsonl"
-pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+# On both stores: the end-to-end job (checkpoints written to and continued from the store, archives
+# downloaded from it), create-time checks and cancel (no partial checkpoint, delete empties the
+# store). On the local store only: restart (the remote one keeps its state outside the server
+# anyway) and early stopping (no store path of its own). A killed child resuming from a checkpoint
+# is test_db_faults.py's, on PostgreSQL + S3 test_many_machines.py's.
+both_stores = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def sdk(live, key=None) -> Together:
     return Together(base_url=live.url, api_key=key or live.key, max_retries=0)
 
 
+@both_stores
 def test_lora_job_end_to_end(live_worker, tmp_path):
     c = sdk(live_worker)
     train = c.files.upload(write_chat(tmp_path / "train.jsonl", 24))
@@ -98,6 +102,7 @@ def test_lora_job_end_to_end(live_worker, tmp_path):
     assert any("Merged the adapter" in e.message for e in c.fine_tuning.list_events(other.id).data)
 
 
+@both_stores
 def test_create_reports_every_bad_field_at_once(live_worker, tmp_path):
     c = sdk(live_worker)
     f = c.files.upload(CHAT)
@@ -146,6 +151,7 @@ def _wait_checkpoint(live, job_id: str, timeout: float = 120) -> int:
     raise AssertionError("no checkpoint appeared")
 
 
+@both_stores
 def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     c = sdk(live_worker)
     job = _long_job(c, tmp_path, rows=100)  # long enough that the cancel lands mid-training
@@ -172,29 +178,11 @@ def test_cancel_mid_run_leaves_no_partial_checkpoint(live_worker, tmp_path):
     assert blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
 
 
-def test_killed_training_process_resumes_from_checkpoint(live_worker, tmp_path):
-    c = sdk(live_worker)
-    job = _long_job(c, tmp_path)
-    step = _wait_checkpoint(live_worker, job.id)
-    child = live_worker.app.state.worker.child
-    os.kill(child.pid, signal.SIGKILL)
-    done = wait_for(c, job.id)
-    assert done.status == "completed"
-    events = c.fine_tuning.list_events(job.id).data
-    restarted = [e for e in events if e.type == "JOB_RESTARTED"]
-    assert len(restarted) == 1 and "signal 9" in restarted[0].message
-    assert any("Resuming from the checkpoint at step" in e.message for e in events)
-    rows = [r for r in c.fine_tuning.list_metrics(job.id).metrics if "train_loss" in r]
-    assert rows[-1]["train/global_step"] == done.total_steps
-    assert step < done.total_steps
-
-
-def test_server_restart_mid_run_keeps_state(tmp_path, model_cache, store_backend, request):
-    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True,
-                        **backend_settings(request, store_backend))
+def test_server_restart_mid_run_keeps_state(tmp_path, model_cache):
+    settings = Settings(home=tmp_path / "home", model_cache=model_cache, embedded_worker=True)
     live, bg = _serve(settings)
     c = sdk(live)
-    job = _long_job(c, tmp_path, rows=100)
+    job = _long_job(c, tmp_path)  # 80 steps: stopped after the first checkpoint, at step 20
     _wait_checkpoint(live, job.id)
     bg.stop()  # the worker stops its child and requeues the job
     live2, bg2 = _serve_again(settings, live)

@@ -13,7 +13,7 @@ import pytest
 import together
 from together import Together
 
-from conftest import BACKENDS, _serve, backend_settings
+from conftest import _serve
 from jobs_support import wait_for, write_chat
 from test_api_files_v1_and_clis import run_v1
 from tunehouse.settings import Settings
@@ -23,12 +23,14 @@ TINY = "tunehouse/tiny-llama"
 HELLO = [{"role": "user", "content": "Say red then blue."}]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def server(request, tmp_path_factory, model_cache):
-    """On both stores: the fine-tuned model's adapter is loaded from the store's local copy."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_cache):
+    """On the local store only: serving a fine-tuned model out of PostgreSQL + S3 (its adapter
+    fetched into this server's cache) is test_many_machines.py's (each job's output answered by
+    a server with a home of its own); deleting a job's objects from S3 is test_api_fine_tunes.py's.
+    Decoding itself never reads the store."""
     home = tmp_path_factory.mktemp("inference") / "home"
-    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16,
-                               **backend_settings(request, request.param)))
+    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16))
     c = Together(base_url=live.url, api_key=live.key, max_retries=0)
     f = c.files.upload(write_chat(tmp_path_factory.mktemp("data") / "train.jsonl", 16))
     job = c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, suffix="inf", n_epochs=3,

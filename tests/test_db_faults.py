@@ -147,8 +147,9 @@ def test_training_child_survives_metric_write_errors(live_worker, tmp_path, monk
 
 
 def test_killed_child_leaves_one_metric_row_per_step(live_worker, tmp_path):
-    """SIGKILL a few steps after a checkpoint: the resumed run redoes those steps, and the metrics
-    still list 1…total once each (the report: 208 rows for 198 steps)."""
+    """SIGKILL a few steps after a checkpoint: the job is restarted (the event names the signal),
+    the resumed run redoes the steps after that checkpoint, and the metrics still list 1…total once
+    each (the report: 208 rows for 198 steps)."""
     c = sdk(live_worker)
     job = _job(c, tmp_path)
     home = live_worker.app.state.home
@@ -164,7 +165,10 @@ def test_killed_child_leaves_one_metric_row_per_step(live_worker, tmp_path):
     os.kill(live_worker.app.state.worker.child.pid, signal.SIGKILL)
     done = wait_for(c, job.id, timeout=120)
     assert done.status == "completed"
-    assert _event_types(c, job.id).count("JOB_RESTARTED") == 1
+    events = c.fine_tuning.list_events(job.id).data
+    restarted = [e for e in events if e.type == "JOB_RESTARTED"]
+    assert len(restarted) == 1 and "signal 9" in restarted[0].message
+    assert any(e.message.startswith("Resuming from the checkpoint at step") for e in events)
     assert _steps(live_worker, job.id) == list(range(1, done.total_steps + 1))
 
 

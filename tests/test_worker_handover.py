@@ -28,7 +28,6 @@ from tunehouse.store.home import open_home
 from tunehouse.store.tables import Event, Job, Metric
 from tunehouse.worker.loop import Worker, settings_env
 
-pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 TINY = "tunehouse/tiny-llama"
 
 
@@ -48,11 +47,13 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, request):
+def test_job_moves_to_a_worker_with_its_own_home(tmp_path):
+    """On a shared SQLite file and folder only: the same handover on PostgreSQL + S3, with worker
+    processes killed and resumed from the bucket, is test_many_machines.py's."""
     # One database, one blob store and the server secret; every home (API server, worker A,
     # worker B) is its own.
     shared = {"database_url": f"sqlite:///{tmp_path / 'shared.db'}", "blob_url": str(tmp_path / "store"),
-              "secret": "s" * 64, **backend_settings(request, store_backend)}
+              "secret": "s" * 64}
     live, bg = _serve(Settings(home=tmp_path / "api", embedded_worker=False, **shared))
     a = Settings(home=tmp_path / "a", model_cache=tmp_path / "a-models", **shared)
     worker_a = subprocess.Popen([sys.executable, "-m", "tunehouse", "worker"], env={**os.environ, **settings_env(a)},
@@ -125,6 +126,7 @@ def test_job_moves_to_a_worker_with_its_own_home(tmp_path, store_backend, reques
         bg.stop()
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 def test_a_model_added_from_a_folder_is_in_the_store(tmp_path, store_backend, request, model_cache):
     """`tunehouse models add NAME FOLDER` copies the folder into the store: another machine (its own
     home, the same database and store) loads it from there, after the folder is gone."""
