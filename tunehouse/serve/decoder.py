@@ -224,7 +224,8 @@ class LlamaDecoder:
         slot = torch.arange(b, device=self.device)
         # Position j of row r is visible if j ≤ pos[r]; masked scores get -inf before the softmax.
         hidden = torch.arange(t, device=self.device)[None, :] > pos[:, None]
-        bias = torch.zeros(b, 1, 1, t, dtype=torch.float32, device=self.device).masked_fill_(hidden[:, None, None], -torch.inf)
+        bias = torch.zeros(b, 1, 1, t, dtype=torch.float32, device=self.device)
+        bias.masked_fill_(hidden[:, None, None], -torch.inf)
         group, scale = self.heads // self.kv_heads, self.head_dim ** -0.5
         x = F.embedding(tokens.to(self.device), self.embed)
         for i, (layer, lora) in enumerate(zip(self.layers, self._lora_layers(rows))):

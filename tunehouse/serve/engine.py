@@ -190,8 +190,9 @@ class TorchEngine(Engine):
         self.score_tokens = score_tokens  # padded tokens per scoring forward
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # auto: bf16 on a GPU that has it; float32 on a CPU, where bf16 would speed up batched
-        # decoding (2x at 16 concurrent requests on AVX512-BF16, bench/serve.py) but put ~0.2 nats of rounding on the prompt
-        # log-probs that validation loss and the model comparison are computed from.
+        # decoding (2x at 16 concurrent requests on AVX512-BF16, bench/serve.py) but put ~0.2
+        # nats of rounding on the prompt log-probs that validation loss and the model comparison
+        # are computed from.
         if dtype == "auto":
             cuda_bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
             dtype = "bfloat16" if cuda_bf16 else "float32"
