@@ -59,7 +59,7 @@ class SlotBatch(RunningBatch):
         groups: dict[int, list[int]] = {}  # one prefill per request, whatever its n
         for i, s in enumerate(seqs):
             groups.setdefault(id(s.gen), []).append(i)
-        first, names = len(self.seqs), self._names(adapters)
+        first, names = len(self.seqs), self.loaded.names(adapters)
         logits: list[torch.Tensor] = [None] * len(seqs)
         for members in _packs(list(groups.values()), [len(seqs[g[0]].prompt) for g in groups.values()]):
             out = self.decoder.prefill(self.cache, [seqs[g[0]].prompt for g in members],
@@ -71,11 +71,7 @@ class SlotBatch(RunningBatch):
         return torch.stack(logits)
 
     def step(self, adapters: list[str | None]) -> torch.Tensor:
-        return self.decoder.decode(self.cache, self.last, self._names(adapters))
-
-    def _names(self, adapters: list[str | None]) -> list[str | None]:
-        """Adapter paths → the names they are attached under."""
-        return [self.loaded.adapters[a] if a else None for a in adapters]
+        return self.decoder.decode(self.cache, self.last, self.loaded.names(adapters))
 
     def keep(self, rows: list[int]) -> None:
         super().keep(rows)

@@ -48,10 +48,14 @@ class LoadedWeights:
             self.decoder.remove_adapter(name)
         self.adapter_bytes.pop(path, None)
 
+    def names(self, adapters: list[str | None]) -> list[str | None]:
+        """Adapter paths → the names they are attached under (None: the base alone)."""
+        return [self.adapters[a] if a else None for a in adapters]
+
     @contextmanager
     def routed(self, adapters: list[str | None]):
         """Within the block, each batch row runs with its adapter (None: the base alone)."""
-        names = [self.adapters[a] if a else None for a in adapters]
+        names = self.names(adapters)
         if len(set(names)) == 1:
             self.routing.current = names[0]
         else:
