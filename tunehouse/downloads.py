@@ -65,17 +65,14 @@ def pick_folder(s: Session, home: Home, job: Job, checkpoint: str | None, step: 
     return folder, "adapter" if lora else "model"
 
 
-def build_download(s: Session, home: Home, job: Job, checkpoint: str | None, step: int | None) -> Path:
-    """A local copy of the archive (what the training child hashes when it publishes)."""
-    return home.blobs.local_file(build_archive(s, home, job, checkpoint, step))
-
-
-def build_archive(s: Session, home: Home, job: Job, checkpoint: str | None, step: int | None) -> str:
-    """The archive's blob key, built into the store on first use."""
+def build_archive(s: Session, home: Home, job: Job, checkpoint: str | None, step: int | None
+                  ) -> tuple[str, str | None]:
+    """The archive's blob key, built into the store on first use, and its SHA-256 when this call
+    built it (hashed by the writer as the bytes went in); None when it was there already."""
     folder, name = pick_folder(s, home, job, checkpoint, step)
     key = f"jobs/{job.id}/downloads/{name}.tar.zst"
     if home.blobs.exists(key):
-        return key
+        return key, None
     with home.blobs.writer(key) as w:
         cctx = zstandard.ZstdCompressor(level=3, threads=-1)
         with cctx.stream_writer(w, closefd=False) as zw, tarfile.open(fileobj=zw, mode="w|") as tar:
@@ -84,7 +81,7 @@ def build_archive(s: Session, home: Home, job: Job, checkpoint: str | None, step
                 if path.is_file() and rel.parts[0] != MERGED_DIR and path.name not in EXCLUDE:
                     tar.add(path, arcname=str(Path(name) / rel))
         w.commit()
-    return key
+    return key, w.sha256
 
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

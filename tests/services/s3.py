@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from services import missing
@@ -174,3 +176,25 @@ def blob_settings(request) -> dict:
     bucket = server.new_bucket()
     request.addfinalizer(lambda: server.drop_bucket(bucket))
     return {"blob_url": f"s3://{bucket}/th"}
+
+
+@contextmanager
+def bytes_read(client) -> Iterator[dict[str, int]]:
+    """Bytes of GetObject bodies (whole or ranged) that the boto3 `client` received while the block
+    runs, per object key: what a test counts to show a blob was read once, or not at all."""
+    got: dict[str, int] = {}
+
+    def key_of(params, context, **_):
+        context["tunehouse_key"] = params["Key"]
+
+    def count(parsed, context, **_):
+        key = context["tunehouse_key"]
+        got[key] = got.get(key, 0) + parsed.get("ContentLength", 0)
+
+    client.meta.events.register("before-parameter-build.s3.GetObject", key_of)
+    client.meta.events.register("after-call.s3.GetObject", count)
+    try:
+        yield got
+    finally:
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", key_of)
+        client.meta.events.unregister("after-call.s3.GetObject", count)

@@ -126,6 +126,6 @@ def download(ft_id: str, caller: CurrentCaller, session: SessionDep, home: HomeD
     elif gguf_type:
         raise InvalidInput("gguf_type goes with checkpoint=gguf.", param="gguf_type")
     else:
-        archive = build_archive(session, home, job, checkpoint, checkpoint_step or step)
+        archive, _ = build_archive(session, home, job, checkpoint, checkpoint_step or step)
         name = f"{job.model_output_name.replace('/', '--')}.tar.zst"
     return serve_range(home.blobs, archive, request.headers.get("range"), name)

@@ -363,12 +363,14 @@ def _publish(home: Home, job_id: str, spec: JobSpec) -> int:
     if not _advance(home, job_id, ("compressing", "COMPRESSING_MODEL", "Compressing output model")):
         return EXIT_CANCELLED
     with home.db.session() as s:
-        archive = build_archive(s, home, s.get(Job, job_id), None, None)
+        archive, digest = build_archive(s, home, s.get(Job, job_id), None, None)
     size = f"{archive.rsplit('/', 1)[-1]}, {home.blobs.size(archive) / 2**20:.1f} MiB"
     if not _advance(home, job_id, (None, "MODEL_COMPRESSION_COMPLETE", f"Model compression complete: {size}"),
                     ("uploading", "MODEL_UPLOADING", "Uploading output model")):
         return EXIT_CANCELLED
-    digest = _sha256_blob(home, archive)
+    # The writer hashed the archive as it went in; one built before (a download asked for it
+    # while this job compressed, or an earlier try of this job) is read back once to hash it.
+    digest = digest or _sha256_blob(home, archive)
     if spec.hf_output_repo_name:
         _push(home, job_id, spec)
     if not _advance(home, job_id, (None, "MODEL_UPLOAD_COMPLETE", "Model upload complete"), digest=digest):
