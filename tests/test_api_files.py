@@ -196,6 +196,24 @@ def test_checksum_mismatch_leaves_nothing_listed(live):
         assert not list((live.settings.blobs_path / ".tmp").iterdir()), "no temp file left behind"
 
 
+def test_claim_and_check_read_the_bytes_from_s3_once(live, tmp_path):
+    """Preprocess on S3 hashes a presigned PUT's bytes for the checksum and validates them: one
+    read from the store for both (into the cache the validator reads), not one each."""
+    if not _s3(live):
+        pytest.skip("the local store takes the bytes itself: there is nothing to claim")
+    from services.s3 import bytes_read
+
+    data = _big_chat(tmp_path)
+    file_id, location = _begin(live, checksum=hashlib.sha256(data).hexdigest())
+    assert httpx.put(location, content=data).status_code == 200
+    with bytes_read(live.app.state.home.blobs.client) as got:
+        r = _preprocess(live, file_id)
+    assert r.status_code == 200 and r.json()["processing_status"] == "COMPLETED", r.text
+    assert r.json()["bytes"] == len(data)
+    assert sum(got.values()) == len(data), got
+    assert sdk(live).files.content(file_id).read() == data
+
+
 def test_too_large_upload_is_refused_and_dropped(live):
     live.settings.max_file_bytes = 100
     file_id, location = _begin(live)

@@ -24,7 +24,7 @@ from tunehouse import jobs, signing
 from tunehouse.data.formats import check_file
 from tunehouse.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from tunehouse.ids import new_file_id
-from tunehouse.store.blobs import BlobWriter
+from tunehouse.store.blobs import BlobWriter, sha256_file
 from tunehouse.store.home import Home
 from tunehouse.store.tables import File, utcnow
 
@@ -225,12 +225,13 @@ class FileService:
         return f
 
     def _claim(self, s: Session, f: File) -> None:
-        """Bytes a client sent straight to the store: their size and sha256 over a streamed read,
-        compared with the announced checksum, then a server-side copy into place that holds only
-        if the object is still the one hashed (a re-sent PUT meanwhile is refused), and the row
-        uploading → stored once (the state is what makes a presigned URL single-use: bytes PUT
-        after the claim never reach the file). A mismatch discards the bytes, and the row stays
-        unlisted until the upload is retried or swept."""
+        """Bytes a client sent straight to the store: a server-side copy into place that holds only
+        if the object is still the one whose size was checked (a re-sent PUT meanwhile is refused),
+        then their sha256 over the local copy the validator reads next (one read from the store),
+        compared with the announced checksum, and the row uploading → stored once (the state is
+        what makes a presigned URL single-use: bytes PUT after the claim never reach the file).
+        A mismatch discards the bytes, and the row stays unlisted until the upload is retried or
+        swept."""
         blobs, key = self.home.blobs, staging_key(f)
         try:
             info = blobs.head(key)
@@ -240,21 +241,21 @@ class FileService:
         if info.size > self.settings.max_file_bytes:  # a presigned PUT cannot cap its size: refuse it here
             blobs.delete(key)
             self._check_size(info.size)
-        sha = hashlib.sha256()
-        with blobs.open(key) as fh:
-            while chunk := fh.read(8 << 20):
-                sha.update(chunk)
-        if f.checksum and sha.hexdigest() != f.checksum:
-            blobs.delete(key)
-            raise InvalidInput(f"The uploaded bytes do not match the announced checksum ({sha.hexdigest()} != "
-                               f"{f.checksum}); the upload was discarded. Upload the file again.", param="checksum")
         try:
             blobs.copy(key, blob_key(f), if_etag=info.etag)
         except (ValueError, FileNotFoundError):
             raise Conflict(f"The bytes of {f.id} changed while they were checked; retry.", param="id") from None
+        # Hashed where `_check` will read them: fetched once into the cache, streamed to disk.
+        local = self.content_path(f)
+        sha = sha256_file(local)
+        if f.checksum and sha != f.checksum:
+            blobs.delete(key)
+            blobs.delete(blob_key(f))
+            raise InvalidInput(f"The uploaded bytes do not match the announced checksum ({sha} != "
+                               f"{f.checksum}); the upload was discarded. Upload the file again.", param="checksum")
         won = s.execute(update(File).where(File.id == f.id, File.state == "uploading", File.upload_nonce == f.upload_nonce)
-                        .values(state="stored", upload_nonce=None, multipart=None, bytes=info.size,
-                                checksum=sha.hexdigest()))
+                        .values(state="stored", upload_nonce=None, multipart=None, bytes=local.stat().st_size,
+                                checksum=sha))
         s.commit()
         s.refresh(f)
         if won.rowcount == 1:
