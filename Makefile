@@ -10,7 +10,7 @@ V1STAMP := $(V1)/.installed
 # This machine's CPU build of torch; GPU users install their CUDA torch first (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast bench clean chromium postgres screenshots
+.PHONY: venv demo test test-fast bench clean chromium postgres screenshots llama-server build-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ demo: $(STAMP)
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
+# The llama.cpp serving backend (CPU hosts): llama-server built once from the llama.cpp source that
+# the llama-cpp-python sdist vendors, with tunehouse's one-line streaming patch (20-26 min on 2
+# cores; cached in ~/.cache/tunehouse). `tunehouse serve` uses it by default on a machine without
+# a GPU once it exists; the contract tests run the API against it and against the torch engine.
+build-tools:
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || \
+		(apt-get update -q && apt-get install -y -q cmake g++)
+
+llama-server: $(STAMP) build-tools
+	$(BIN)/python -m tunehouse.serve.llama_server
+
 # The store, jobs and API tests also run on a real PostgreSQL (tests/services/postgres.py starts
 # one per session from Debian's server binaries); they fail under CI=true when it is missing.
 postgres:
@@ -53,15 +64,13 @@ postgres:
 PYTEST := TUNEHOUSE_TOGETHER1_PYTHON=$(CURDIR)/$(V1)/bin/python $(BIN)/python -m pytest -q \
 	-n 2 --dist loadfile --no-loadscope-reorder
 
-test: $(STAMP) $(V1STAMP) chromium postgres
+test: $(STAMP) $(V1STAMP) chromium postgres llama-server
 	$(PYTEST) --durations=25
 
-test-fast: $(STAMP) $(V1STAMP) chromium postgres
+test-fast: $(STAMP) $(V1STAMP) chromium postgres llama-server
 	$(PYTEST) -m "not slow"
 
-# bench/serve.py builds llama.cpp's llama-server once (cmake and a C++ compiler; ~20 min on 2 cores,
-# cached in ~/.cache/tunehouse-bench) to compare tunehouse's serving with it.
-bench: $(STAMP) $(V1STAMP) chromium postgres  # ~40 min on 2 cores; each bench's last line is its JSON summary
+bench: $(STAMP) $(V1STAMP) chromium postgres llama-server  # ~40 min on 2 cores; each bench's last line is its JSON summary
 	$(BIN)/python bench/check_file.py --sdk-python $(V1)/bin/python
 	$(BIN)/python bench/train_sft.py --seq-len 512
 	$(BIN)/python bench/train_sft.py --seq-len 2048

@@ -1,26 +1,29 @@
-"""Serving speed of tunehouse's TorchEngine against llama.cpp's `llama-server` and transformers'
-batched `generate`, on the same model, precision, prompts and thread count.
+"""Serving speed of tunehouse against llama.cpp's `llama-server` and transformers' batched
+`generate`, on the same model, precision, prompts and thread count.
 
     .venv/bin/python bench/serve.py [--tokens 32] [--rounds 2] [--threads N] [--precision fp32|bf16|both]
 
-The model is the built-in default (SmolLM2-135M-Instruct, dequantized to safetensors). llama.cpp
-runs the same weights written as GGUF by tunehouse's own exporter (tunehouse/export/gguf.py), f32
-for fp32 and bf16 for bf16, so both precisions compare like with like. `llama-server` is built once
-from the llama.cpp that llama-cpp-python 0.3.36 vendors (bench/llama_cpp.py; the first run takes
-~20 min on 2 cores) and run at its documented best on a CPU: `-t N -tb N -np 16` with continuous
-batching (its default), a context of 16 × (longest prompt + new tokens), the KV cache in the
-weights' precision (`-ctk/-ctv f32|bf16`, as tunehouse keeps it; llama.cpp's default is f16), no web
-UI, no prompt cache (`cache_prompt: false`, `-cram 0`: tunehouse's engine has none, so a repeated
-prompt is not free).
+tunehouse is measured twice: its CPU backend (`LlamaCppEngine`, what `tunehouse serve` runs on a
+machine without a GPU once `make llama-server` has built the binary) and its torch engine (GPUs,
+and CPUs without llama-server). The model is the built-in default (SmolLM2-135M-Instruct,
+dequantized to safetensors). The peer llama-server runs the same weights written as GGUF by
+tunehouse's own exporter (tunehouse/export/gguf.py), f32 for fp32 and bf16 for bf16, so both
+precisions compare like with like; tunehouse's backend exports its own copy the same way.
+`llama-server` is built once from the llama.cpp that llama-cpp-python 0.3.36 vendors
+(tunehouse/serve/llama_server.py; ~20 min on 2 cores) and run at its documented best on a CPU:
+`-t N -tb N -np 16` with continuous batching (its default), a unified KV cache of 16384 tokens (f32
+with flash attention off for f32 weights, llama.cpp's default f16 and flash attention otherwise),
+the prompt cache on, no web UI: the flags tunehouse's backend starts its own llama-server with.
 
-The prompts are 8 chat questions through the model's chat template, sent to both engines as the
-same token ids; greedy, exactly `--tokens` new tokens per request (EOS ignored). Both engines are
-timed from the client: tunehouse in-process through `TorchEngine.submit` (its Python interface, no
-HTTP), llama-server over loopback HTTP with streaming. Every side uses every core (`os.cpu_count()`)
-unless `--threads` says otherwise. Run it on an otherwise idle machine: when all threads have a core
-each, anything else that runs stalls llama.cpp's threads at its per-operation barriers. Measured on
-2 cores at load 3 (another test suite running), llama-server f32 single-request decode was 3.5 tok/s
-with -t 2 and 21 tok/s with -t 1.
+The prompts are 8 chat questions through the model's chat template, sent to every side as the
+same token ids; greedy, exactly `--tokens` new tokens per request (EOS ignored). tunehouse is
+timed in-process through `Engine.submit` (its Python interface, no HTTP API in front; the
+llama.cpp backend itself streams from its llama-server over loopback HTTP and decodes the token
+ids with the model's tokenizer), the peer llama-server over loopback HTTP with streaming. Every
+side uses every core (`os.cpu_count()`) unless `--threads` says otherwise. Run it on an otherwise
+idle machine: when all threads have a core each, anything else that runs stalls llama.cpp's
+threads at its per-operation barriers. Measured on 2 cores at load 3 (another test suite running),
+llama-server f32 single-request decode was 3.5 tok/s with -t 2 and 21 tok/s with -t 1.
 
 Figures, per precision:
 - single request: decode rate (tokens after the first ÷ seconds after the first) and time to first
@@ -33,8 +36,8 @@ Figures, per precision:
   llama.cpp.
 Sides alternate within each of `--rounds` rounds and each figure keeps its best round, since the
 load of a shared machine drifts. Each side's settings are printed first; the last line is one JSON
-object: `speedup` = tunehouse 16-concurrent ÷ llama-server 16-parallel in bf16 (fp32 if only that
-ran), every other figure beside it.
+object: `speedup` = tunehouse (its CPU backend) 16-concurrent ÷ llama-server 16-parallel in bf16
+(fp32 if only that ran), every other figure beside it (`torch_engine_*`: the torch engine's).
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +58,25 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from bench.llama_cpp import LlamaServer, Stream, build_info, ensure_llama_server  # noqa: E402
+from tunehouse.serve.llama_server import LlamaServer, build_info, ensure_llama_server, find_llama_server  # noqa: E402
 from tunehouse.export.gguf import write_adapter, write_model  # noqa: E402
 from tunehouse.models.default import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
 from tunehouse.models.tiny import random_lora_adapter  # noqa: E402
 from tunehouse.serve.engine import ModelRef, TorchEngine  # noqa: E402
+from tunehouse.serve.llama_engine import LlamaCppEngine  # noqa: E402
 from tunehouse.serve.sampling import SamplingParams  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "tunehouse-bench"
+
+
+@dataclass
+class Stream:
+    """Client-side timing of one streamed request: perf_counter() at send, first token and end."""
+
+    start: float
+    first: float
+    end: float
+    tokens: int
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
              "Give me three tips for learning to cook.", "Why is the sky blue?", "What is a prime number?",
              "Describe a cat to someone who has never seen one.", "How do trains work?"]
@@ -88,7 +102,7 @@ def keep_best(best: dict, new: dict) -> dict:
     return {k: v if k not in best else (min if k.endswith("_ms") else max)(best[k], v) for k, v in new.items()}
 
 
-def tunehouse_side(engine: TorchEngine, base: ModelRef, lora: ModelRef):
+def tunehouse_side(engine, base: ModelRef, lora: ModelRef):
     async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         start, first, n = time.perf_counter(), None, 0
@@ -102,7 +116,24 @@ def tunehouse_side(engine: TorchEngine, base: ModelRef, lora: ModelRef):
 
 def llama_side(server: LlamaServer, client: httpx.AsyncClient):
     async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
-        return await server.complete(client, ids, tokens, lora=0 if with_lora else None)
+        """Greedy, exactly `tokens` new tokens after the prompt `ids` (sent as token ids, so both
+        engines see the same ones), streamed; the adapter applied at scale 1 when `with_lora`."""
+        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "top_k": 1, "ignore_eos": True,
+                "stream": True, "return_tokens": True,
+                "lora": server.lora_scales(0 if with_lora else None)}
+        start, first, n = time.perf_counter(), None, 0
+        async with client.stream("POST", f"{server.url}/completion", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                got = len(json.loads(line[6:]).get("tokens") or [])
+                if got and first is None:
+                    first = time.perf_counter()
+                n += got
+        if n != tokens:
+            raise RuntimeError(f"llama-server streamed {n} tokens, not {tokens}")
+        return Stream(start, first, time.perf_counter(), n)
     return one
 
 
@@ -170,16 +201,27 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
     config = json.loads((base_dir / "config.json").read_text())
     lora_gguf = write_adapter(adapter, config, tmp / f"lora0-{gguf_type}.gguf", gguf_type)
     engine = TorchEngine(max_batch_size=CONCURRENT, threads=threads, dtype=dtype)
+    # tunehouse's CPU backend: its own llama-server, its own GGUF export of the same weights.
+    llama_engine = LlamaCppEngine(binary, tmp / f"engine-{name}", TorchEngine(threads=threads, dtype=dtype),
+                                  slots=CONCURRENT, threads=threads, dtype=dtype)
     base = ModelRef(DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME, base_dir, 8192)
     lora = ModelRef("lora0", DEFAULT_MODEL_NAME, base_dir, 8192, adapter_path=adapter)
     peer = TransformersSide(base_dir, getattr(torch, dtype), engine.tokenizer(base).pad_token_id or 0)
-    ctx_per_slot = 256 * math.ceil((max(map(len, prompts)) + t + 1) / 256)
-    with LlamaServer(binary, model_gguf, threads=threads, slots=CONCURRENT, ctx_per_slot=ctx_per_slot,
-                     cache_type=gguf_type, loras=[lora_gguf]) as server:
+    # The peer runs with the flags tunehouse's backend gives its own llama-server: a unified KV cache
+    # of max(16384, context) tokens, f32 for f32 weights and llama.cpp's default f16 otherwise (with
+    # f16 an f32 model's logits moved by 0.004, with f32 by 0.0000, on the tiny model in
+    # tests/test_gguf_export.py), the prompt cache on (both sides see the same prompts each round).
+    with LlamaServer(binary, model_gguf, threads=threads, slots=CONCURRENT, ctx=16384,
+                     cache_type="f32" if gguf_type == "f32" else None, loras=[lora_gguf],
+                     flash_attn="off" if gguf_type == "f32" else "auto") as server:
         print(f"\n== {name} ==")
-        print(f"tunehouse     TorchEngine(max_batch_size={CONCURRENT}, threads={engine.threads}, dtype={dtype}), "
+        print(f"tunehouse     LlamaCppEngine (the CPU backend, serve_backend=auto): slots={CONCURRENT}, "
+              f"threads={threads}, dtype={dtype} → GGUF {llama_engine.gguf_type}, the same llama-server binary and "
+              f"flags as the peer, in-process submit() (token ids over loopback HTTP to its llama-server, "
+              f"decoded by tunehouse), greedy, ignore_eos, LoRA {adapter.name} exported to GGUF and applied per request")
+        print(f"tunehouse-torch TorchEngine(max_batch_size={CONCURRENT}, threads={engine.threads}, dtype={dtype}), "
               f"torch {torch.__version__}, in-process submit(), greedy, ignore_eos, LoRA {adapter.name} "
-              f"attached at request time")
+              f"attached at request time, no prompt cache")
         print(f"llama.cpp     llama-server, GGUF {gguf_type} ({model_gguf.name}, adapter {lora_gguf.name}), "
               + ", ".join(f"{k} {v}" for k, v in server.settings.items())
               + "; temperature 0, top_k 1, ignore_eos, streamed over loopback HTTP")
@@ -194,7 +236,8 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
             # cost well under a millisecond.
             limits = httpx.Limits(max_connections=4 * CONCURRENT, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-                sides = {"tunehouse": tunehouse_side(engine, base, lora), "llama_cpp": llama_side(server, client)}
+                sides = {"tunehouse": tunehouse_side(llama_engine, base, lora),
+                         "tunehouse_torch": tunehouse_side(engine, base, lora), "llama_cpp": llama_side(server, client)}
                 for one in sides.values():  # warm-up: load weights and adapter, first-call costs
                     await one(prompts[0], False, 2)
                     await one(prompts[0], True, 2)
@@ -209,13 +252,17 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
 
         best = asyncio.run(rounds())
     engine.close()
+    llama_engine.close()
     return best
 
 
 def report(name: str, best: dict) -> dict:
     """Print one precision's readable lines; return its flat JSON figures."""
-    th, lc, tf = best["tunehouse"], best["llama_cpp"], best["transformers"]
-    r = {"single_vs_llama_cpp": th["single_tok_s"] / lc["single_tok_s"],
+    th, tt, lc, tf = best["tunehouse"], best["tunehouse_torch"], best["llama_cpp"], best["transformers"]
+    r = {"torch_engine_single_vs_llama_cpp": tt["single_tok_s"] / lc["single_tok_s"],
+         "torch_engine_concurrent16_vs_llama_cpp": tt["concurrent16_tok_s"] / lc["concurrent16_tok_s"],
+         "torch_engine_lora_vs_base": tt["lora_tok_s"] / tt["single_tok_s"],
+         "single_vs_llama_cpp": th["single_tok_s"] / lc["single_tok_s"],
          "lora_vs_llama_cpp": th["lora_tok_s"] / lc["lora_tok_s"],
          "concurrent16_vs_llama_cpp": th["concurrent16_tok_s"] / lc["concurrent16_tok_s"],
          "single_vs_transformers": th["single_tok_s"] / tf["single_tok_s"],
@@ -228,6 +275,9 @@ def report(name: str, best: dict) -> dict:
     print(f"{name} LoRA single     tunehouse {th['lora_tok_s']:.1f} tok/s ({r['tunehouse_lora_vs_base']:.2f}x base, "
           f"target >= 0.9x; first token {th['lora_ttft_ms']:.0f} ms), llama.cpp {lc['lora_tok_s']:.1f} tok/s "
           f"({r['llama_cpp_lora_vs_base']:.2f}x base; {lc['lora_ttft_ms']:.0f} ms)")
+    print(f"{name} torch engine    single {tt['single_tok_s']:.1f} tok/s ({r['torch_engine_single_vs_llama_cpp']:.2f}x "
+          f"llama.cpp), LoRA {r['torch_engine_lora_vs_base']:.2f}x base, {CONCURRENT} concurrent "
+          f"{tt['concurrent16_tok_s']:.1f} tok/s ({r['torch_engine_concurrent16_vs_llama_cpp']:.2f}x)")
     print(f"{name} {CONCURRENT} concurrent   tunehouse {th['concurrent16_tok_s']:.1f} tok/s, llama-server "
           f"-np {CONCURRENT} {lc['concurrent16_tok_s']:.1f} tok/s, transformers batched "
           f"{tf['batched16_tok_s']:.1f} tok/s")
@@ -249,7 +299,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     args = ap.parse_args()
 
-    binary = ensure_llama_server(CACHE)
+    binary = find_llama_server() or ensure_llama_server()
     info = build_info(binary)
     llama_version = info.get("version", "?").splitlines()[0].removeprefix("version: ")
     base_dir = ensure_default_model(CACHE, progress=print)

@@ -25,8 +25,12 @@ def pytest_configure(config):
     """One OpenMP/torch thread for the test process and for every training child and server it
     starts (they inherit the variable): the tiny models gain nothing from a second thread, and on
     a busy 2-core machine two spinning OpenMP threads made a 16-step tiny job train in 14 s
-    instead of 1.3 s. Set OMP_NUM_THREADS yourself to change it."""
+    instead of 1.3 s. Set OMP_NUM_THREADS yourself to change it. Serving backend: see below."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The torch engine unless a test says otherwise: the inference contract suite
+    # (test_api_inference.py) and test_llama_engine.py run llama.cpp's backend explicitly, and the
+    # rest assert the torch engine's exact log-probs, counters and batching.
+    os.environ.setdefault("TUNEHOUSE_SERVE_BACKEND", "torch")
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -124,6 +128,17 @@ def require_together1() -> Path:
 @pytest.fixture
 def v1_python() -> Path:
     return require_together1()
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """The llama-server binary `make test` builds (`make llama-server`), for the llama.cpp backend's tests."""
+    from tunehouse.serve.llama_server import find_llama_server
+
+    found = find_llama_server(os.environ.get("TUNEHOUSE_LLAMA_SERVER"))
+    if found is None:
+        missing("no llama-server: run `make llama-server` (`make test` builds it first)")
+    return found
 
 
 def sdk_env(live: Live, key: str | None = None) -> dict[str, str]:

@@ -23,14 +23,21 @@ TINY = "tunehouse/tiny-llama"
 HELLO = [{"role": "user", "content": "Say red then blue."}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_cache):
-    """On the local store only: serving a fine-tuned model out of PostgreSQL + S3 (its adapter
+@pytest.fixture(scope="module", params=["torch", "llama.cpp"])
+def server(request, tmp_path_factory, model_cache):
+    """The contract suite: every test here runs against each inference backend, the torch engine
+    and llama.cpp's llama-server (`serve/llama_engine.py`, which leaves scoring to torch).
+
+    On the local store only: serving a fine-tuned model out of PostgreSQL + S3 (its adapter
     fetched into this server's cache) is test_many_machines.py's (each job's output answered by
     a server with a home of its own); deleting a job's objects from S3 is test_api_fine_tunes.py's.
     Decoding itself never reads the store."""
     home = tmp_path_factory.mktemp("inference") / "home"
-    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16))
+    binary = request.getfixturevalue("llama_server") if request.param == "llama.cpp" else None
+    backend = dict(serve_backend=request.param, llama_server=binary)
+    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=True, serve_max_batch_size=16,
+                               **backend))
+    live.backend = request.param
     c = Together(base_url=live.url, api_key=live.key, max_retries=0)
     f = c.files.upload(write_chat(tmp_path_factory.mktemp("data") / "train.jsonl", 16))
     job = c.fine_tuning.create(training_file=f.id, model=TINY, lora=True, suffix="inf", n_epochs=3,

@@ -141,3 +141,23 @@ def test_masked_tokens_are_never_sampled():
     draws = {int(S.next_tokens(torch.tensor([[5.0, 4.0, 0.0, 3.0]]), params, [g], allowed=allowed)[0])
              for _ in range(20)}
     assert draws == {2}
+
+
+def test_text_step_holds_back_a_possible_stop_then_cuts_at_it():
+    """stop "END": "abcE" may be its start, so "abc" goes out and "E" waits; "abcEN" still waits;
+    "abcEND!" cuts at index 3: nothing more is sent and the choice ends with `stop`."""
+    p = SamplingParams(max_tokens=10, stop=("END",))
+    assert S.text_step("abcE", 0, p, 1) == ("abc", 3, None)
+    assert S.text_step("abcEN", 3, p, 2) == ("", 3, None)
+    assert S.text_step("abcEND!", 3, p, 3) == ("", 3, "stop")
+
+
+def test_text_step_finish_order_eos_stop_grammar_length():
+    """eos wins over everything and sends the rest; then a stop sequence; then a complete grammar;
+    max_tokens last. An incomplete character (U+FFFD at the end) is held back until finished."""
+    p = SamplingParams(max_tokens=2, stop=("x",))
+    assert S.text_step("abx", 0, p, 2, eos=True) == ("abx", 3, "eos")
+    assert S.text_step("abx", 0, p, 2, complete=True) == ("ab", 2, "stop")
+    assert S.text_step("ab", 0, p, 2, complete=True) == ("ab", 2, "stop")
+    assert S.text_step("ab", 0, p, 2) == ("ab", 2, "length")
+    assert S.text_step("ab\ufffd", 0, SamplingParams(max_tokens=5), 1) == ("ab", 2, None)

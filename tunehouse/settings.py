@@ -78,6 +78,12 @@ class Settings(BaseSettings):
                              "float32), float32, bfloat16 or float16.")
     serve_threads: int | None = Field(None, ge=1, description="CPU threads for inference; default every core, half of "
                                       "them while the embedded worker's training process runs beside it.")
+    serve_backend: Literal["auto", "torch", "llama.cpp"] = Field(
+        "auto", description="What generates tokens: `llama.cpp` (llama-server, several times faster on a CPU; "
+        "scoring, grammars and models it cannot load stay on torch), `torch`, or `auto`: llama.cpp on a "
+        "machine without a GPU when a llama-server is found (`make llama-server` builds one), else torch.")
+    llama_server: Path | None = Field(None, description="The llama-server binary for the llama.cpp backend; "
+                                      "default `llama-server` on PATH, else the one `make llama-server` built.")
 
     @field_validator("secret")
     @classmethod

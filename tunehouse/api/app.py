@@ -120,13 +120,9 @@ class _LazyEngine:
     def __call__(self):
         with self._lock:
             if self.engine is None:
-                from tunehouse.serve.engine import TorchEngine
+                from tunehouse.serve.backend import build_engine
 
-                s = self.settings
-                self.engine = TorchEngine(max_batch_size=s.serve_max_batch_size, max_models=s.serve_max_loaded_models,
-                                          max_adapters=s.serve_max_loaded_adapters, dtype=s.serve_dtype,
-                                          threads=s.serve_threads, adapter_memory_mb=s.serve_adapter_memory_mb,
-                                          cores_shared=self.cores_shared)
+                self.engine = build_engine(self.settings, self.cores_shared)
             return self.engine
 
     def forget(self, path) -> None:

@@ -43,7 +43,7 @@ from tunehouse.serve import scoring
 from tunehouse.serve.batch import RunningBatch, new_batch
 from tunehouse.serve.grammar import Constraint, Grammar, GrammarCache, Spec
 from tunehouse.serve.weights import LoadedWeights
-from tunehouse.serve.sampling import SamplingParams, find_stop, held_back, make_generator, next_tokens, top_logprobs
+from tunehouse.serve.sampling import SamplingParams, make_generator, next_tokens, text_step, top_logprobs
 
 log = logging.getLogger("tunehouse.serve")
 
@@ -516,19 +516,9 @@ class TorchEngine(Engine):
             s.gen.put(TokenEvent(s.index, "", token, error=f"the response_format grammar failed: {c.error}"))
             return
         text = loaded.tokenizer.decode(s.out, skip_special_tokens=True)
-        stops, finish = s.params.stop, None
-        if c is None and token in loaded.eos and not s.params.ignore_eos:
-            finish = "eos"
-        elif stops and (cut := find_stop(text, stops)) is not None:
-            text, finish = text[:cut], "stop"
-        elif c is not None and (token in loaded.eos or c.complete):
-            finish = "stop"
-        elif len(s.out) >= s.params.max_tokens:
-            finish = "length"
-        end = len(text)
-        if finish is None:
-            end -= max(held_back(text, stops), 1 if text.endswith("\ufffd") else 0)
-        delta, s.emitted = text[s.emitted:end], max(s.emitted, end)
+        eos = c is None and token in loaded.eos and not s.params.ignore_eos
+        complete = c is not None and (token in loaded.eos or c.complete)
+        delta, s.emitted, finish = text_step(text, s.emitted, s.params, len(s.out), eos=eos, complete=complete)
         s.finish = finish
         s.gen.put(TokenEvent(s.index, delta, token, lp, top, finish))
 

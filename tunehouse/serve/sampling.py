@@ -206,3 +206,25 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+def text_step(text: str, emitted: int, params: SamplingParams, n_out: int, *, eos: bool = False,
+              complete: bool = False) -> tuple[str, int, str | None]:
+    """One choice after its newest token: `text` is its whole decoded output, `emitted` the
+    characters already sent, `n_out` its tokens. Returns (new text to send, characters now sent,
+    finish reason or None). In order: the end-of-sequence token (`eos`), a stop sequence (the text
+    is cut where it begins), a complete grammar (`complete`), max_tokens. While unfinished, a
+    possible start of a stop sequence and an incomplete character (U+FFFD) are held back."""
+    finish = None
+    if eos:
+        finish = "eos"
+    elif params.stop and (cut := find_stop(text, params.stop)) is not None:
+        text, finish = text[:cut], "stop"
+    elif complete:
+        finish = "stop"
+    elif n_out >= params.max_tokens:
+        finish = "length"
+    end = len(text)
+    if finish is None:
+        end -= max(held_back(text, params.stop), 1 if text.endswith("\ufffd") else 0)
+    return text[emitted:end], max(emitted, end), finish
