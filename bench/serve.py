@@ -118,7 +118,7 @@ def llama_side(server: LlamaServer, client: httpx.AsyncClient):
     async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
         """Greedy, exactly `tokens` new tokens after the prompt `ids` (sent as token ids, so both
         engines see the same ones), streamed; the adapter applied at scale 1 when `with_lora`."""
-        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "top_k": 1, "ignore_eos": True,
+        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "top_k": 1, "samplers": ["top_k"], "ignore_eos": True,
                 "stream": True, "return_tokens": True,
                 "lora": server.lora_scales(0 if with_lora else None)}
         start, first, n = time.perf_counter(), None, 0
@@ -224,7 +224,7 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
               f"attached at request time, no prompt cache")
         print(f"llama.cpp     llama-server, GGUF {gguf_type} ({model_gguf.name}, adapter {lora_gguf.name}), "
               + ", ".join(f"{k} {v}" for k, v in server.settings.items())
-              + "; temperature 0, top_k 1, ignore_eos, streamed over loopback HTTP")
+              + "; greedy as top_k 1 alone in the sampler chain (what tunehouse sends), ignore_eos, streamed over loopback HTTP")
         print(f"              {' '.join(server.cmd[1:])}")
         print(f"transformers  model.generate, {dtype}, {threads} threads, attention "
               f"{peer.model.config._attn_implementation}, greedy, min_new_tokens=max_new_tokens={t}, "

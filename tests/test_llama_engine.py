@@ -58,6 +58,10 @@ def test_request_body_maps_tunehouse_sampling_and_turns_llama_cpp_extras_off():
     # HF's repetition penalty covers prompt and output: the window is all of both.
     assert body["repeat_penalty"] == 1.3 and body["repeat_last_n"] == 8
     assert body["samplers"] == ["penalties", "temperature", "top_k", "top_p", "min_p"]  # tunehouse's order
+    # Only the samplers that act; greedy is top-k 1 (no softmax over the vocabulary per token).
+    assert _request([1], SamplingParams(temperature=0.5, top_p=0.9), None, [])["samplers"] == ["temperature", "top_p"]
+    greedy = _request([1], SamplingParams(temperature=0), None, [])
+    assert greedy["samplers"] == ["top_k"] and greedy["top_k"] == 1
     assert (body["typical_p"], body["dry_multiplier"], body["xtc_probability"], body["mirostat"]) == (1.0, 0, 0, 0)
     assert body["n_probs"] == 1 and body["logit_bias"] == [[7, -100.0]] and body["stream"] and body["return_tokens"]
     assert "seed" not in _request([1], SamplingParams(), None, []) and "n_probs" not in _request([1], SamplingParams(), None, [])

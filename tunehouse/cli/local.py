@@ -44,6 +44,10 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
                       f"{settings.admin_key_path}):\n  {new_key}")
     console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home}); "
                   f"dashboard: open http://{settings.host}:{settings.port}/ and sign in with an API key")
+    from tunehouse.serve.backend import choose
+
+    backend, _, why = choose(settings)
+    console.print(f"inference backend: {backend} ({why})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import orjson
 
 from tunehouse.errors import InvalidInput
 from tunehouse.export import gguf as gguf_export
@@ -248,7 +249,10 @@ class LlamaCppEngine(Engine):
         body = _request(prompt, params, None if params.seed is None else params.seed + index,
                         srv.proc.lora_scales(lora))
         out: list[int] = []
-        emitted = 0
+        text, emitted = "", 0
+        # Incremental decoding (vLLM's way): the new tokens are decoded together with a few before
+        # them, for context (SentencePiece spaces), and appended once they make whole characters.
+        prefix, read = 0, 0
         # A special token's event waits for the next chunk: llama.cpp's end-of-generation set can hold
         # more tokens than the model's eos ids (ChatML's <|endoftext|> beside <|im_end|>), and when it
         # stops on one, that token ends the choice with `eos`.
@@ -264,7 +268,7 @@ class LlamaCppEngine(Engine):
                 async for line in r.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
-                    chunk = json.loads(line[6:])
+                    chunk = orjson.loads(line[6:])
                     if chunk.get("tokens_predicted", 0) > len(out) + len(chunk.get("tokens") or []):
                         raise RuntimeError(
                             f"{self.binary} did not stream every token (a stock llama-server holds back those "
@@ -276,8 +280,13 @@ class LlamaCppEngine(Engine):
                             held = None
                         out.append(token)
                         lp, top = _logprobs(probs[j] if j < len(probs) else None, params.logprobs)
-                        text = tokenizer.decode(out, skip_special_tokens=True)
                         is_eos = token in eos and not params.ignore_eos
+                        last = is_eos or len(out) >= params.max_tokens  # then an incomplete character goes too
+                        before = tokenizer.decode(out[prefix:read], skip_special_tokens=True)
+                        after = tokenizer.decode(out[prefix:], skip_special_tokens=True)
+                        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+                            text += after[len(before):]
+                            prefix, read = read, len(out)
                         delta, emitted, finish = text_step(text, emitted, params, len(out), eos=is_eos)
                         with self._lock:
                             self._stats["tokens"] += 1
@@ -428,14 +437,22 @@ class LlamaCppEngine(Engine):
 
 
 def _request(prompt: list[int], params: SamplingParams, seed: int | None, lora: list[dict]) -> dict:
-    """The /completion body: tunehouse's sampling, every llama.cpp extra switched off."""
+    """The /completion body: tunehouse's sampling in its order, only the samplers that act (greedy is
+    top-k 1: a temperature-0 chain would still end in a softmax over the whole vocabulary, per
+    token and per row), every llama.cpp extra off."""
+    chain = ["penalties"] if params.repetition_penalty != 1 else []
+    if params.greedy:
+        chain.append("top_k")
+    else:
+        chain += ["temperature"] + [name for name, on in (("top_k", params.top_k > 0), ("top_p", params.top_p < 1),
+                                                           ("min_p", params.min_p > 0)) if on]
     body = {"prompt": prompt, "n_predict": params.max_tokens, "stream": True, "return_tokens": True,
-            "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
-            "min_p": params.min_p, "typical_p": 1.0, "repeat_penalty": params.repetition_penalty,
-            "repeat_last_n": len(prompt) + params.max_tokens, "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0,
-            "xtc_probability": 0.0, "mirostat": 0, "top_n_sigma": -1.0,
-            "samplers": ["penalties", "temperature", "top_k", "top_p", "min_p"],
-            "ignore_eos": params.ignore_eos, "lora": lora}
+            "samplers": chain, "temperature": params.temperature, "top_k": 1 if params.greedy else params.top_k,
+            "top_p": params.top_p, "min_p": params.min_p, "typical_p": 1.0,
+            # HF's repetition penalty covers prompt and output: the window is all of both.
+            "repeat_penalty": params.repetition_penalty, "repeat_last_n": len(prompt) + params.max_tokens,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+            "mirostat": 0, "top_n_sigma": -1.0, "ignore_eos": params.ignore_eos, "lora": lora}
     if seed is not None:
         body["seed"] = seed
     if params.logprobs is not None:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +170,16 @@ def find_llama_server(setting: str | Path | None = None, cache_dir: Path = CACHE
     return Path(on_path) if on_path else None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the thread that started it ends, so a
+    llama-server never outlives a killed tunehouse. The engine starts servers from the event loop's
+    executor threads, which live as long as the process."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,7 +229,7 @@ class LlamaServer:
     def start(self, timeout: float = 120) -> LlamaServer:
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False,
                                                dir=self.log_dir)
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
