@@ -207,3 +207,33 @@ def test_tokens_ending_inside_a_character_are_streamed_too(models, llama_server,
         assert len(tokens) == 64 and text == tok.decode(tokens, skip_special_tokens=True)
         split += any("\ufffd" in tok.decode([t]) for t in tokens)
     assert split, "precondition: some sampled token ends inside a character"
+
+
+def test_requests_that_would_overfill_the_kv_cache_wait_their_turn(models, llama_server, tmp_path):
+    """llama-server fails every running request when its shared KV cache fills up; the engine admits
+    a stream only while prompt + max_tokens of all admitted ones fit (here 8 × 700 tokens against
+    a 2048-token cache), so all eight finish, two at a time at most."""
+    base, _, _ = models
+
+    async def main():
+        llama, torch_engine = engines(llama_server, tmp_path, kv_tokens=256)  # the context length wins: 2048
+        try:
+            ids = (torch_engine.tokenizer(ref(base)).encode("hello world " * 200))[:300]
+            srv_cells = []
+
+            async def one(seed):
+                n = 0
+                async for ev in llama.submit(ref(base), ids, SamplingParams(max_tokens=400, temperature=1.0, seed=seed,
+                                                                             ignore_eos=True)):
+                    assert ev.error is None, ev.error
+                    n += 1
+                    srv_cells.append(llama._servers["tiny"].reserved)
+                return n
+
+            return await asyncio.gather(*[one(s) for s in range(8)]), srv_cells, llama._servers["tiny"].capacity
+        finally:
+            llama.close()
+
+    counts, cells, capacity = asyncio.run(main())
+    assert counts == [400] * 8 and capacity == 2048
+    assert max(cells) <= capacity and max(cells) >= 2 * 700  # several at once, never more than fits

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
         "auto", description="What generates tokens: `llama.cpp` (llama-server, several times faster on a CPU; "
         "scoring, grammars and models it cannot load stay on torch), `torch`, or `auto`: llama.cpp on a "
         "machine without a GPU when a llama-server is found (`make llama-server` builds one), else torch.")
+    serve_llama_kv_tokens: int = Field(16384, ge=256, description="KV cache of each llama-server (tokens, at least "
+                                       "the model's context length), shared by its requests: ones that would not "
+                                       "fit (prompt + max_tokens) wait for room.")
     llama_server: Path | None = Field(None, description="The llama-server binary for the llama.cpp backend; "
                                       "default `llama-server` on PATH, else the one `make llama-server` built.")
 

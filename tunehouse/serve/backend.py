@@ -48,4 +48,5 @@ def build_engine(settings: Settings, cores_shared: Callable[[], bool] | None = N
 
     return LlamaCppEngine(binary, s.home.expanduser() / "cache" / "gguf", torch_engine, slots=s.serve_max_batch_size,
                           threads=s.serve_threads, dtype=s.serve_dtype, max_models=s.serve_max_loaded_models,
-                          max_adapters=s.serve_max_loaded_adapters, cores_shared=cores_shared)
+                          max_adapters=s.serve_max_loaded_adapters, kv_tokens=s.serve_llama_kv_tokens,
+                          cores_shared=cores_shared)

@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -85,9 +86,12 @@ class _Server:
     path: str  # the weights' folder
     threads: int
     adapters: list[str]  # adapter paths; index = llama.cpp's adapter id
+    capacity: int = 0  # KV cache cells (-c), shared by all slots (unified)
     streams: int = 0  # requests in flight
     retired: bool = False  # no new requests; stopped when `streams` reaches 0
     used: dict[str, float] = field(default_factory=dict)  # adapter path → last use (monotonic)
+    reserved: int = 0  # KV cells the streams admitted may fill (prompt + max_tokens each)
+    queue: deque = field(default_factory=deque)  # streams waiting for cells, first come first served
 
 
 class LlamaCppEngine(Engine):
@@ -219,7 +223,13 @@ class LlamaCppEngine(Engine):
                 log.exception("starting llama-server for %s failed", model.name)
                 gen.put(TokenEvent(index, "", -1, error=f"cannot load {model.name}: {exc}"))
                 return
-            await self._stream(gen, index, srv, lora, prompt, params, tokenizer, eos)
+            need = len(prompt) + params.max_tokens
+            await self._admit(srv, need)
+            try:
+                await self._stream(gen, index, srv, lora, prompt, params, tokenizer, eos)
+            finally:
+                with self._lock:
+                    srv.reserved -= need
         except asyncio.CancelledError:
             with self._lock:
                 self._stats["cancelled"] += index == 0  # counted per request, as on torch
@@ -269,6 +279,8 @@ class LlamaCppEngine(Engine):
                     if not line.startswith("data: {"):
                         continue
                     chunk = orjson.loads(line[6:])
+                    if "error" in chunk:  # e.g. the shared KV cache is full: this choice fails, with why
+                        raise RuntimeError(f"llama-server: {chunk['error'].get('message', chunk['error'])}")
                     if chunk.get("tokens_predicted", 0) > len(out) + len(chunk.get("tokens") or []):
                         raise RuntimeError(
                             f"{self.binary} did not stream every token (a stock llama-server holds back those "
@@ -342,8 +354,9 @@ class LlamaCppEngine(Engine):
                 adapters += [adapter] if adapter and adapter not in adapters else []
                 used = {a: t for a, t in srv.used.items() if a in adapters} if srv else {}
             lora_ggufs = [self._export_adapter(model, Path(a)) for a in adapters]
+            ctx = max(self.kv_tokens, model.context_length)
             proc = LlamaServer(self.binary, self._export_model(model), threads=threads, slots=self.slots,
-                               ctx=max(self.kv_tokens, model.context_length), loras=lora_ggufs,
+                               ctx=ctx, loras=lora_ggufs,
                                cache_type="f32" if self.gguf_type == "f32" else None,  # else f16
                                flash_attn="off" if self.gguf_type == "f32" else "auto",
                                log_dir=self.cache_dir)
@@ -355,7 +368,7 @@ class LlamaCppEngine(Engine):
                 if model.weights in self._servers:
                     self._retire(self._servers.pop(model.weights))
                 new = self._servers[model.weights] = _Server(proc, str(model.weights_path), threads, adapters,
-                                                             used=used)
+                                                             capacity=ctx, used=used)
                 for key in [k for k in self._servers if k != model.weights]:  # least recently used first
                     if len(self._servers) <= self.max_models:
                         break
@@ -389,6 +402,30 @@ class LlamaCppEngine(Engine):
         running = sum(s.streams for s in self._servers.values())
         self._stats["max_batch_size"] = max(self._stats["max_batch_size"], running)
         return srv, srv.adapters.index(adapter) if adapter else None
+
+    async def _admit(self, srv: _Server, need: int) -> None:
+        """Wait until the server's KV cache has room for `need` more cells, in arrival order.
+        llama-server has no admission of its own: when the shared cache fills up it fails every
+        running request ("Context size has been exceeded"), so none is sent that might not fit."""
+        if need > srv.capacity:
+            raise RuntimeError(f"prompt + max_tokens is {need} tokens, more than the {srv.capacity}-token KV cache "
+                               "of llama-server (serve_llama_kv_tokens)")
+        ticket = object()
+        with self._lock:
+            srv.queue.append(ticket)
+        try:
+            while True:
+                with self._lock:
+                    if srv.queue[0] is ticket and srv.reserved + need <= srv.capacity:
+                        srv.queue.popleft()
+                        srv.reserved += need
+                        return
+                await asyncio.sleep(0.005)  # rare: only while the cache is full
+        except BaseException:
+            with self._lock:
+                if ticket in srv.queue:
+                    srv.queue.remove(ticket)
+            raise
 
     def _release(self, srv: _Server) -> None:
         with self._lock:
