@@ -23,13 +23,15 @@ from tunehouse.api import inference_schemas as wire
 from tunehouse.api.inference import answer_chat, answer_text
 from tunehouse.api.server import serve_in_thread
 from tunehouse.serve.endpoints import PARENT_ENV, TOKEN_ENV, TOKEN_HEADER
-from tunehouse.serve.engine import ModelRef, TorchEngine
+from tunehouse.serve.backend import build_engine
+from tunehouse.serve.engine import Engine, ModelRef
+from tunehouse.settings import Settings
 
 
-def build_app(model_dir: Path, name: str, token: str) -> tuple[FastAPI, TorchEngine]:
+def build_app(model_dir: Path, name: str, token: str) -> tuple[FastAPI, Engine]:
     config = json.loads((model_dir / "config.json").read_text())
     ref = ModelRef(name, name, model_dir, int(config.get("max_position_embeddings") or 2048))
-    engine = TorchEngine()
+    engine = build_engine(Settings())  # the server's settings, from the environment it passed on
     app = FastAPI(title=f"tunehouse endpoint {name}")
     errors.install(app)
 

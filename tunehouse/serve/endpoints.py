@@ -16,7 +16,6 @@ the API keys.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -33,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidInput, NotFound, redact_paths
+from tunehouse.parent_death import die_with_parent
 from tunehouse.serve.hardware import is_cpu, local_devices, match_hardware
 from tunehouse.store.blobs import private_dirs
 from tunehouse.store.home import Home
@@ -223,8 +223,9 @@ class Supervisor:
             proc = subprocess.Popen([sys.executable, "-m", "tunehouse.serve.endpoint_proc",
                                      "--model-dir", str(model_dir), "--name", ep.name, "--port-file", str(port_file)],
                                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent,
+                                    preexec_fn=die_with_parent,  # its supervisor thread lives as long as the server
                                     env=dict(os.environ, CUDA_VISIBLE_DEVICES=self._device_for(ep),
+                                             TUNEHOUSE_HOME=str(self.home.settings.home),
                                              **{TOKEN_ENV: self.token, PARENT_ENV: str(os.getpid())}))
         self.procs[ep.id] = proc
         ep.state, ep.pid, ep.error, ep.updated_at = "STARTING", proc.pid, None, utcnow()
@@ -269,18 +270,6 @@ def _utc(dt):
     from datetime import timezone
 
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
-# Loaded before any fork: the function run between fork and exec should only make the call.
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: have the kernel send SIGTERM to the child when the thread that started it ends
-    (the supervisor thread lives as long as the server)."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
 
 
 def _kill_stray(pid: int, name: str) -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from tunehouse.parent_death import die_with_parent
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is built
 BUILD = f"llama.cpp-{VERSION}-th1"  # the cache folder: the version and tunehouse's patch
@@ -170,16 +171,6 @@ def find_llama_server(setting: str | Path | None = None, cache_dir: Path = CACHE
     return Path(on_path) if on_path else None
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the thread that started it ends, so a
-    llama-server never outlives a killed tunehouse. The engine starts servers from the event loop's
-    executor threads, which live as long as the process."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,7 +220,8 @@ class LlamaServer:
     def start(self, timeout: float = 120) -> LlamaServer:
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False,
                                                dir=self.log_dir)
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)  # the engine starts it from an executor thread
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from tunehouse import jobs
+from tunehouse.parent_death import die_with_parent
 from tunehouse.settings import Settings
 from tunehouse.store.blobs import private_dirs
 from tunehouse.store.db import is_transient
@@ -246,12 +247,7 @@ def _signal_group(child: subprocess.Popen, sig: int) -> None:
 def _die_with_parent() -> None:
     """Linux: the child gets SIGKILL if the worker dies, so no orphan trains on after a crash
     (the job is requeued and resumed by the next worker instead)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGKILL)
 
 
 def _tail(path: Path, n: int = 300) -> str:
