@@ -79,10 +79,14 @@ def test_validator_rejects_what_it_should():
             check(bad, PERSON)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_cache):
+@pytest.fixture(scope="module", params=["torch", "llama.cpp"])
+def server(request, tmp_path_factory, model_cache):
+    """Part of the inference contract suite with test_api_inference.py: each test runs against both
+    backends (on llama.cpp's, grammar-constrained requests are decoded by torch beside it)."""
     home = tmp_path_factory.mktemp("decoding") / "home"
-    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=False, serve_max_batch_size=16))
+    binary = request.getfixturevalue("llama_server") if request.param == "llama.cpp" else None
+    live, bg = _serve(Settings(home=home, model_cache=model_cache, embedded_worker=False, serve_max_batch_size=16,
+                               serve_backend=request.param, llama_server=binary))
     yield live
     bg.stop()
 
