@@ -33,20 +33,23 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
     import uvicorn
 
     from tunehouse.api.app import create_app
+    from tunehouse.serve.backend import choose
     from tunehouse.store.home import ensure_admin_key, open_home
 
     overrides = {k: v for k, v in {"host": host, "port": port, "home": home, "gpus": gpus,
                                    "num_processes": num_processes, "embedded_worker": worker}.items() if v is not None}
     settings = Settings(**overrides)
+    try:
+        backend, _, why = choose(settings)
+    except FileNotFoundError as exc:  # serve_backend=llama.cpp without a binary, or a wrong llama_server path
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
     new_key = ensure_admin_key(open_home(settings))
     if new_key:
         console.print(f"[bold]Created the admin API key[/bold] (shown once; also stored in "
                       f"{settings.admin_key_path}):\n  {new_key}")
     console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home}); "
                   f"dashboard: open http://{settings.host}:{settings.port}/ and sign in with an API key")
-    from tunehouse.serve.backend import choose
-
-    backend, _, why = choose(settings)
     console.print(f"inference backend: {backend} ({why})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
