@@ -86,7 +86,7 @@ class Settings(BaseSettings):
                                        "the model's context length), shared by its requests: ones that would not "
                                        "fit (prompt + max_tokens) wait for room.")
     llama_server: Path | None = Field(None, description="The llama-server binary for the llama.cpp backend; "
-                                      "default `llama-server` on PATH, else the one `make llama-server` built.")
+                                      "default the one `make llama-server` built (a stock build lacks its streaming patch).")
 
     @field_validator("secret")
     @classmethod

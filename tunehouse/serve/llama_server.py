@@ -2,10 +2,10 @@
 
 The CPU serving backend (`serve/llama_engine.py`) and `bench/serve.py` both run it.
 
-- **Where the binary comes from** (`find_llama_server`): the `llama_server` setting, then
-  `llama-server` on PATH, then the one `ensure_llama_server` builds (`make llama-server`,
-  `python -m tunehouse.serve.llama_server`) from the llama.cpp that the llama-cpp-python sdist
-  vendors, cached in `~/.cache/tunehouse/llama.cpp-VERSION/`.
+- **Where the binary comes from** (`find_llama_server`): the `llama_server` setting, else the one
+  `ensure_llama_server` builds (`make llama-server`, `python -m tunehouse.serve.llama_server`)
+  from the llama.cpp that the llama-cpp-python sdist vendors, with a small streaming patch,
+  cached in `~/.cache/tunehouse/llama.cpp-VERSION-th1/`.
 - **The build** (20-26 min on 2 cores, at nice 10) happens in a temporary folder beside the cache
   and is renamed into place at the end, so an interrupted build leaves nothing half-made and a
   later run reuses the binary.
@@ -156,8 +156,9 @@ def build_info(binary: Path) -> dict:
 
 def find_llama_server(setting: str | Path | None = None, cache_dir: Path = CACHE) -> Path | None:
     """The llama-server to run: `setting` (the `llama_server` setting; an error if it is not an
-    executable), else the one `ensure_llama_server` built, else `llama-server` on PATH (a stock
-    build: see PATCH for what it lacks); None if there is none."""
+    executable), else the one `ensure_llama_server` built; None if there is none. A stock
+    llama-server on PATH is not picked up: it lacks the streaming patch (see PATCH) and fails
+    requests whose tokens end inside a character; name one in the setting to use it anyway."""
     if setting:
         path = Path(setting).expanduser()
         if not (path.is_file() and os.access(path, os.X_OK)):
@@ -165,10 +166,7 @@ def find_llama_server(setting: str | Path | None = None, cache_dir: Path = CACHE
                                     "`make llama-server` or unset it")
         return path
     built = Path(cache_dir) / BUILD / "llama-server"
-    if built.is_file():
-        return built
-    on_path = shutil.which("llama-server")
-    return Path(on_path) if on_path else None
+    return built if built.is_file() else None
 
 
 def free_port() -> int:
