@@ -39,7 +39,7 @@ chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 # The llama.cpp serving backend (CPU hosts): llama-server built once from the llama.cpp source that
-# the llama-cpp-python sdist vendors, with tunehouse's one-line streaming patch (20-26 min on 2
+# the llama-cpp-python sdist vendors, with tunehouse's small streaming patch (9 min on 2 idle
 # cores; cached in ~/.cache/tunehouse). `tunehouse serve` uses it by default on a machine without
 # a GPU once it exists; the contract tests run the API against it and against the torch engine.
 build-tools:

@@ -10,7 +10,7 @@ dequantized to safetensors). The peer llama-server runs the same weights written
 tunehouse's own exporter (tunehouse/export/gguf.py), f32 for fp32 and bf16 for bf16, so both
 precisions compare like with like; tunehouse's backend exports its own copy the same way.
 `llama-server` is built once from the llama.cpp that llama-cpp-python 0.3.36 vendors
-(tunehouse/serve/llama_server.py; ~20 min on 2 cores) and run at its documented best on a CPU:
+(tunehouse/serve/llama_server.py; 9 min on 2 idle cores) and run at its documented best on a CPU:
 `-t N -tb N -np 16` with continuous batching (its default), a unified KV cache of 16384 tokens (f32
 with flash attention off for f32 weights, llama.cpp's default f16 and flash attention otherwise),
 the prompt cache on, no web UI: the flags tunehouse's backend starts its own llama-server with.

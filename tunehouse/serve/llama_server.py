@@ -6,9 +6,9 @@ The CPU serving backend (`serve/llama_engine.py`) and `bench/serve.py` both run 
   `ensure_llama_server` builds (`make llama-server`, `python -m tunehouse.serve.llama_server`)
   from the llama.cpp that the llama-cpp-python sdist vendors, with a small streaming patch,
   cached in `~/.cache/tunehouse/llama.cpp-VERSION-th1/`.
-- **The build** (20-26 min on 2 cores, at nice 10) happens in a temporary folder beside the cache
-  and is renamed into place at the end, so an interrupted build leaves nothing half-made and a
-  later run reuses the binary.
+- **The build** (9 min on 2 idle cores, 26 on busy ones; at nice 10) happens in a temporary folder
+  beside the cache and is renamed into place at the end, so an interrupted build leaves nothing
+  half-made and a later run reuses the binary.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def ensure_llama_server(cache_dir: Path = CACHE, progress: Callable[[str], None]
     log.unlink(missing_ok=True)
     try:
         cpus = os.cpu_count() or 1
-        progress(f"building llama-server from {sdist.name} on {cpus} CPU(s) (~20 min on 2 cores); log in {log}")
+        progress(f"building llama-server from {sdist.name} on {cpus} CPU(s) (9 min on 2 idle cores); log in {log}")
         start = time.monotonic()
         src = _extract_llama_cpp(sdist, work)
         patch_source(src)
