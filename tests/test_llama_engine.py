@@ -12,12 +12,12 @@ import signal
 
 import pytest
 
+from test_engine import collect  # (tokens, text) of one request, no error events
 from tunehouse.models.tiny import build_tiny_model, random_lora_adapter
 from tunehouse.serve.engine import ModelRef, TorchEngine
 from tunehouse.serve.llama_engine import LlamaCppEngine, _request, eos_ids, gguf_type_for
 from tunehouse.serve.sampling import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0)
 PROMPTS = ["The quick brown fox", "Hello", "a b c d e f g h"]
 
 
@@ -38,15 +38,6 @@ def engines(binary, cache, **kw):
     torch engine it wraps."""
     torch_engine = TorchEngine(max_batch_size=16, threads=1, dtype="float32")
     return LlamaCppEngine(binary, cache, torch_engine, slots=8, threads=1, dtype="float32", **kw), torch_engine
-
-
-async def collect(engine, model, ids, params=GREEDY):
-    tokens, text = [], ""
-    async for ev in engine.submit(model, ids, params):
-        assert ev.error is None, ev.error
-        tokens.append(ev.token_id)
-        text += ev.text
-    return tokens, text
 
 
 def test_request_body_maps_tunehouse_sampling_and_turns_llama_cpp_extras_off():
