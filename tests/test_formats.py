@@ -363,6 +363,33 @@ def test_fast_path_equals_precise_path_on_edge_lines(first, tmp_path, monkeypatc
         assert accepted >= 2, purpose  # the fast path was really taken
 
 
+
+def test_fast_path_positional_shapes_and_long_rows(tmp_path, monkeypatch):
+    """Conversations with and without a system message, around the length the positional
+    shapes spell out (rules._PAIRS pairs), mixed in one file with near-plain rows between: the
+    same report either way, and the fast path accepts every plain row, long ones included."""
+    k = rules._PAIRS
+
+    def turns(pairs: int, *tail: bytes) -> list[bytes]:
+        return [U, A] * pairs + list(tail)
+
+    plain = [conv(*turns(1)), conv(S, *turns(1)), conv(*turns(k)), conv(S, *turns(k)),
+             conv(*turns(k - 1, U)), conv(S, *turns(k - 1, U)), conv(*turns(k, U)),
+             conv(S, *turns(k, U)), conv(*turns(k + 1)), conv(S, *turns(k + 3, U)), conv(*turns(1)),
+             conv(*turns(3 * k)), conv(S, *turns(2))]
+    broken = [conv(*turns(k, U, U)), conv(S, *turns(k + 1, A)), conv(*turns(k + 2, S)),
+              conv(*turns(k), b"null"), conv(*turns(k - 1), b"null"), conv(S, *turns(k - 1), S),
+              conv(*turns(k + 1, b'{"role": "user", "content": 1}')), conv(S, S, *turns(k)),
+              conv(*turns(k - 1), b'{"role": "user", "role": "assistant", "content": "x"}', A),
+              conv(*turns(k), b'{"role": "assistant", "content": "x", "weight": 0}')]
+    rows = [row for pair in zip(plain, broken + broken[:3]) for row in pair] + plain[::-1]
+    path = tmp_path / "turns.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
+    assert fast == precise
+    assert accepted == 2 * len(plain) - 1  # all but line 1, read before the format is known
+    assert {p.line for p in fast[0]} == set(range(2, 2 * len(plain) + 1, 2))
+
 def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
     """Plain rows with random bytes deleted, inserted or replaced (JSON syntax, escapes, bad
     UTF-8, control bytes): same report either way, and the fast path took the intact rows."""
