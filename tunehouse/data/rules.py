@@ -104,8 +104,9 @@ class _Assistant(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 # Turns a positional shape spells out. Each optional position costs a little on every row (the
 # struct has a slot per position): on 60 MB of the bench's rows (3-9 messages, already in
 # memory) the positional decode takes 1.14 us a row with 8 pairs, 1.21 with 16, 1.31 with 32,
-# against 1.55 for the list decode plus the role-tuple lookup. Longer rows take that path.
-_PAIRS = 16
+# against 1.55 for the list decode plus the role-tuple lookup. Longer rows take that path, at
+# the speed all rows had before.
+_PAIRS = 8
 
 
 def _positional(system: bool) -> type:
