@@ -390,6 +390,34 @@ def test_fast_path_positional_shapes_and_long_rows(tmp_path, monkeypatch):
     assert accepted == 2 * len(plain) - 1  # all but line 1, read before the format is known
     assert {p.line for p in fast[0]} == set(range(2, 2 * len(plain) + 1, 2))
 
+
+@pytest.mark.parametrize("first", [conv(S, U, A), conv(U, A), b'{"prompt": "a", "completion": "b"}',
+                                   b'{"text": "a"}'])
+def test_fast_path_whole_chunks_equal_precise_path(first, tmp_path, monkeypatch):
+    """Runs of plain rows long enough for the acceptor to decode whole chunks at once
+    (rules._decode_lines), each run ended by a near-plain row that a chunk decode meets: the
+    same report either way, and every plain row took the fast path."""
+    runs = 3 * rules._SETTLED
+    rows = [first]
+    for edge in EDGE_LINES:
+        rows += [first] * runs + [edge]
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    monkeypatch.setattr(jsonl, "CHUNK", 4096)  # a run spans several chunks
+    refused = []
+
+    def counting(*args):
+        pos, n, end = decode_lines(*args)
+        refused.append(pos < args[-1])
+        return pos, n, end
+
+    decode_lines = rules._decode_lines
+    monkeypatch.setattr(rules, "_decode_lines", counting)
+    fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
+    assert fast == precise
+    assert accepted >= len(EDGE_LINES) * runs  # every plain row but line 1 (format not yet known)
+    assert sum(refused) > len(EDGE_LINES) // 2  # the near-plain rows met the chunk decode
+
 def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
     """Plain rows with random bytes deleted, inserted or replaced (JSON syntax, escapes, bad
     UTF-8, control bytes): same report either way, and the fast path took the intact rows."""

@@ -15,6 +15,9 @@ Usage:
 
 from __future__ import annotations
 
+import io
+import itertools
+from collections import deque
 from typing import Annotated, Any, Callable, Literal, NamedTuple
 
 import msgspec
@@ -163,12 +166,37 @@ class Acceptor(NamedTuple):
     run: Callable[[bytearray, memoryview, int, int], tuple[int, int]]
 
 
+# Lines a decode must accept in a row before `run` hands it the rest of a chunk at once
+# (`_decode_lines`); a refused line goes back to line-by-line, so a file whose rows often need a
+# closer look (or change shape) never pays for splitting a chunk it leaves after a few lines.
+_SETTLED = 64
+
+
+def _decode_lines(decode: Callable, view: memoryview, pos: int, stop: int) -> tuple[int, int, int]:
+    """Decodes each newline-ended line of view[pos:stop] on its own, with no Python bytecode a
+    line: BytesIO.readlines finds the newlines (memchr) and map/deque drive the decode. 4% less
+    CPU than the find/slice/decode loop on the 1 GB bench file (1.057 -> 1.017 s, 1 process), the
+    copy of the chunk into BytesIO included. A line keeps its newline, which msgspec reads as
+    trailing white space, as it reads a line's own. Returns (start of the first line refused or
+    stop, lines accepted, that line's newline or stop)."""
+    lines = io.BytesIO(view[pos:stop]).readlines()
+    done = itertools.count()  # zip advances it once per line decoded
+    try:
+        deque(zip(map(decode, lines), done), maxlen=0)
+    except msgspec.MsgspecError:
+        k = next(done)
+        pos += sum(map(len, itertools.islice(lines, k)))
+        return pos, k, pos + len(lines[k]) - 1
+    return stop, len(lines), stop
+
+
 def _conversation_acceptor() -> Acceptor:
     by_list = msgspec.json.Decoder(_Conversation).decode
     with_system = msgspec.json.Decoder(_WITH_SYSTEM).decode
     without_system = msgspec.json.Decoder(_WITHOUT_SYSTEM).decode
     plain: set[tuple[str, ...]] = set()  # role sequences found plain
     state = [without_system]  # the decode `run` tries first: fits the last plain row refused by it
+    settled = [0]  # lines that decode accepted since it last refused one
 
     def one(line: bytes) -> bool:
         if state[0] is not by_list:
@@ -197,22 +225,32 @@ def _conversation_acceptor() -> Acceptor:
         find, n = buf.find, 0
         while pos < stop:
             decode = state[0]
-            try:
-                if decode is by_list:
+            if decode is by_list:
+                try:
                     while pos < stop:
                         end = find(b"\n", pos, stop)
                         if tuple([m.role for m in decode(view[pos:end]).messages]) not in plain:
                             break
                         n += 1
                         pos = end + 1
-                else:
-                    while pos < stop:  # the hot loop of the whole check: one typed decode a line
+                except msgspec.MsgspecError:
+                    pass
+            elif settled[0] >= _SETTLED:  # the hot path of the whole check: one typed decode a line
+                pos, accepted, end = _decode_lines(decode, view, pos, stop)
+                n += accepted
+                if pos < stop:
+                    settled[0] = 0
+            else:
+                n0 = n
+                try:
+                    while pos < stop:
                         end = find(b"\n", pos, stop)
                         decode(view[pos:end])
                         n += 1
                         pos = end + 1
-            except msgspec.MsgspecError:
-                pass
+                    settled[0] += n - n0
+                except msgspec.MsgspecError:
+                    settled[0] = 0
             if pos >= stop:
                 break
             if not one(view[pos:end]):  # another shape, a role sequence not seen yet, or not plain
@@ -226,6 +264,7 @@ def _conversation_acceptor() -> Acceptor:
 
 def _shape_acceptor(shape: type) -> Acceptor:
     decode = msgspec.json.Decoder(shape).decode
+    settled = [0]  # lines accepted since the last one refused
 
     def one(line: bytes) -> bool:
         try:
@@ -235,6 +274,11 @@ def _shape_acceptor(shape: type) -> Acceptor:
         return True
 
     def run(buf: bytearray, view: memoryview, pos: int, stop: int) -> tuple[int, int]:
+        if settled[0] >= _SETTLED:
+            pos, n, _ = _decode_lines(decode, view, pos, stop)
+            if pos < stop:
+                settled[0] = 0
+            return pos, n
         find, n = buf.find, 0
         try:
             while pos < stop:
@@ -242,8 +286,9 @@ def _shape_acceptor(shape: type) -> Acceptor:
                 decode(view[pos:end])
                 n += 1
                 pos = end + 1
+            settled[0] += n
         except msgspec.MsgspecError:
-            pass
+            settled[0] = 0
         return pos, n
 
     return Acceptor(one, run)
