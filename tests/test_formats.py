@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tunehouse.data import jsonl, rules, workers
+from tunehouse.data import acceptor, jsonl, workers
 from tunehouse.data.formats import DATASET_FORMATS, RULES, check_file, detect_format
 
 DATA = Path(__file__).parent / "data"
@@ -280,7 +280,7 @@ def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int
     accepted = [0]
 
     def counting(fmt, purpose):
-        one, run = rules.plain_acceptor(fmt, purpose)
+        one, run = acceptor.plain_acceptor(fmt, purpose)
 
         def counted_one(line):
             ok = one(line)
@@ -292,13 +292,13 @@ def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int
             accepted[0] += n
             return pos, n
 
-        return rules.Acceptor(counted_one, counted_run)
+        return acceptor.Acceptor(counted_one, counted_run)
 
     with monkeypatch.context() as m:
         m.setattr(jsonl, "plain_acceptor", counting)
         fast = _report(path, purpose)
     with monkeypatch.context() as m:
-        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: rules.plain_acceptor(None, "fine-tune"))
+        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: acceptor.plain_acceptor(None, "fine-tune"))
         precise = _report(path, purpose)
     return fast, precise, accepted[0]
 
@@ -366,9 +366,9 @@ def test_fast_path_equals_precise_path_on_edge_lines(first, tmp_path, monkeypatc
 
 def test_fast_path_positional_shapes_and_long_rows(tmp_path, monkeypatch):
     """Conversations with and without a system message, around the length the positional
-    shapes spell out (rules._PAIRS pairs), mixed in one file with near-plain rows between: the
+    shapes spell out (acceptor._PAIRS pairs), mixed in one file with near-plain rows between: the
     same report either way, and the fast path accepts every plain row, long ones included."""
-    k = rules._PAIRS
+    k = acceptor._PAIRS
 
     def turns(pairs: int, *tail: bytes) -> list[bytes]:
         return [U, A] * pairs + list(tail)
@@ -395,9 +395,9 @@ def test_fast_path_positional_shapes_and_long_rows(tmp_path, monkeypatch):
                                    b'{"text": "a"}'])
 def test_fast_path_whole_chunks_equal_precise_path(first, tmp_path, monkeypatch):
     """Runs of plain rows long enough for the acceptor to decode whole chunks at once
-    (rules._decode_lines), each run ended by a near-plain row that a chunk decode meets: the
+    (acceptor._decode_lines), each run ended by a near-plain row that a chunk decode meets: the
     same report either way, and every plain row took the fast path."""
-    runs = 3 * rules._SETTLED
+    runs = 3 * acceptor._SETTLED
     rows = [first]
     for edge in EDGE_LINES:
         rows += [first] * runs + [edge]
@@ -411,8 +411,8 @@ def test_fast_path_whole_chunks_equal_precise_path(first, tmp_path, monkeypatch)
         refused.append(pos < args[-1])
         return pos, n, end
 
-    decode_lines = rules._decode_lines
-    monkeypatch.setattr(rules, "_decode_lines", counting)
+    decode_lines = acceptor._decode_lines
+    monkeypatch.setattr(acceptor, "_decode_lines", counting)
     fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
     assert fast == precise
     assert accepted >= len(EDGE_LINES) * runs  # every plain row but line 1 (format not yet known)
