@@ -169,8 +169,9 @@ def scan_block(job: Job, index: int, known: Known | None, line_offset: int | Non
                on_bytes: Callable[[int], None]) -> BlockResult:
     """Checks the lines starting in block `index`; line numbers in the result are local.
 
-    Chunks are read into one reused buffer and lines are handed to the fast acceptor as
-    memoryview slices of it: no copy of a line unless it spans two chunks or is refused."""
+    Chunks are read into one reused buffer and the fast acceptor gets the buffer and the span
+    of the chunk's whole lines: it decodes memoryview slices of it, or, once rows settle, splits
+    the span in C (a copy of the chunk, `acceptor._decode_lines`, cheaper than the slices' loop)."""
     start, stop = index * job.block, min((index + 1) * job.block, job.size)
     res = BlockResult(index)
     lines = _Lines(job, res, known, line_offset)
