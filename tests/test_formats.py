@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tunehouse.data import jsonl, rules, workers
+from tunehouse.data import acceptor, jsonl, workers
 from tunehouse.data.formats import DATASET_FORMATS, RULES, check_file, detect_format
 
 DATA = Path(__file__).parent / "data"
@@ -280,7 +280,7 @@ def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int
     accepted = [0]
 
     def counting(fmt, purpose):
-        one, run = rules.plain_acceptor(fmt, purpose)
+        one, run = acceptor.plain_acceptor(fmt, purpose)
 
         def counted_one(line):
             ok = one(line)
@@ -292,13 +292,13 @@ def both_paths(path: Path, purpose: str, monkeypatch) -> tuple[tuple, tuple, int
             accepted[0] += n
             return pos, n
 
-        return rules.Acceptor(counted_one, counted_run)
+        return acceptor.Acceptor(counted_one, counted_run)
 
     with monkeypatch.context() as m:
         m.setattr(jsonl, "plain_acceptor", counting)
         fast = _report(path, purpose)
     with monkeypatch.context() as m:
-        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: rules.plain_acceptor(None, "fine-tune"))
+        m.setattr(jsonl, "plain_acceptor", lambda fmt, purpose: acceptor.plain_acceptor(None, "fine-tune"))
         precise = _report(path, purpose)
     return fast, precise, accepted[0]
 
@@ -362,6 +362,61 @@ def test_fast_path_equals_precise_path_on_edge_lines(first, tmp_path, monkeypatc
         assert fast == precise, purpose
         assert accepted >= 2, purpose  # the fast path was really taken
 
+
+
+def test_fast_path_positional_shapes_and_long_rows(tmp_path, monkeypatch):
+    """Conversations with and without a system message, around the length the positional
+    shapes spell out (acceptor._PAIRS pairs), mixed in one file with near-plain rows between: the
+    same report either way, and the fast path accepts every plain row, long ones included."""
+    k = acceptor._PAIRS
+
+    def turns(pairs: int, *tail: bytes) -> list[bytes]:
+        return [U, A] * pairs + list(tail)
+
+    plain = [conv(*turns(1)), conv(S, *turns(1)), conv(*turns(k)), conv(S, *turns(k)),
+             conv(*turns(k - 1, U)), conv(S, *turns(k - 1, U)), conv(*turns(k, U)),
+             conv(S, *turns(k, U)), conv(*turns(k + 1)), conv(S, *turns(k + 3, U)), conv(*turns(1)),
+             conv(*turns(3 * k)), conv(S, *turns(2))]
+    broken = [conv(*turns(k, U, U)), conv(S, *turns(k + 1, A)), conv(*turns(k + 2, S)),
+              conv(*turns(k), b"null"), conv(*turns(k - 1), b"null"), conv(S, *turns(k - 1), S),
+              conv(*turns(k + 1, b'{"role": "user", "content": 1}')), conv(S, S, *turns(k)),
+              conv(*turns(k - 1), b'{"role": "user", "role": "assistant", "content": "x"}', A),
+              conv(*turns(k), b'{"role": "assistant", "content": "x", "weight": 0}')]
+    rows = [row for pair in zip(plain, broken + broken[:3]) for row in pair] + plain[::-1]
+    path = tmp_path / "turns.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
+    assert fast == precise
+    assert accepted == 2 * len(plain) - 1  # all but line 1, read before the format is known
+    assert {p.line for p in fast[0]} == set(range(2, 2 * len(plain) + 1, 2))
+
+
+@pytest.mark.parametrize("first", [conv(S, U, A), conv(U, A), b'{"prompt": "a", "completion": "b"}',
+                                   b'{"text": "a"}'])
+def test_fast_path_whole_chunks_equal_precise_path(first, tmp_path, monkeypatch):
+    """Runs of plain rows long enough for the acceptor to decode whole chunks at once
+    (acceptor._decode_lines), each run ended by a near-plain row that a chunk decode meets: the
+    same report either way, and every plain row took the fast path."""
+    runs = 3 * acceptor._SETTLED
+    rows = [first]
+    for edge in EDGE_LINES:
+        rows += [first] * runs + [edge]
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    monkeypatch.setattr(jsonl, "CHUNK", 4096)  # a run spans several chunks
+    refused = []
+
+    def counting(*args):
+        pos, n, end = decode_lines(*args)
+        refused.append(pos < args[-1])
+        return pos, n, end
+
+    decode_lines = acceptor._decode_lines
+    monkeypatch.setattr(acceptor, "_decode_lines", counting)
+    fast, precise, accepted = both_paths(path, "fine-tune", monkeypatch)
+    assert fast == precise
+    assert accepted >= len(EDGE_LINES) * runs  # every plain row but line 1 (format not yet known)
+    assert sum(refused) > len(EDGE_LINES) // 2  # the near-plain rows met the chunk decode
 
 def test_fast_path_equals_precise_path_on_mutated_rows(tmp_path, monkeypatch):
     """Plain rows with random bytes deleted, inserted or replaced (JSON syntax, escapes, bad

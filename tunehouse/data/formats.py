@@ -7,8 +7,9 @@ One validator serves `tunehouse files check PATH` and the server's upload prepro
     report.to_sdk_dict()                          # together `check_file` keys (api-reference §6.1)
     report.to_validation_report(file_id)          # the file object's validation_report (§4.3)
 
-The rules are listed in `RULES`; the row rules live in `rules.py` and `messages.py`, the JSONL scan in `jsonl.py`
-and `workers.py`, Parquet and CSV in `tabular.py`.
+The rules are listed in `RULES`; the row rules live in `rules.py` and `messages.py` (the fast path
+of plain rows in `acceptor.py`), the JSONL scan in `jsonl.py` and `workers.py`, Parquet and CSV in
+`tabular.py`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A block owns the lines that *start* inside it, so blocks can be checked in any order and by any
 process, and line numbers are made global afterwards by adding up the line counts of the blocks
 before (`Merger`). Memory stays bounded: a block is read in 256 KiB chunks and only its first
-`keep` issues are held. Each raw line goes to the fast acceptor of `rules` (msgspec, in C: plain
-rows only); a line it refuses is parsed by orjson (the json module where orjson refuses, to name
-the syntax error) and checked by the detailed `RowChecker`, which names every problem.
+`keep` issues are held. Each raw line goes to the fast acceptor (`acceptor.py`: msgspec, in C,
+plain rows only); a line it refuses is parsed by orjson (the json module where orjson refuses, to
+name the syntax error) and checked by the detailed `RowChecker`, which names every problem.
 
 The one cross-block rule, "all rows share the first row's format", needs that format before the
 blocks start: the parallel path finds it by a prescan of the file's first rows.
@@ -20,7 +20,8 @@ from typing import Any, Callable
 import orjson
 
 from tunehouse.data.messages import describe
-from tunehouse.data.rules import RowChecker, plain_acceptor
+from tunehouse.data.acceptor import plain_acceptor
+from tunehouse.data.rules import RowChecker
 
 BLOCK = 4 * 2**20  # small enough that the last blocks balance the workers' finish times
 CHUNK = 2**18  # 256 KiB: the buffer stays in the CPU cache while its lines are decoded
@@ -168,8 +169,9 @@ def scan_block(job: Job, index: int, known: Known | None, line_offset: int | Non
                on_bytes: Callable[[int], None]) -> BlockResult:
     """Checks the lines starting in block `index`; line numbers in the result are local.
 
-    Chunks are read into one reused buffer and lines are handed to the fast acceptor as
-    memoryview slices of it: no copy of a line unless it spans two chunks or is refused."""
+    Chunks are read into one reused buffer and the fast acceptor gets the buffer and the span
+    of the chunk's whole lines: it decodes memoryview slices of it, or, once rows settle, splits
+    the span in C (a copy of the chunk, `acceptor._decode_lines`, cheaper than the slices' loop)."""
     start, stop = index * job.block, min((index + 1) * job.block, job.size)
     res = BlockResult(index)
     lines = _Lines(job, res, known, line_offset)

@@ -1,11 +1,11 @@
-"""Per-row rules for JSONL datasets: format detection, a fast acceptor and the detailed checks.
+"""Per-row rules for JSONL datasets: format detection and the detailed checks.
 
 The rules are those of api-reference §6 (the together 1.6.0 checker, widened for tools, parallel
 tool calls and reasoning as v2.5+ and the server-side docs describe them). A raw line is first
-offered to `plain_acceptor(fmt, purpose)`, which only says yes to the plain, common shapes (string
-contents, strict user/assistant turns), checked in C by msgspec; everything else is parsed and
-goes to `RowChecker`, which returns every problem of the row as `(field, rule, detail)` tuples
-(per-message rules in `messages.py`). The caller adds the line.
+offered to `acceptor.plain_acceptor(fmt, purpose)`, which only says yes to the plain, common
+shapes (string contents, strict user/assistant turns), checked in C by msgspec; everything else is
+parsed and goes to `RowChecker`, which returns every problem of the row as `(field, rule, detail)`
+tuples (per-message rules in `messages.py`). The caller adds the line.
 
 Usage:
     fmt = detect_format(row)            # "CONVERSATION", ... or None
@@ -15,10 +15,7 @@ Usage:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal, NamedTuple
-
-import msgspec
-import orjson
+from typing import Any
 
 from tunehouse.data.messages import MAX_IMAGES, Issue, MessageChecks, describe
 
@@ -61,161 +58,6 @@ def detect_format(row: Any) -> str | None:
         return None
     found = matching_formats(row)
     return found[0] if len(found) == 1 else None
-
-
-
-# ---- fast acceptor: plain rows only, decided by msgspec in C on the raw line ----
-#
-# msgspec decodes a line straight into the typed shape of a plain row (string contents, only
-# the keys listed, roles from a closed set) or raises; it parses JSON as strictly as orjson and
-# the json module (UTF-8, escapes, control characters, trailing data) and, like them, keeps the
-# last of duplicate keys, so a row it accepts is the dict the detailed checks would see. What is
-# left to Python is one role tuple per row, looked up in a set; the loop over a chunk's lines
-# runs inside the acceptor (`Acceptor.run`), which saves a call a line.
-
-
-class _Message(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class _Conversation(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    messages: list[_Message]
-
-
-class _Instruction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    prompt: str
-    completion: str
-
-
-class _General(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    text: Annotated[str, msgspec.Meta(min_length=1)]
-
-
-_TURNS = ("user", "assistant")
-_ROLE_CACHE = 4096  # distinct role sequences an acceptor remembers
-
-
-def plain_turns(roles: tuple[str, ...]) -> bool:
-    """Roles of a plain conversation: an optional system message first, then user and assistant
-    alternating from user, with at least one of each."""
-    turn = 0
-    for i, role in enumerate(roles):
-        if role != _TURNS[turn & 1]:
-            if role != "system" or i:
-                return False
-            continue
-        turn += 1
-    return turn >= 2
-
-
-class Acceptor(NamedTuple):
-    """The fast path for one format. `one(line)`: is this raw line (no newline) a plain row?
-    `run(buf, view, pos, stop)`: accepts the newline-ended lines of buf[pos:stop] while they are
-    plain and returns (start of the first line refused, or stop; lines accepted); `view` is
-    memoryview(buf). Refused means "look closer" (the precise path decides), not "invalid"."""
-
-    one: Callable[[bytes], bool]
-    run: Callable[[bytearray, memoryview, int, int], tuple[int, int]]
-
-
-def _conversation_acceptor() -> Acceptor:
-    decode = msgspec.json.Decoder(_Conversation).decode
-    plain: set[tuple[str, ...]] = set()  # role sequences found plain
-
-    def one(line: bytes) -> bool:
-        try:
-            roles = tuple([m.role for m in decode(line).messages])
-        except msgspec.MsgspecError:
-            return False
-        if roles in plain:
-            return True
-        if not plain_turns(roles):
-            return False
-        if len(plain) < _ROLE_CACHE:
-            plain.add(roles)
-        return True
-
-    def run(buf: bytearray, view: memoryview, pos: int, stop: int) -> tuple[int, int]:
-        find, n = buf.find, 0
-        try:  # the hot loop of the whole check: one decode and one set lookup a line
-            while pos < stop:
-                end = find(b"\n", pos, stop)
-                if tuple([m.role for m in decode(view[pos:end]).messages]) not in plain:
-                    if not one(view[pos:end]):  # a role sequence not seen yet, or not plain
-                        break
-                n += 1
-                pos = end + 1
-        except msgspec.MsgspecError:
-            pass
-        return pos, n
-
-    return Acceptor(one, run)
-
-
-def _shape_acceptor(shape: type) -> Acceptor:
-    decode = msgspec.json.Decoder(shape).decode
-
-    def one(line: bytes) -> bool:
-        try:
-            decode(line)
-        except msgspec.MsgspecError:
-            return False
-        return True
-
-    def run(buf: bytearray, view: memoryview, pos: int, stop: int) -> tuple[int, int]:
-        find, n = buf.find, 0
-        try:
-            while pos < stop:
-                end = find(b"\n", pos, stop)
-                decode(view[pos:end])
-                n += 1
-                pos = end + 1
-        except msgspec.MsgspecError:
-            pass
-        return pos, n
-
-    return Acceptor(one, run)
-
-
-def _one_by_one(one: Callable[[bytes], bool]) -> Acceptor:
-    def run(buf: bytearray, view: memoryview, pos: int, stop: int) -> tuple[int, int]:
-        find, n = buf.find, 0
-        while pos < stop:
-            end = find(b"\n", pos, stop)
-            if not one(view[pos:end]):
-                break
-            n += 1
-            pos = end + 1
-        return pos, n
-
-    return Acceptor(one, run)
-
-
-def _any_object(line: bytes) -> bool:
-    try:
-        return type(orjson.loads(line)) is dict
-    except ValueError:
-        return False
-
-
-def _never(line: bytes) -> bool:
-    return False
-
-
-def plain_acceptor(fmt: str | None, purpose: str) -> Acceptor:
-    """The fast path for rows of `fmt`: it accepts only rows that the detailed checks would
-    pass with no flag raised. For purpose batch-api every JSON object passes (the API checks
-    the bodies); with no format known yet nothing does."""
-    if purpose == "batch-api":
-        return _one_by_one(_any_object)
-    if fmt == CONVERSATION:
-        return _conversation_acceptor()
-    if fmt == INSTRUCTION:
-        return _shape_acceptor(_Instruction)
-    if fmt == GENERAL:
-        return _shape_acceptor(_General)
-    return _one_by_one(_never)
 
 
 # ---- detailed checks ----
