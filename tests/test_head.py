@@ -35,6 +35,24 @@ def test_values_and_gradients_equal_the_plain_head_over_several_chunks():
     assert torch.allclose(got[0], hidden.grad, atol=1e-5) and torch.allclose(got[1], weight.grad, atol=1e-5)
 
 
+def test_frozen_head_gradient_from_the_forward_jacobian():
+    """A frozen head (LoRA) takes the per-position Jacobian computed in the forward pass: the
+    same hidden gradient as the plain head, and no gradient for the weight."""
+    torch.manual_seed(1)
+    n, h, v = 37, 16, 50
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,))
+    upstream = torch.randn(n, dtype=torch.float64)
+    logp, _ = linear_log_softmax_gather(hidden, weight, targets, chunk=8)
+    (logp * upstream).sum().backward()
+    got, hidden.grad = hidden.grad.clone(), None
+    want_logp, _ = plain(hidden, weight, targets)
+    (want_logp * upstream).sum().backward()
+    assert torch.allclose(logp.double(), want_logp, atol=1e-5)
+    assert torch.allclose(got, hidden.grad, atol=1e-5) and weight.grad is None
+
+
 def test_under_bf16_autocast_it_matches_the_autocast_head():
     torch.manual_seed(2)
     hidden = torch.randn(300, 32, requires_grad=True)

@@ -138,7 +138,7 @@ def tiny_pairs(tiny_model_dir, tiny_tokenizer):  # noqa: F811
     logps = []
     with torch.no_grad():
         for model in (policy, reference):
-            logits, targets = trained_logits(model, batch.batch.model_inputs(), batch.batch.targets)
+            logits, targets = trained_logits(model, batch.model_inputs(), batch.targets, batch.index)
             logps.append(segment_logps(logits, targets, batch.segment, 2 * len(pairs)))
     (pol, ref) = logps
     ours = SimpleNamespace(pc=pol[0::2], pr=pol[1::2], rc=ref[0::2], rr=ref[1::2],
@@ -232,3 +232,38 @@ def test_simpo_equals_trl_cpo_simpo(tiny_pairs):
     assert losses.tolist() == pytest.approx(trl_losses.tolist(), abs=1e-6)
     assert m["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-6)
     assert m["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-6)
+
+
+def test_shared_prompt_equals_each_side_run_alone(tiny_pairs):
+    """One forward per batch with each pair's prompt shared by its two sides (position ids
+    restarting at P for the rejected side) gives the log-probs of each side run alone, one per
+    row, under the explicit mask and under train/attention.py's packed attention, whether the
+    pairs share a row or not."""
+    from tunehouse.train import attention
+    from tunehouse.train.head import linear_log_softmax_gather
+
+    policy, _, pairs, ours = tiny_pairs
+    alone = []
+    with torch.no_grad():
+        for pair in pairs:
+            for completion in (pair.chosen, pair.rejected):
+                ids = torch.tensor([pair.prompt + completion])
+                logits = policy(input_ids=ids).logits[0, len(pair.prompt) - 1:-1]
+                alone.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).sum())
+    alone = torch.stack(alone)
+    assert torch.allclose(torch.stack([ours.pc, ours.pr], 1).flatten(), alone, atol=1e-5)  # mask, rows
+
+    packed = type(policy).from_pretrained(policy.name_or_path).eval()
+    packed.load_state_dict(policy.state_dict())
+    assert attention.enable(packed)
+    for row_tokens in (None, 10_000):  # a pair per row (padded); all pairs in one row
+        batch = collate_pairs(pairs, pad_id=0, mask_dtype=None, row_tokens=row_tokens)
+        assert batch.input_ids.shape[0] == (len(pairs) if row_tokens is None else 1)
+        with torch.no_grad():
+            logits, targets = trained_logits(packed, batch.model_inputs(), batch.targets, batch.index)
+            fused, _ = linear_log_softmax_gather(
+                packed.get_decoder()(**batch.model_inputs()).last_hidden_state.flatten(0, 1)[batch.index],
+                packed.get_output_embeddings().weight, batch.targets)
+        assert torch.allclose(segment_logps(logits, targets, batch.segment, 2 * len(pairs)), alone, atol=1e-5)
+        sums = torch.zeros(2 * len(pairs)).index_add(0, batch.segment, fused)
+        assert torch.allclose(sums, alone, atol=1e-5)

@@ -214,7 +214,7 @@ def test_continuing_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_model
 
     def logps(model) -> torch.Tensor:
         with torch.no_grad():
-            logits, targets = trained_logits(model, batch.batch.model_inputs(), batch.batch.targets)
+            logits, targets = trained_logits(model, batch.model_inputs(), batch.targets, batch.index)
         return segment_logps(logits, targets, batch.segment, 48).view(-1, 2)
 
     sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft)

@@ -97,15 +97,31 @@ def collate(rows: Sequence[Sequence[Tokenized]], pad_id: int,
                  num_trained_tokens=int((targets != IGNORE).sum()))
 
 
-def block_causal_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def block_causal_mask(segment: torch.Tensor, dtype: torch.dtype,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Additive [B, 1, T, T] mask from segment ids [B, T] (-1 = padding): a query sees the keys
-    of its own segment up to itself; a pad query sees only itself (no NaN rows)."""
+    of its own segment up to itself; a pad query sees only itself (no NaN rows).
+
+    With `position_ids`, a segment may branch (data/preference.py's shared prompt): a run of
+    positions restarting at k > 0 is a branch off the segment's first run, and its tokens see
+    that run's first k tokens and their own branch up to themselves, never another branch."""
     width = segment.shape[1]
     idx = torch.arange(width)
     causal = idx[None, :] <= idx[:, None]                       # [T, T] key ≤ query
     same = segment[:, :, None] == segment[:, None, :]           # [B, T, T]
     real = (segment >= 0)[:, :, None]
-    allowed = (same & causal & real) | torch.eye(width, dtype=torch.bool)
+    allowed = same & causal & real
+    if position_ids is not None:
+        prev = torch.cat([torch.full_like(position_ids[:, :1], -2), position_ids[:, :-1]], dim=1)
+        starts = (position_ids != prev + 1) | (segment != torch.cat([segment[:, :1] - 1, segment[:, :-1]], 1))
+        run = starts.cumsum(1)                                  # run id per token
+        run_start = torch.cummax(torch.where(starts, idx.expand_as(run), 0), 1).values
+        branch_at = position_ids.gather(1, run_start)           # k of the token's run (0: a first run)
+        first = branch_at == 0                                  # token lies in its segment's first run
+        same_run = run[:, :, None] == run[:, None, :]
+        prefix = first[:, None, :] & (position_ids[:, None, :] < branch_at[:, :, None])
+        allowed &= same_run | prefix
+    allowed |= torch.eye(width, dtype=torch.bool)
     mask = torch.zeros((segment.shape[0], 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return mask

@@ -17,11 +17,21 @@ Truncation policy — each side (prompt + its completion) must fit `max_seq_leng
   2. then a completion still too long is cut from the RIGHT (its end, EOS included, goes).
 A pair that lost any token counts as truncated (the recipe reports how many).
 
-Batches: all sides of a micro-batch's pairs (prompt+chosen, prompt+rejected) go through ONE
-forward pass: one side per row, or packed several to a row of ≤ max_seq_length tokens, each side
-a segment of the block-diagonal mask of `packing.collate` (position ids alone do not isolate
-segments, DESIGN.md). Rows stay ≤ max_seq_length, so attention costs what it costs in SFT;
-putting a pair's two sides in one row would double its length and quadruple attention.
+Batches: all pairs of a micro-batch go through ONE forward pass, and each pair's prompt is run
+once for both of its sides (prompt sharing):
+
+    tokens     prompt p₀…p_{P-1} | chosen c₀…c_{C-1}   | rejected r₀…r_{R-1}
+    positions  0 … P-1           | P … P+C-1           | P … P+R-1     (restart at P: a branch)
+    sees       itself, causal    | prompt + chosen ≤ t | prompt + rejected ≤ t (never chosen)
+
+so every token has exactly the keys, values and rotary positions it has in its own side run
+alone: the same log-probs as two separate sides, with the prompt's layers computed once instead of
+twice (a third of the tokens of the bench's pairs). The last prompt position predicts both c₀ and
+r₀, so the trained positions are an index into the rows (`PairBatch.index`, one position listed
+twice) rather than a [B, T] target tensor. Attention reads this layout from `position_ids`
+(train/attention.py), or from the additive mask of `packing.block_causal_mask` given the position
+ids (position ids alone do not isolate segments, DESIGN.md). Rows: one pair per row (padded), or
+with `row_tokens` pairs packed into rows of at most max(row_tokens, longest pair) tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from typing import Any
 
 import torch
 
-from tunehouse.data.packing import Batch, collate, pack
+from tunehouse.data.packing import block_causal_mask, pack
 from tunehouse.data.tokenize import IGNORE, Tokenized, tokenize_conversation
 
 
@@ -46,7 +56,7 @@ class Pair:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens of both sides (the prompt counted twice, as it is run twice)."""
+        """Tokens of both sides as two sequences (the prompt counted twice; batches run it once)."""
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
     def sides(self) -> list[Tokenized]:
@@ -103,35 +113,67 @@ def _prompt_and_completion(tokenizer, messages: list[dict], answer: dict, tools:
 
 @dataclass
 class PairBatch:
-    """A micro-batch of pairs ready for one forward pass.
+    """A micro-batch of pairs ready for one forward pass (layout: the module docstring).
 
-    `segment[i]` says which sequence the i-th trained position (row-major order of
-    `batch.targets != -100`, the order `losses.trained_logits` returns) belongs to:
-    2·k for pair k's chosen side, 2·k + 1 for its rejected side.
+    The N trained positions: `index` (flat into the [B, T] rows, row-major), `targets` (the
+    token each predicts) and `segment` (2·k for pair k's chosen side, 2·k + 1 for its rejected
+    side), ordered by segment then position. A prompt's last position is listed once per side.
     """
 
-    batch: Batch
-    segment: torch.Tensor        # [N] long
+    input_ids: torch.Tensor        # [B, T] long, pad_id after each row's pairs
+    position_ids: torch.Tensor     # [B, T] long (padding: 0, 1, … as its own segment)
+    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive, or None (packed attention)
+    index: torch.Tensor            # [N] long
+    targets: torch.Tensor          # [N] long
+    segment: torch.Tensor          # [N] long
     chosen_lengths: torch.Tensor   # [P] completion tokens, float
     rejected_lengths: torch.Tensor  # [P]
     num_pairs: int
+    num_tokens: int
+    """Real (non-pad) tokens run: each prompt once."""
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
 
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype | None = torch.float32,
                   *, row_tokens: int | None = None) -> PairBatch:
-    """The 2·P sides of P pairs as one batch (one forward pass): one side per row, right-padded
-    (concatenated along the batch), or (row_tokens given) sides packed by `packing.pack` into
-    rows of at most row_tokens tokens, each side its own segment. Side 2k+s stays sequence 2k+s
-    whatever row it lands in."""
-    sides = [side for pair in pairs for side in pair.sides()]
-    groups = pack(sides, row_tokens) if row_tokens else [[j] for j in range(len(sides))]
-    batch = collate([[sides[j] for j in group] for group in groups], pad_id, mask_dtype)
-    owner = torch.full(batch.targets.shape, -1, dtype=torch.long)
+    """P pairs as one batch (one forward pass), each pair prompt + chosen + rejected with its
+    prompt shared: one pair per row, right-padded, or (row_tokens given) pairs packed by
+    `packing.pack` into rows of at most max(row_tokens, longest pair) tokens. No attention mask
+    when mask_dtype is None (the model runs train/attention.py's packed attention)."""
+    runs = [Tokenized(p.prompt + p.chosen + p.rejected, []) for p in pairs]
+    if row_tokens:
+        groups = pack(runs, max(row_tokens, max(r.num_tokens for r in runs)))
+    else:
+        groups = [[k] for k in range(len(pairs))]
+    width = max(sum(runs[k].num_tokens for k in group) for group in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    owner = torch.full((len(groups), width), -1, dtype=torch.long)  # pair per token, -1 = padding
+    index, targets = [None] * (2 * len(pairs)), [None] * (2 * len(pairs))
     for r, group in enumerate(groups):
         start = 0
-        for j in group:
-            owner[r, start:start + sides[j].num_tokens] = j
-            start += sides[j].num_tokens
-    segment = owner[batch.targets != IGNORE]
-    lengths = torch.bincount(segment, minlength=len(sides)).float()
-    return PairBatch(batch, segment, lengths[0::2], lengths[1::2], len(pairs))
+        for k in group:
+            pair, p, c = pairs[k], len(pairs[k].prompt), len(pairs[k].chosen)
+            n = runs[k].num_tokens
+            input_ids[r, start:start + n] = torch.tensor(runs[k].input_ids, dtype=torch.long)
+            position_ids[r, start:start + p + c] = torch.arange(p + c)
+            position_ids[r, start + p + c:start + n] = torch.arange(p, p + len(pair.rejected))
+            owner[r, start:start + n] = k
+            at = r * width + start  # flat position of the prompt's first token
+            # chosen: positions p-1 … p+c-2 predict c₀ … c_{C-1}; rejected: p-1, then its own
+            index[2 * k] = torch.arange(at + p - 1, at + p + c - 1)
+            index[2 * k + 1] = torch.cat([torch.tensor([at + p - 1]),
+                                          torch.arange(at + p + c, at + n - 1)])
+            targets[2 * k], targets[2 * k + 1] = torch.tensor(pair.chosen), torch.tensor(pair.rejected)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)
+    lengths = torch.tensor([float(len(t)) for t in targets])
+    segment = torch.repeat_interleave(torch.arange(2 * len(pairs)), lengths.long())
+    mask = None if mask_dtype is None else block_causal_mask(owner, mask_dtype, position_ids)
+    return PairBatch(input_ids, position_ids, mask, torch.cat(index), torch.cat(targets).long(), segment,
+                     lengths[0::2], lengths[1::2], len(pairs), num_tokens=int((owner >= 0).sum()))

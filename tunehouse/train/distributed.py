@@ -157,10 +157,11 @@ class PolicyForward(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor, logits: bool = False):
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                index: torch.Tensor | None = None, logits: bool = False):
         from tunehouse.train.losses import target_logps, trained_logits
 
-        return (trained_logits if logits else target_logps)(self.causal_lm, inputs, targets)
+        return (trained_logits if logits else target_logps)(self.causal_lm, inputs, targets, index)
 
 
 def wrap(causal_lm: nn.Module, *, lora: bool, autocast, d: Dist) -> nn.Module:

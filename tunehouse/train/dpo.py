@@ -9,8 +9,8 @@ Batch vocabulary: `batch_size` preference pairs per optimizer step, split into
 all its pairs (pair-weighted), so 8 × 1, 2 × 4 and 1 × 8 give the same loss and gradients; on
 N processes (train/distributed.py) `batch_size` is the global batch, each rank runs its share of
 the pairs and the sums run over all ranks, so N processes give the losses of one. Both
-sides of every pair of a micro-batch run in one forward pass (data/preference.py) and the LM
-head runs only at completion positions (`trained_logits`).
+sides of every pair of a micro-batch run in one forward pass, the pair's prompt computed once for
+both (data/preference.py), and the LM head runs only at completion positions (`target_logps`).
 
 The reference is the initial policy (step 0):
   - LoRA from a fresh adapter (B = 0): the base model = the same model with adapters disabled;
@@ -62,7 +62,7 @@ from tunehouse.train.schedule import adamw, epoch_order, spaced_steps
 
 __all__ = ["Cancelled", "reference_cache_key", "reference_model", "run_dpo"]
 
-REFERENCE_VERSION = 2  # bump when tokenisation, truncation or the log-prob sums change (2: fused head, packed attention)
+REFERENCE_VERSION = 3  # bump when tokenisation, truncation or the log-prob sums change (2: fused head, packed attention; 3: shared prompt)
 REFERENCE_ADAPTER = "reference"
 EVAL_SAMPLE = 32  # training pairs evaluated when there is no validation file
 KL_CHUNK = 512  # positions per full-vocabulary KL chunk (512 × 49k vocab × 4 B = 100 MB)
@@ -245,7 +245,7 @@ def train_step(run: _Run, picked: list[int], lr: float) -> tuple[float, dict, fl
         loss_sum += losses.sum().item() * weight
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value * len(indices) * weight
-        tokens += batch.batch.num_tokens * weight
+        tokens += batch.num_tokens * weight
     names = sorted(sums)
     loss_sum, tokens, *totals = distributed.sum_across([loss_sum, tokens, *(sums[n] for n in names)], d)
     grad_norm = recipe.optimizer_step(run.optimizer, run.cfg.max_grad_norm, lr)
@@ -444,11 +444,19 @@ def _pairs(path: Path, tokenizer, cfg: DPOConfig, reporter: Reporter, what: str)
 
 
 def _collate(run: _Run, pairs: list[Pair]) -> PairBatch:
-    row_tokens = run.cfg.max_seq_length if run.cfg.packing else None
+    """Packing with packed attention: the micro-batch in ONE row (attention runs per pair anyway,
+    so a longer row costs nothing, and one row has no padding: 17% of the tokens of the bench's
+    batches were padding in rows of ≤ max_seq_length); with a mask, rows of ≤ max_seq_length
+    (the mask is T² per row)."""
+    row_tokens = None
+    if run.cfg.packing:
+        row_tokens = run.cfg.max_seq_length if run.mask_dtype is not None else sum(
+            len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     return collate_pairs(pairs, run.pad_id, run.mask_dtype, row_tokens=row_tokens)
 
 
-def _inputs(run: _Run, batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _inputs(run: _Run, batch: PairBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(model inputs, targets [N], index [N]) of `batch` on the device."""
     device = run.dist.device
-    return ({k: v.to(device) for k, v in batch.batch.model_inputs().items()},
-            batch.batch.targets.to(device))
+    return ({k: v.to(device) for k, v in batch.model_inputs().items()},
+            batch.targets.to(device), batch.index.to(device))

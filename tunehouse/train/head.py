@@ -24,24 +24,39 @@ CHUNK = 256  # positions per chunk: 256 × 49k × 4 B = 50 MB of fp32 logits at 
 class _LinearLogSoftmaxGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, compute_dtype: torch.dtype):
+        # A frozen head (LoRA): d log p(t)/d hidden = (one_hot(t) − softmax) @ W depends on the
+        # position alone, so it is computed here from the logits at hand ([N, H], small) and the
+        # backward only scales it by the incoming gradient: two head matmuls instead of three.
+        jacobian = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             n = hidden.shape[0]
             logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(logp)
             argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
+            jac = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if jacobian else None
             for s in range(0, n, chunk):
                 logits = (hidden[s:s + chunk].to(compute_dtype) @ w.T).float()
                 lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
                 logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
                 argmax[s:s + chunk] = logits.argmax(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+                if jacobian:
+                    g = torch.exp(logits.sub_(lse[s:s + chunk, None])).neg_()
+                    g.scatter_add_(-1, targets[s:s + chunk, None], torch.ones_like(g[:, :1]))
+                    jac[s:s + chunk] = g.to(compute_dtype) @ w
+        if jacobian:
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.compute_dtype, ctx.jacobian, ctx.hidden_dtype = chunk, compute_dtype, jacobian, hidden.dtype
         ctx.mark_non_differentiable(argmax)
         return logp, argmax
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_argmax):
+        if ctx.jacobian:
+            (jac,) = ctx.saved_tensors
+            return (jac * grad_logp[:, None].float()).to(ctx.hidden_dtype), None, None, None, None
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None

@@ -70,9 +70,20 @@ def segment_logps(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Te
         0, segment.to(picked.device), picked)
 
 
-def trained_logits(causal_lm, inputs: dict[str, torch.Tensor],
-                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits only at positions with a target: ([N, V], [N]).
+def _trained_hidden(hidden: torch.Tensor, targets: torch.Tensor,
+                    index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [N, H], targets [N]) of the trained positions: where targets [B, T] ≠ -100,
+    or, with `index` [N] (flat into B·T, a position may repeat), those positions and targets [N]."""
+    if index is None:
+        keep = targets != IGNORE
+        return hidden[keep], targets[keep]
+    return hidden.flatten(0, 1)[index], targets
+
+
+def trained_logits(causal_lm, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                   index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits only at positions with a target: ([N, V], [N]). `targets`: [B, T] with -100 where
+    no loss, or with `index` the N trained positions' targets (`_trained_hidden`).
 
     Runs the decoder, gathers the hidden states of the N trained positions and applies the LM
     head to those alone: with a 49k vocabulary the head dominates a small model's step, and in
@@ -81,12 +92,12 @@ def trained_logits(causal_lm, inputs: dict[str, torch.Tensor],
     layers are injected in place, so they run). Models with logit soft-capping are not handled.
     """
     hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    keep = targets != IGNORE
-    return causal_lm.get_output_embeddings()(hidden[keep]), targets[keep]
+    hidden, picked = _trained_hidden(hidden, targets, index)
+    return causal_lm.get_output_embeddings()(hidden), picked
 
 
-def target_logps(causal_lm, inputs: dict[str, torch.Tensor],
-                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_logps(causal_lm, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log p(target) at the N positions with a target, the argmax token there, and those targets:
     ([N] fp32, [N], [N]). The training path of `trained_logits`: the head runs fused with the
     log-softmax in chunks (`train/head.py`), so the [N, V] logits never exist at once; heads it
@@ -94,13 +105,12 @@ def target_logps(causal_lm, inputs: dict[str, torch.Tensor],
     from tunehouse.train.head import fusable, linear_log_softmax_gather
 
     if not fusable(causal_lm):
-        logits, picked = trained_logits(causal_lm, inputs, targets)
+        logits, picked = trained_logits(causal_lm, inputs, targets, index)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, picked[:, None])[:, 0]
         return logp, logits.detach().argmax(-1), picked
     hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    keep = targets != IGNORE
-    picked = targets[keep]
-    logp, argmax = linear_log_softmax_gather(hidden[keep], causal_lm.get_output_embeddings().weight, picked)
+    hidden, picked = _trained_hidden(hidden, targets, index)
+    logp, argmax = linear_log_softmax_gather(hidden, causal_lm.get_output_embeddings().weight, picked)
     return logp, argmax, picked
 
 
