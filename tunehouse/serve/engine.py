@@ -82,11 +82,17 @@ class Generation:
     def __init__(self, n: int, on_cancel):
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()  # created on the loop's thread (submit)
         self._open = n
         self._on_cancel = on_cancel
         self.cancelled = False
 
-    def put(self, event: TokenEvent) -> None:  # scheduler thread
+    def put(self, event: TokenEvent) -> None:
+        """From the scheduler thread (through the loop), or from a task on the loop itself (the
+        llama.cpp backend's streams: straight in, with no wake-up write per token)."""
+        if threading.get_ident() == self._loop_thread:
+            self.queue.put_nowait(event)
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown)

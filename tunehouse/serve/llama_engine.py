@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,6 +113,7 @@ class LlamaCppEngine(Engine):
         self._unsupported: dict[str, str] = {}  # weights or adapter path → why it runs on torch
         self._decoders: dict[str, tuple] = {}  # weights path → (tokenizer, eos ids), for this engine's decoding
         self._exports: dict[str, Path] = {}  # weights/adapter path → its GGUF in cache_dir
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop → its client
         self._sources: dict[str, str] = {}
         self._closed = False
         # requests: those sent to llama-server; torch_requests: those routed to torch at submit;
@@ -262,62 +264,71 @@ class LlamaCppEngine(Engine):
         text, emitted = "", 0
         # Incremental decoding (vLLM's way): the new tokens are decoded together with a few before
         # them, for context (SentencePiece spaces), and appended once they make whole characters.
-        prefix, read = 0, 0
+        prefix, read, before = 0, 0, None
         # A special token's event waits for the next chunk: llama.cpp's end-of-generation set can hold
         # more tokens than the model's eos ids (ChatML's <|endoftext|> beside <|im_end|>), and when it
         # stops on one, that token ends the choice with `eos`.
         held: TokenEvent | None = None
         special = set(tokenizer.all_special_ids)
-        # A connection per request: llama-server closes idle kept-alive ones, and a request sent on
-        # one of those fails; loopback connects cost well under a millisecond.
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10)) as client:
-            async with client.stream("POST", f"{srv.proc.url}/completion", json=body) as r:
-                if r.status_code != 200:
-                    detail = (await r.aread()).decode(errors="replace")[:500]
-                    raise RuntimeError(f"llama-server answered {r.status_code}: {detail}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = orjson.loads(line[6:])
-                    if "error" in chunk:  # e.g. the shared KV cache is full: this choice fails, with why
-                        raise RuntimeError(f"llama-server: {chunk['error'].get('message', chunk['error'])}")
-                    if chunk.get("tokens_predicted", 0) > len(out) + len(chunk.get("tokens") or []):
-                        raise RuntimeError(
-                            f"{self.binary} did not stream every token (a stock llama-server holds back those "
-                            "that end inside a UTF-8 character); use the one `make llama-server` builds")
-                    probs = chunk.get("completion_probabilities") or []
-                    for j, token in enumerate(chunk.get("tokens") or []):
-                        if held is not None:  # the special token before this one did not end it
-                            gen.put(held)
-                            held = None
-                        out.append(token)
-                        lp, top = _logprobs(probs[j] if j < len(probs) else None, params.logprobs)
-                        is_eos = token in eos and not params.ignore_eos
-                        last = is_eos or len(out) >= params.max_tokens  # then an incomplete character goes too
-                        before = tokenizer.decode(out[prefix:read], skip_special_tokens=True)
-                        after = tokenizer.decode(out[prefix:], skip_special_tokens=True)
-                        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
-                            text += after[len(before):]
-                            prefix, read = read, len(out)
-                        delta, emitted, finish = text_step(text, emitted, params, len(out), eos=is_eos)
-                        with self._lock:
-                            self._stats["tokens"] += 1
-                        event = TokenEvent(index, delta, token, lp, top, finish)
-                        if finish:
-                            gen.put(event)
-                            return  # leaving the stream closes it; llama-server frees the slot
-                        if token in special:  # it may be in llama.cpp's end-of-generation set and not in eos
-                            held = event
-                        else:
-                            gen.put(event)
-                    if chunk.get("stop"):
-                        if held is None:
-                            raise RuntimeError(f"llama-server stopped early ({chunk.get('stop_type')}, "
-                                               f"{chunk.get('tokens_predicted')} tokens)")
-                        held.finish_reason = "eos"
+        async with self._client().stream("POST", f"{srv.proc.url}/completion", json=body) as r:
+            if r.status_code != 200:
+                detail = (await r.aread()).decode(errors="replace")[:500]
+                raise RuntimeError(f"llama-server answered {r.status_code}: {detail}")
+            async for chunk in _events(r):
+                if "error" in chunk:  # e.g. the shared KV cache is full: this choice fails, with why
+                    raise RuntimeError(f"llama-server: {chunk['error'].get('message', chunk['error'])}")
+                if chunk.get("tokens_predicted", 0) > len(out) + len(chunk.get("tokens") or []):
+                    raise RuntimeError(
+                        f"{self.binary} did not stream every token (a stock llama-server holds back those "
+                        "that end inside a UTF-8 character); use the one `make llama-server` builds")
+                probs = chunk.get("completion_probabilities") or []
+                for j, token in enumerate(chunk.get("tokens") or []):
+                    if held is not None:  # the special token before this one did not end it
                         gen.put(held)
-                        return
+                        held = None
+                    out.append(token)
+                    lp, top = _logprobs(probs[j] if j < len(probs) else None, params.logprobs)
+                    is_eos = token in eos and not params.ignore_eos
+                    last = is_eos or len(out) >= params.max_tokens  # then an incomplete character goes too
+                    if before is None:  # decoded once per (prefix, read), not per token
+                        before = tokenizer.decode(out[prefix:read], skip_special_tokens=True)
+                    after = tokenizer.decode(out[prefix:], skip_special_tokens=True)
+                    if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+                        text += after[len(before):]
+                        prefix, read, before = read, len(out), None
+                    delta, emitted, finish = text_step(text, emitted, params, len(out), eos=is_eos)
+                    with self._lock:
+                        self._stats["tokens"] += 1
+                    event = TokenEvent(index, delta, token, lp, top, finish)
+                    if finish:
+                        gen.put(event)
+                        return  # leaving the stream closes it; llama-server frees the slot
+                    if token in special:  # it may be in llama.cpp's end-of-generation set and not in eos
+                        held = event
+                    else:
+                        gen.put(event)
+                if chunk.get("stop"):
+                    if held is None:
+                        raise RuntimeError(f"llama-server stopped early ({chunk.get('stop_type')}, "
+                                           f"{chunk.get('tokens_predicted')} tokens)")
+                    held.finish_reason = "eos"
+                    gen.put(held)
+                    return
         raise RuntimeError("llama-server ended the stream without finishing it")
+
+    def _client(self) -> httpx.AsyncClient:
+        """This event loop's HTTP client (one per loop: a client's connections belong to the loop
+        it was first used on). Making one costs ~20 ms of CPU (its TLS context), so not one per
+        request. No kept-alive connections: llama-server closes idle ones, and a request sent on
+        one of those fails; a loopback connect costs well under a millisecond."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = self._clients[loop] = httpx.AsyncClient(
+                    timeout=httpx.Timeout(None, connect=10),
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+            return client
 
     # -- servers ----------------------------------------------------------------------------------
     def _decoder(self, model: ModelRef) -> tuple:
@@ -471,6 +482,20 @@ class LlamaCppEngine(Engine):
         with self._lock:
             self._exports[str(source)] = dest
         return dest
+
+
+async def _events(response: httpx.Response):
+    """The JSON objects of a server-sent event stream (`data: {...}` lines), parsed from the raw
+    bytes: one event per token, so no str decoding or line splitting in Python."""
+    pending = b""
+    async for data in response.aiter_raw():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: {"):
+                yield orjson.loads(line[6:])
+    if pending.startswith(b"data: {"):
+        yield orjson.loads(pending[6:])
 
 
 def _request(prompt: list[int], params: SamplingParams, seed: int | None, lora: list[dict]) -> dict:
