@@ -15,7 +15,8 @@ import pytest
 from test_engine import collect  # (tokens, text) of one request, no error events
 from tunehouse.models.tiny import build_tiny_model, random_lora_adapter
 from tunehouse.serve.engine import ModelRef, TorchEngine
-from tunehouse.serve.llama_engine import LlamaCppEngine, _request, eos_ids, gguf_type_for
+from tunehouse.serve.llama_engine import LlamaCppEngine, _request, gguf_type_for
+from tunehouse.serve.weights import eos_ids
 from tunehouse.serve.sampling import SamplingParams
 
 PROMPTS = ["The quick brown fox", "Hello", "a b c d e f g h"]

@@ -59,6 +59,11 @@ class Pair:
         """Tokens of both sides as two sequences (the prompt counted twice; batches run it once)."""
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
+    @property
+    def run_tokens(self) -> int:
+        """Tokens of its run in a batch: the prompt once, then both completions."""
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
     def sides(self) -> list[Tokenized]:
         """[prompt+chosen, prompt+rejected], labels on the completion tokens only."""
         skip = [IGNORE] * len(self.prompt)
@@ -147,10 +152,10 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype | 
     when mask_dtype is None (the model runs train/attention.py's packed attention)."""
     runs = [Tokenized(p.prompt + p.chosen + p.rejected, []) for p in pairs]
     if row_tokens:
-        groups = pack(runs, max(row_tokens, max(r.num_tokens for r in runs)))
+        groups = pack(runs, max(row_tokens, max(p.run_tokens for p in pairs)))
     else:
         groups = [[k] for k in range(len(pairs))]
-    width = max(sum(runs[k].num_tokens for k in group) for group in groups)
+    width = max(sum(pairs[k].run_tokens for k in group) for group in groups)
     input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(groups), width), dtype=torch.long)
     owner = torch.full((len(groups), width), -1, dtype=torch.long)  # pair per token, -1 = padding
@@ -159,7 +164,7 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int, mask_dtype: torch.dtype | 
         start = 0
         for k in group:
             pair, p, c = pairs[k], len(pairs[k].prompt), len(pairs[k].chosen)
-            n = runs[k].num_tokens
+            n = pair.run_tokens
             input_ids[r, start:start + n] = torch.tensor(runs[k].input_ids, dtype=torch.long)
             position_ids[r, start:start + p + c] = torch.arange(p + c)
             position_ids[r, start + p + c:start + n] = torch.arange(p, p + len(pair.rejected))

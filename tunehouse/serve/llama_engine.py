@@ -47,6 +47,7 @@ from tunehouse.serve.engine import Engine, Generation, ModelRef, TokenEvent, Tor
 from tunehouse.serve.grammar import Grammar, Spec
 from tunehouse.serve.llama_server import LlamaServer
 from tunehouse.serve.sampling import SamplingParams, text_step
+from tunehouse.serve.weights import eos_ids
 
 log = logging.getLogger("tunehouse.serve")
 
@@ -65,18 +66,6 @@ def gguf_type_for(dtype: str) -> str:
     if dtype == "auto":
         return "bf16" if cpu_has_bf16() else "f16"
     return GGUF_TYPES[dtype]
-
-
-def eos_ids(folder: Path, tokenizer) -> set[int]:
-    """The ids that end a sequence, as transformers' generation reads them: generation_config.json's
-    eos_token_id (else config.json's), plus the tokenizer's."""
-    ids: list = []
-    for name in ("generation_config.json", "config.json"):
-        path = Path(folder) / name
-        if path.is_file() and (eos := json.loads(path.read_text()).get("eos_token_id")) is not None:
-            ids = eos if isinstance(eos, list) else [eos]
-            break
-    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 @dataclass(eq=False)
@@ -216,7 +205,8 @@ class LlamaCppEngine(Engine):
         try:
             try:
                 srv, lora = await asyncio.to_thread(self._acquire, model)
-                tokenizer, eos = await asyncio.to_thread(self._decoder, model)
+                tokenizer, eos = self._decoders.get(str(model.weights_path)) or await asyncio.to_thread(
+                    self._decoder, model)
             except InvalidInput as exc:  # the GGUF exporter cannot write these weights: torch serves them
                 log.info("%s is served by the torch engine: %s", model.name, exc)
                 await self._on_torch(gen, index, model, prompt, params)
@@ -460,8 +450,11 @@ class LlamaCppEngine(Engine):
             model.weights_path, tmp, self.gguf_type, name=model.weights))
 
     def _export_adapter(self, model: ModelRef, adapter: Path) -> Path:
-        config = json.loads((Path(model.weights_path) / "config.json").read_text())
-        return self._gguf(adapter, "lora", lambda tmp: gguf_export.write_adapter(adapter, config, tmp, self.gguf_type))
+        def write(tmp: Path) -> Path:
+            config = json.loads((Path(model.weights_path) / "config.json").read_text())
+            return gguf_export.write_adapter(adapter, config, tmp, self.gguf_type)
+
+        return self._gguf(adapter, "lora", write)
 
     def _gguf(self, source: Path, kind: str, write) -> Path:
         """`source` as GGUF in the cache (written through a temporary file the first time). One the

@@ -3,6 +3,7 @@ the forward / scoring calls that route each batch row to its adapter."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,18 @@ from pathlib import Path
 import torch
 
 from tunehouse.serve import decoder, lora, scoring
+
+
+def eos_ids(folder: Path, tokenizer) -> set[int]:
+    """The ids that end a sequence, as transformers' generation reads them: generation_config.json's
+    eos_token_id (else config.json's), plus the tokenizer's."""
+    ids: list = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file() and (eos := json.loads(path.read_text()).get("eos_token_id")) is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            break
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 class LoadedWeights:
@@ -22,9 +35,7 @@ class LoadedWeights:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the scheduler thread's own (decode)
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self.eos = eos_ids(path, self.tokenizer)
         self.routing = lora.Routing()
         # The lean decoding forward where the architecture has one (it fuses the projection weights
         # in place, before any adapter wraps them); None: decode with the transformers forward.

@@ -450,8 +450,7 @@ def _collate(run: _Run, pairs: list[Pair]) -> PairBatch:
     (the mask is T² per row)."""
     row_tokens = None
     if run.cfg.packing:
-        row_tokens = run.cfg.max_seq_length if run.mask_dtype is not None else sum(
-            len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        row_tokens = run.cfg.max_seq_length if run.mask_dtype is not None else sum(p.run_tokens for p in pairs)
     return collate_pairs(pairs, run.pad_id, run.mask_dtype, row_tokens=row_tokens)
 
 
