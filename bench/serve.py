@@ -31,7 +31,9 @@ Figures, per precision:
   linear layers; llama-server loads its GGUF with `--lora … --lora-init-without-apply` and applies
   it per request); target LoRA ≥ 0.9× base. On tunehouse's CPU backend also the same adapter served
   merged (`serve_lora=merged`: the adapter folded into the base weights by tunehouse's merge, f32
-  safetensors, exported to GGUF like the base and run by a llama-server of its own);
+  safetensors, exported to GGUF like the base and run by a llama-server of its own), and, as a
+  second reference for it, the base on a llama-server of its own that holds no adapter ("plain";
+  the base's own server holds the adapter, at scale 0 for base requests);
 - 16 concurrent requests: generated tokens ÷ wall seconds (tunehouse `max_batch_size=16`,
   llama-server 16 slots, transformers one left-padded batch of 16);
 - ratios tunehouse ÷ llama.cpp and tunehouse ÷ transformers; targets single and 16-concurrent ≥ 1×
@@ -84,6 +86,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
              "Give me three tips for learning to cook.", "Why is the sky blue?", "What is a prime number?",
              "Describe a cat to someone who has never seen one.", "How do trains work?"]
 CONCURRENT = 16
+OWN_SERVERS = ("plain", "merged")  # measured on tunehouse's CPU backend alone
 PRECISIONS = {"fp32": ("float32", "f32"), "bf16": ("bfloat16", "bf16")}  # → (torch dtype, GGUF type)
 
 
@@ -91,15 +94,16 @@ def single(s: Stream) -> dict:
     return {"tok_s": (s.tokens - 1) / (s.end - s.first), "ttft_ms": 1000 * (s.first - s.start)}
 
 
-async def measure(one, prompts: list[list[int]], tokens: int, merged: bool = False) -> dict:
+async def measure(one, prompts: list[list[int]], tokens: int, more: tuple[str, ...] = ()) -> dict:
     """`one(ids, model, tokens) -> Stream` on one side, `model` one of "base", "lora" (the adapter
-    applied per request) and "merged" (the adapter merged into the weights): a single base request,
-    a single LoRA request, a single merged one when `merged`, then CONCURRENT base requests at once."""
+    applied per request) or those in `more` ("plain": the base on a server holding no adapter,
+    "merged": the adapter merged into the weights): a single request to each, then CONCURRENT base
+    requests at once."""
     base, lora = single(await one(prompts[0], "base", tokens)), single(await one(prompts[0], "lora", tokens))
     own = {}
-    if merged:
-        m = single(await one(prompts[0], "merged", tokens))
-        own = {"merged_tok_s": m["tok_s"], "merged_ttft_ms": m["ttft_ms"]}
+    for model in more:
+        m = single(await one(prompts[0], model, tokens))
+        own |= {f"{model}_tok_s": m["tok_s"], f"{model}_ttft_ms": m["ttft_ms"]}
     start = time.perf_counter()
     await asyncio.gather(*[one(prompts[i % len(prompts)], "base", tokens) for i in range(CONCURRENT)])
     return {"single_tok_s": base["tok_s"], "ttft_ms": base["ttft_ms"], "lora_tok_s": lora["tok_s"],
@@ -212,10 +216,11 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, merged_dir: Pa
     engine = TorchEngine(max_batch_size=CONCURRENT, threads=threads, dtype=dtype)
     # tunehouse's CPU backend: its own llama-server, its own GGUF export of the same weights.
     llama_engine = LlamaCppEngine(binary, tmp / f"engine-{name}", TorchEngine(threads=threads, dtype=dtype),
-                                  slots=CONCURRENT, threads=threads, dtype=dtype)
+                                  slots=CONCURRENT, threads=threads, dtype=dtype, max_models=3)
     base = ModelRef(DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME, base_dir, 8192)
     lora = ModelRef("lora0", DEFAULT_MODEL_NAME, base_dir, 8192, adapter_path=adapter)
     merged = ModelRef("lora0-merged", "lora0-merged", merged_dir, 8192)  # what serve_lora=merged resolves to
+    plain = ModelRef(DEFAULT_MODEL_NAME, "base-plain", base_dir, 8192)  # another weights key: its own llama-server
     peer = TransformersSide(base_dir, getattr(torch, dtype), engine.tokenizer(base).pad_token_id or 0)
     # The peer runs with the flags tunehouse's backend gives its own llama-server: a unified KV cache
     # of max(16384, context) tokens, f32 for f32 weights and llama.cpp's default f16 otherwise (with
@@ -230,7 +235,8 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, merged_dir: Pa
               f"flags as the peer, in-process submit() (token ids over loopback HTTP to its llama-server, "
               f"decoded by tunehouse), greedy, ignore_eos, LoRA {adapter.name} exported to GGUF and applied per request; "
               f"serve_lora=merged: {merged_dir.name} (the adapter merged into the f32 weights) exported to GGUF "
-              f"{llama_engine.gguf_type} like the base and run by a llama-server of its own with the same flags")
+              f"{llama_engine.gguf_type} like the base and run by a llama-server of its own with the same flags, "
+              f"and the base on one more llama-server holding no adapter (max_models=3: three servers)")
         print(f"tunehouse-torch TorchEngine(max_batch_size={CONCURRENT}, threads={engine.threads}, dtype={dtype}), "
               f"torch {torch.__version__}, in-process submit(), greedy, ignore_eos, LoRA {adapter.name} "
               f"attached at request time, no prompt cache")
@@ -248,18 +254,20 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, merged_dir: Pa
             # cost well under a millisecond.
             limits = httpx.Limits(max_connections=4 * CONCURRENT, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-                sides = {"tunehouse": tunehouse_side(llama_engine, {"base": base, "lora": lora, "merged": merged}),
+                sides = {"tunehouse": tunehouse_side(llama_engine, {"base": base, "lora": lora, "plain": plain,
+                                                                    "merged": merged}),
                          "tunehouse_torch": tunehouse_side(engine, {"base": base, "lora": lora}),
                          "llama_cpp": llama_side(server, client)}
                 for side, one in sides.items():  # warm-up: load weights and adapter, first-call costs
-                    for model in ["base", "lora", "merged"] if side == "tunehouse" else ["base", "lora"]:
+                    for model in ["base", "lora", *OWN_SERVERS] if side == "tunehouse" else ["base", "lora"]:
                         await one(prompts[0], model, 2)
                 peer.generate(prompts[:2], 2)
                 best = {k: {} for k in [*sides, "transformers"]}
                 for r in range(args.rounds):
                     order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # who goes first alternates
                     for side in order:
-                        best[side] = keep_best(best[side], await measure(sides[side], prompts, t, side == "tunehouse"))
+                        more = OWN_SERVERS if side == "tunehouse" else ()
+                        best[side] = keep_best(best[side], await measure(sides[side], prompts, t, more))
                     best["transformers"] = keep_best(best["transformers"], peer.measure(prompts, t))
                 return best
 
@@ -282,6 +290,8 @@ def report(name: str, best: dict) -> dict:
          "concurrent16_vs_transformers_batched": th["concurrent16_tok_s"] / tf["batched16_tok_s"],
          "tunehouse_lora_vs_base": th["lora_tok_s"] / th["single_tok_s"],
          "tunehouse_lora_merged_vs_base": th["merged_tok_s"] / th["single_tok_s"],
+         "tunehouse_lora_merged_vs_plain_base": th["merged_tok_s"] / th["plain_tok_s"],
+         "tunehouse_lora_vs_plain_base": th["lora_tok_s"] / th["plain_tok_s"],
          "llama_cpp_lora_vs_base": lc["lora_tok_s"] / lc["single_tok_s"]}
     print(f"{name} single request  tunehouse {th['single_tok_s']:.1f} tok/s (first token {th['ttft_ms']:.0f} ms), "
           f"llama.cpp {lc['single_tok_s']:.1f} tok/s ({lc['ttft_ms']:.0f} ms), "
@@ -290,6 +300,9 @@ def report(name: str, best: dict) -> dict:
           f"target >= 0.9x; first token {th['lora_ttft_ms']:.0f} ms), served merged {th['merged_tok_s']:.1f} tok/s "
           f"({r['tunehouse_lora_merged_vs_base']:.2f}x base; {th['merged_ttft_ms']:.0f} ms), llama.cpp "
           f"{lc['lora_tok_s']:.1f} tok/s ({r['llama_cpp_lora_vs_base']:.2f}x base; {lc['lora_ttft_ms']:.0f} ms)")
+    print(f"{name} base, no adapter tunehouse {th['plain_tok_s']:.1f} tok/s on a llama-server of its own "
+          f"({th['plain_ttft_ms']:.0f} ms): served merged {r['tunehouse_lora_merged_vs_plain_base']:.2f}x it, "
+          f"LoRA applied per request {r['tunehouse_lora_vs_plain_base']:.2f}x it")
     print(f"{name} torch engine    single {tt['single_tok_s']:.1f} tok/s ({r['torch_engine_single_vs_llama_cpp']:.2f}x "
           f"llama.cpp), LoRA {r['torch_engine_lora_vs_base']:.2f}x base, {CONCURRENT} concurrent "
           f"{tt['concurrent16_tok_s']:.1f} tok/s ({r['torch_engine_concurrent16_vs_llama_cpp']:.2f}x)")
