@@ -29,7 +29,11 @@ Figures, per precision:
 - single request: decode rate (tokens after the first ÷ seconds after the first) and time to first
   token, on the base and with a LoRA adapter applied at request time (a random r=8 adapter on all
   linear layers; llama-server loads its GGUF with `--lora … --lora-init-without-apply` and applies
-  it per request); target LoRA ≥ 0.9× base;
+  it per request); target LoRA ≥ 0.9× base. On tunehouse's CPU backend also the same adapter served
+  merged (`serve_lora=merged`: the adapter folded into the base weights by tunehouse's merge, f32
+  safetensors, exported to GGUF like the base and run by a llama-server of its own), and, as a
+  second reference for it, the base on a llama-server of its own that holds no adapter ("plain";
+  the base's own server holds the adapter, at scale 0 for base requests);
 - 16 concurrent requests: generated tokens ÷ wall seconds (tunehouse `max_batch_size=16`,
   llama-server 16 slots, transformers one left-padded batch of 16);
 - ratios tunehouse ÷ llama.cpp and tunehouse ÷ transformers; targets single and 16-concurrent ≥ 1×
@@ -62,6 +66,7 @@ from tunehouse.serve.llama_server import LlamaServer, build_info, ensure_llama_s
 from tunehouse.export.gguf import write_adapter, write_model  # noqa: E402
 from tunehouse.models.default import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
 from tunehouse.models.tiny import random_lora_adapter  # noqa: E402
+from tunehouse.train.lora import merge_adapter_folder  # noqa: E402
 from tunehouse.serve.engine import ModelRef, TorchEngine  # noqa: E402
 from tunehouse.serve.llama_engine import LlamaCppEngine  # noqa: E402
 from tunehouse.serve.sampling import SamplingParams  # noqa: E402
@@ -81,6 +86,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
              "Give me three tips for learning to cook.", "Why is the sky blue?", "What is a prime number?",
              "Describe a cat to someone who has never seen one.", "How do trains work?"]
 CONCURRENT = 16
+OWN_SERVERS = ("plain", "merged")  # measured on tunehouse's CPU backend alone
 PRECISIONS = {"fp32": ("float32", "f32"), "bf16": ("bfloat16", "bf16")}  # → (torch dtype, GGUF type)
 
 
@@ -88,25 +94,32 @@ def single(s: Stream) -> dict:
     return {"tok_s": (s.tokens - 1) / (s.end - s.first), "ttft_ms": 1000 * (s.first - s.start)}
 
 
-async def measure(one, prompts: list[list[int]], tokens: int) -> dict:
-    """`one(ids, lora, tokens) -> Stream` on one side: a single base request, a single LoRA request,
-    then CONCURRENT base requests at once."""
-    base, lora = single(await one(prompts[0], False, tokens)), single(await one(prompts[0], True, tokens))
+async def measure(one, prompts: list[list[int]], tokens: int, more: tuple[str, ...] = ()) -> dict:
+    """`one(ids, model, tokens) -> Stream` on one side, `model` one of "base", "lora" (the adapter
+    applied per request) or those in `more` ("plain": the base on a server holding no adapter,
+    "merged": the adapter merged into the weights): a single request to each, then CONCURRENT base
+    requests at once."""
+    base, lora = single(await one(prompts[0], "base", tokens)), single(await one(prompts[0], "lora", tokens))
+    own = {}
+    for model in more:
+        m = single(await one(prompts[0], model, tokens))
+        own |= {f"{model}_tok_s": m["tok_s"], f"{model}_ttft_ms": m["ttft_ms"]}
     start = time.perf_counter()
-    await asyncio.gather(*[one(prompts[i % len(prompts)], False, tokens) for i in range(CONCURRENT)])
+    await asyncio.gather(*[one(prompts[i % len(prompts)], "base", tokens) for i in range(CONCURRENT)])
     return {"single_tok_s": base["tok_s"], "ttft_ms": base["ttft_ms"], "lora_tok_s": lora["tok_s"],
-            "lora_ttft_ms": lora["ttft_ms"], "concurrent16_tok_s": CONCURRENT * tokens / (time.perf_counter() - start)}
+            "lora_ttft_ms": lora["ttft_ms"], **own,
+            "concurrent16_tok_s": CONCURRENT * tokens / (time.perf_counter() - start)}
 
 
 def keep_best(best: dict, new: dict) -> dict:
     return {k: v if k not in best else (min if k.endswith("_ms") else max)(best[k], v) for k, v in new.items()}
 
 
-def tunehouse_side(engine, base: ModelRef, lora: ModelRef):
-    async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
+def tunehouse_side(engine, models: dict[str, ModelRef]):
+    async def one(ids: list[int], model: str, tokens: int) -> Stream:
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         start, first, n = time.perf_counter(), None, 0
-        async for _ in engine.submit(lora if with_lora else base, ids, params):
+        async for _ in engine.submit(models[model], ids, params):
             first = first or time.perf_counter()
             n += 1
         assert n == tokens, n
@@ -115,12 +128,12 @@ def tunehouse_side(engine, base: ModelRef, lora: ModelRef):
 
 
 def llama_side(server: LlamaServer, client: httpx.AsyncClient):
-    async def one(ids: list[int], with_lora: bool, tokens: int) -> Stream:
+    async def one(ids: list[int], model: str, tokens: int) -> Stream:
         """Greedy, exactly `tokens` new tokens after the prompt `ids` (sent as token ids, so both
-        engines see the same ones), streamed; the adapter applied at scale 1 when `with_lora`."""
+        engines see the same ones), streamed; the adapter applied at scale 1 when `model` is "lora"."""
         body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "top_k": 1, "samplers": ["top_k"], "ignore_eos": True,
                 "stream": True, "return_tokens": True,
-                "lora": server.lora_scales(0 if with_lora else None)}
+                "lora": server.lora_scales(0 if model == "lora" else None)}
         start, first, n = time.perf_counter(), None, 0
         async with client.stream("POST", f"{server.url}/completion", json=body) as r:
             r.raise_for_status()
@@ -192,8 +205,8 @@ def cached_gguf(base_dir: Path, gguf_type: str) -> Path:
     return dest
 
 
-def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[list[int]], binary: Path,
-                  tmp: Path) -> dict:
+def run_precision(name: str, args, base_dir: Path, adapter: Path, merged_dir: Path, prompts: list[list[int]],
+                  binary: Path, tmp: Path) -> dict:
     """Every side's figures at one precision, best of `args.rounds`, sides alternating."""
     dtype, gguf_type = PRECISIONS[name]
     t, threads = args.tokens, args.threads
@@ -203,9 +216,11 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
     engine = TorchEngine(max_batch_size=CONCURRENT, threads=threads, dtype=dtype)
     # tunehouse's CPU backend: its own llama-server, its own GGUF export of the same weights.
     llama_engine = LlamaCppEngine(binary, tmp / f"engine-{name}", TorchEngine(threads=threads, dtype=dtype),
-                                  slots=CONCURRENT, threads=threads, dtype=dtype)
+                                  slots=CONCURRENT, threads=threads, dtype=dtype, max_models=3)
     base = ModelRef(DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME, base_dir, 8192)
     lora = ModelRef("lora0", DEFAULT_MODEL_NAME, base_dir, 8192, adapter_path=adapter)
+    merged = ModelRef("lora0-merged", "lora0-merged", merged_dir, 8192)  # what serve_lora=merged resolves to
+    plain = ModelRef(DEFAULT_MODEL_NAME, "base-plain", base_dir, 8192)  # another weights key: its own llama-server
     peer = TransformersSide(base_dir, getattr(torch, dtype), engine.tokenizer(base).pad_token_id or 0)
     # The peer runs with the flags tunehouse's backend gives its own llama-server: a unified KV cache
     # of max(16384, context) tokens, f32 for f32 weights and llama.cpp's default f16 otherwise (with
@@ -218,7 +233,10 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
         print(f"tunehouse     LlamaCppEngine (the CPU backend, serve_backend=auto): slots={CONCURRENT}, "
               f"threads={threads}, dtype={dtype} → GGUF {llama_engine.gguf_type}, the same llama-server binary and "
               f"flags as the peer, in-process submit() (token ids over loopback HTTP to its llama-server, "
-              f"decoded by tunehouse), greedy, ignore_eos, LoRA {adapter.name} exported to GGUF and applied per request")
+              f"decoded by tunehouse), greedy, ignore_eos, LoRA {adapter.name} exported to GGUF and applied per request; "
+              f"serve_lora=merged: {merged_dir.name} (the adapter merged into the f32 weights) exported to GGUF "
+              f"{llama_engine.gguf_type} like the base and run by a llama-server of its own with the same flags, "
+              f"and the base on one more llama-server holding no adapter (max_models=3: three servers)")
         print(f"tunehouse-torch TorchEngine(max_batch_size={CONCURRENT}, threads={engine.threads}, dtype={dtype}), "
               f"torch {torch.__version__}, in-process submit(), greedy, ignore_eos, LoRA {adapter.name} "
               f"attached at request time, no prompt cache")
@@ -236,17 +254,20 @@ def run_precision(name: str, args, base_dir: Path, adapter: Path, prompts: list[
             # cost well under a millisecond.
             limits = httpx.Limits(max_connections=4 * CONCURRENT, max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-                sides = {"tunehouse": tunehouse_side(llama_engine, base, lora),
-                         "tunehouse_torch": tunehouse_side(engine, base, lora), "llama_cpp": llama_side(server, client)}
-                for one in sides.values():  # warm-up: load weights and adapter, first-call costs
-                    await one(prompts[0], False, 2)
-                    await one(prompts[0], True, 2)
+                sides = {"tunehouse": tunehouse_side(llama_engine, {"base": base, "lora": lora, "plain": plain,
+                                                                    "merged": merged}),
+                         "tunehouse_torch": tunehouse_side(engine, {"base": base, "lora": lora}),
+                         "llama_cpp": llama_side(server, client)}
+                for side, one in sides.items():  # warm-up: load weights and adapter, first-call costs
+                    for model in ["base", "lora", *OWN_SERVERS] if side == "tunehouse" else ["base", "lora"]:
+                        await one(prompts[0], model, 2)
                 peer.generate(prompts[:2], 2)
                 best = {k: {} for k in [*sides, "transformers"]}
                 for r in range(args.rounds):
                     order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # who goes first alternates
                     for side in order:
-                        best[side] = keep_best(best[side], await measure(sides[side], prompts, t))
+                        more = OWN_SERVERS if side == "tunehouse" else ()
+                        best[side] = keep_best(best[side], await measure(sides[side], prompts, t, more))
                     best["transformers"] = keep_best(best["transformers"], peer.measure(prompts, t))
                 return best
 
@@ -268,13 +289,20 @@ def report(name: str, best: dict) -> dict:
          "single_vs_transformers": th["single_tok_s"] / tf["single_tok_s"],
          "concurrent16_vs_transformers_batched": th["concurrent16_tok_s"] / tf["batched16_tok_s"],
          "tunehouse_lora_vs_base": th["lora_tok_s"] / th["single_tok_s"],
+         "tunehouse_lora_merged_vs_base": th["merged_tok_s"] / th["single_tok_s"],
+         "tunehouse_lora_merged_vs_plain_base": th["merged_tok_s"] / th["plain_tok_s"],
+         "tunehouse_lora_vs_plain_base": th["lora_tok_s"] / th["plain_tok_s"],
          "llama_cpp_lora_vs_base": lc["lora_tok_s"] / lc["single_tok_s"]}
     print(f"{name} single request  tunehouse {th['single_tok_s']:.1f} tok/s (first token {th['ttft_ms']:.0f} ms), "
           f"llama.cpp {lc['single_tok_s']:.1f} tok/s ({lc['ttft_ms']:.0f} ms), "
           f"transformers {tf['single_tok_s']:.1f} tok/s ({tf['ttft_ms']:.0f} ms)")
     print(f"{name} LoRA single     tunehouse {th['lora_tok_s']:.1f} tok/s ({r['tunehouse_lora_vs_base']:.2f}x base, "
-          f"target >= 0.9x; first token {th['lora_ttft_ms']:.0f} ms), llama.cpp {lc['lora_tok_s']:.1f} tok/s "
-          f"({r['llama_cpp_lora_vs_base']:.2f}x base; {lc['lora_ttft_ms']:.0f} ms)")
+          f"target >= 0.9x; first token {th['lora_ttft_ms']:.0f} ms), served merged {th['merged_tok_s']:.1f} tok/s "
+          f"({r['tunehouse_lora_merged_vs_base']:.2f}x base; {th['merged_ttft_ms']:.0f} ms), llama.cpp "
+          f"{lc['lora_tok_s']:.1f} tok/s ({r['llama_cpp_lora_vs_base']:.2f}x base; {lc['lora_ttft_ms']:.0f} ms)")
+    print(f"{name} base, no adapter tunehouse {th['plain_tok_s']:.1f} tok/s on a llama-server of its own "
+          f"({th['plain_ttft_ms']:.0f} ms): served merged {r['tunehouse_lora_merged_vs_plain_base']:.2f}x it, "
+          f"LoRA applied per request {r['tunehouse_lora_vs_plain_base']:.2f}x it")
     print(f"{name} torch engine    single {tt['single_tok_s']:.1f} tok/s ({r['torch_engine_single_vs_llama_cpp']:.2f}x "
           f"llama.cpp), LoRA {r['torch_engine_lora_vs_base']:.2f}x base, {CONCURRENT} concurrent "
           f"{tt['concurrent16_tok_s']:.1f} tok/s ({r['torch_engine_concurrent16_vs_llama_cpp']:.2f}x)")
@@ -305,6 +333,7 @@ def main() -> None:
     base_dir = ensure_default_model(CACHE, progress=print)
     tmp = Path(tempfile.mkdtemp(prefix="tunehouse-bench-serve-"))
     adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
+    merged_dir = merge_adapter_folder(base_dir, adapter, tmp / "lora0-merged")
     from transformers import AutoTokenizer, __version__ as transformers_version
 
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -321,7 +350,7 @@ def main() -> None:
     names = list(PRECISIONS) if args.precision == "both" else [args.precision]
     fig = {}
     for name in names:
-        fig.update(report(name, run_precision(name, args, base_dir, adapter, prompts, binary, tmp)))
+        fig.update(report(name, run_precision(name, args, base_dir, adapter, merged_dir, prompts, binary, tmp)))
     headline = "bf16" if "bf16" in names else "fp32"
     out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
            **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,

@@ -1,6 +1,7 @@
 """Inference over a live server: the openai SDK, the together 3.x SDK and the together 1.x SDK call
 chat and text completions, streamed and not, on the tiny base model and on ONE tiny LoRA fine-tune
-trained once for the module; batching, disconnects, errors and `/v1/models`."""
+trained once for the module; batching, disconnects, errors, `/v1/models`, and the fine-tune served
+merged (`serve_lora=merged`) by a second server over the same home."""
 
 from __future__ import annotations
 
@@ -256,6 +257,27 @@ def test_deleted_job_model_is_evicted(server, tmp_path):
     assert server.app.state.home.blobs.list(f"jobs/{job.id}") == [], "no object of the job is left in the store"
     with pytest.raises(together.NotFoundError):
         c.completions.create(model=job.model_output_name, prompt="Hi", max_tokens=2)
+
+
+def test_merged_serving_answers_as_the_adapter_does(server):
+    """`serve_lora=merged` (a second server over the same home): the fine-tune runs from its merged
+    weights as a model of its own, no base, no adapter, and its greedy answer is the adapter's (f32
+    weights on both servers, so they agree token for token)."""
+    live, bg = _serve(server.settings.model_copy(update={"serve_lora": "merged", "embedded_worker": False}))
+    try:
+        kw = dict(model=server.tuned, messages=HELLO, max_tokens=12, temperature=0)
+        on_base = oai(server).chat.completions.create(**kw).choices[0].message.content
+        merged = oai(live).chat.completions.create(**kw).choices[0].message.content
+        assert merged == on_base and "red" in merged
+        shared, own = _ref(server, server.tuned), _ref(live, server.tuned)
+        assert shared.weights == TINY and shared.adapter_path is not None
+        assert own.weights == server.tuned and own.adapter_path is None and own.weights_path.name == "merged"
+        stats = engine(live).stats()
+        assert stats["loaded"] == {server.tuned: []}
+        if server.backend == "llama.cpp":
+            assert stats["server_starts"] == 1 and stats["torch_requests"] == 0
+    finally:
+        bg.stop()
 
 
 def _ref(live, name):

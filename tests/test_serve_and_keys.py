@@ -60,6 +60,8 @@ def test_first_serve_creates_admin_key_once(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert stored in out, "the new admin key is printed once"
+    assert "inference backend:" in " ".join(out.split()) and "(serve_lora=adapter)" in out  # rich wraps lines
+    env["TUNEHOUSE_SERVE_LORA"] = "merged"
     proc = subprocess.Popen([bin_path("tunehouse"), "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -68,6 +70,17 @@ def test_first_serve_creates_admin_key_once(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert stored not in out and "Created the admin API key" not in out
+    assert "LoRA fine-tunes served from their merged weights, one model each (serve_lora=merged)" in " ".join(out.split())
+
+
+def test_serve_refuses_an_unknown_lora_mode(tmp_path):
+    env = dict(os.environ, TUNEHOUSE_HOME=str(tmp_path / "home"), TUNEHOUSE_SERVE_LORA="merge")
+    out = subprocess.run([bin_path("tunehouse"), "serve", "--port", str(_free_port())], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert ("error: TUNEHOUSE_SERVE_LORA must be `adapter` (LoRA fine-tunes share their base) or `merged` "
+            "(each served from its merged weights); got 'merge'") in " ".join(out.stdout.split())
+    assert not (tmp_path / "home").exists(), "nothing is started or written"
 
 
 def test_keys_are_stored_hashed(tmp_path, settings):

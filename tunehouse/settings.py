@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         "auto", description="What generates tokens: `llama.cpp` (llama-server, several times faster on a CPU; "
         "scoring, grammars and models it cannot load stay on torch), `torch`, or `auto`: llama.cpp on a "
         "machine without a GPU when a llama-server is found (`make llama-server` builds one), else torch.")
+    serve_lora: Literal["adapter", "merged"] = Field(
+        "adapter", description="How a LoRA fine-tune of a registry base is served: `adapter`, on its base (loaded "
+        "once for all its fine-tunes) with the adapter applied per request (torch batches different fine-tunes "
+        "together; llama.cpp runs them in turns, at ~0.85x the base's decoding speed in bf16), or `merged`, from "
+        "its merged weights as a model of its own (about the base's speed; one more copy of the weights in memory "
+        "per fine-tune, counted in serve_max_loaded_models; no batching across fine-tunes).")
     serve_llama_kv_tokens: int = Field(16384, ge=256, description="KV cache of each llama-server (tokens, at least "
                                        "the model's context length), shared by its requests: ones that would not "
                                        "fit (prompt + max_tokens) wait for room.")
@@ -102,6 +108,14 @@ class Settings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < 32:
             raise ValueError("TUNEHOUSE_ADMIN_KEY must be at least 32 characters; make one with "
                              "`echo th-$(openssl rand -hex 24)`")
+        return v
+
+    @field_validator("serve_lora", mode="before")
+    @classmethod
+    def _lora_mode(cls, v):
+        if v not in ("adapter", "merged"):
+            raise ValueError(f"TUNEHOUSE_SERVE_LORA must be `adapter` (LoRA fine-tunes share their base) or "
+                             f"`merged` (each served from its merged weights); got {v!r}")
         return v
 
     def model_post_init(self, _context) -> None:

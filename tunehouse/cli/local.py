@@ -7,6 +7,7 @@ import json
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from tunehouse.cli.common import HomeDir, JsonOut, console, err, fail, settings_for, status_text
@@ -20,6 +21,9 @@ Gpus = Annotated[Optional[str], typer.Option(help="GPUs the training worker owns
                                                  "visible GPU).")]
 NumProcesses = Annotated[Optional[int], typer.Option(help="Training processes per job (torchrun; default one per GPU, "
                                                           "one on a CPU).", min=1)]
+
+
+LORA_MODES = {"adapter": "as adapters on their shared base", "merged": "from their merged weights, one model each"}
 
 
 def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")] = None,
@@ -38,7 +42,12 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
 
     overrides = {k: v for k, v in {"host": host, "port": port, "home": home, "gpus": gpus,
                                    "num_processes": num_processes, "embedded_worker": worker}.items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # a bad TUNEHOUSE_* value: its message, not a traceback
+        for e in exc.errors():
+            console.print(f"[red]error:[/red] {e['msg'].removeprefix('Value error, ')}")
+        raise typer.Exit(1) from None
     try:
         backend, _, why = choose(settings)
     except FileNotFoundError as exc:  # serve_backend=llama.cpp without a binary, or a wrong llama_server path
@@ -50,7 +59,8 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
                       f"{settings.admin_key_path}):\n  {new_key}")
     console.print(f"tunehouse serving on http://{settings.host}:{settings.port} (home {settings.home}); "
                   f"dashboard: open http://{settings.host}:{settings.port}/ and sign in with an API key")
-    console.print(f"inference backend: {backend} ({why})")
+    console.print(f"inference backend: {backend} ({why}); LoRA fine-tunes served {LORA_MODES[settings.serve_lora]} "
+                  f"(serve_lora={settings.serve_lora})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 

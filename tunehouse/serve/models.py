@@ -2,9 +2,11 @@
 and each of the caller's completed fine-tuning jobs by its `model_output_name`.
 
 - A LoRA job trained directly on a registry base is served as that base + its adapter (the base
-  is loaded once and shared). A LoRA job that started from a parent checkpoint was trained on
-  weights that are not the registry base, so its `merged/` folder is served as a model of its own;
-  so is a full fine-tune's final folder.
+  is loaded once and shared), or, with `serve_lora=merged`, from its `merged/` folder as a model of
+  its own (about the base's decoding speed, at the cost of one more copy of the weights per fine-tune
+  loaded). A LoRA job that started from a parent checkpoint was trained on weights that are not the
+  registry base, so its `merged/` folder is always served as a model of its own; so is a full
+  fine-tune's final folder.
 - Another owner's model looks exactly like an unknown one (404), so names do not leak.
 
 Weights are read from this machine's local copy of the blob store (`local_dir`: the blobs
@@ -39,7 +41,8 @@ def _unknown(name: str) -> NotFound:
 
 
 def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -> ModelRef:
-    """The weights (and adapter) behind `name` for `owner`, or a NotFound / InvalidInput that says why."""
+    """The weights (and adapter) behind `name` for `owner`, as the home's `serve_lora` setting serves
+    LoRA fine-tunes, or a NotFound / InvalidInput that says why."""
     bases = {m.name: m for m in registry.list(s)}
     if name in bases:
         return ModelRef(name, name, Path(registry.path(name, s)), bases[name].context_length)
@@ -56,15 +59,16 @@ def resolve(s: Session, home: Home, registry: Registry, owner: str, name: str) -
     spec = JobSpec.of(job)
     lora = spec.lora
     on_base = lora and not spec.parent and not spec.weights  # trained on the registry's base itself
+    shared = on_base and home.settings.serve_lora == "adapter"  # base + adapter, else weights of its own
     # only what is served is fetched: a full fine-tune's folder, a LoRA job's merged/ (its adapter
     # when it is served on the shared base: the final folder, merged/ included)
-    key = final[0].blob_key if on_base or not lora else f"{final[0].blob_key}/{MERGED_DIR}"
+    key = final[0].blob_key if shared or not lora else f"{final[0].blob_key}/{MERGED_DIR}"
     try:
         folder = home.blobs.local_dir(key)
     except FileNotFoundError:
         raise _unknown(name) from None
     source = f"jobs/{job.id}"
-    if on_base:
+    if shared:
         return ModelRef(name, base.name, Path(registry.path(base.name, s)), base.context_length, adapter_path=folder,
                         source=source)
     return ModelRef(name, name, folder, base.context_length, source=source)
