@@ -12,12 +12,12 @@ import argparse
 import json
 import math
 import random
-import tempfile
 from pathlib import Path
 
 import httpx
 from playwright.sync_api import sync_playwright
 
+from scratch import scratch_dir
 from tunehouse.api.app import create_app
 from tunehouse.api.server import serve_in_thread
 from tunehouse.settings import Settings
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tunehouse-bench-web-"))
+    tmp = scratch_dir("tunehouse-bench-web-")
     app = create_app(Settings(home=tmp / "home", embedded_worker=False))
     with app.state.home.db.session() as s:
         key = keys.create_key(s, "bench", admin=True)

@@ -18,13 +18,13 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from scratch import scratch_dir  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "tunehouse-bench"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -60,7 +60,7 @@ def side(method: str, steps: int, batch: int, max_len: int) -> dict | None:
     d = distributed.setup()
     model_dir = ensure_default_model(CACHE) if d.is_main else None
     model_dir = distributed.broadcast(model_dir, d)  # rank 0 converts it once; the others wait for it
-    tmp = Path(distributed.broadcast(tempfile.mkdtemp(prefix="gpu-check-") if d.is_main else None, d))
+    tmp = Path(distributed.broadcast(str(scratch_dir("gpu-check-")) if d.is_main else None, d))
     if d.is_main:
         write_data(tmp)
     distributed.barrier(d)

@@ -15,12 +15,12 @@ import argparse
 import collections
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.scratch import scratch_dir  # noqa: E402
 
 KINDS = [  # first match wins
     ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "_weight_int", "mkldnn_")),
@@ -65,7 +65,7 @@ def main() -> None:
     if args.dpo:
         return profile_dpo(args, model_dir)
     batch = args.batch or max(1, 1024 // args.seq_len)
-    tmp = Path(tempfile.mkdtemp(prefix="profile-"))
+    tmp = scratch_dir("profile-")
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}) + "\n"
@@ -157,7 +157,7 @@ def profile_dpo(args, model_dir: Path) -> None:
     from tunehouse.train.config import DPOConfig
     from tunehouse.train.events import MemoryReporter
 
-    tmp = Path(tempfile.mkdtemp(prefix="profile-dpo-"))
+    tmp = scratch_dir("profile-dpo-")
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps({
         "input": {"messages": [{"role": "user", "content": r["question"]}]},

@@ -331,31 +331,32 @@ def main() -> None:
     info = build_info(binary)
     llama_version = info.get("version", "?").splitlines()[0].removeprefix("version: ")
     base_dir = ensure_default_model(CACHE, progress=print)
-    tmp = Path(tempfile.mkdtemp(prefix="tunehouse-bench-serve-"))
-    adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
-    merged_dir = merge_adapter_folder(base_dir, adapter, tmp / "lora0-merged")
-    from transformers import AutoTokenizer, __version__ as transformers_version
+    with tempfile.TemporaryDirectory(prefix="tunehouse-bench-serve-") as scratch:  # ~2 GB of weights
+        tmp = Path(scratch)
+        adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
+        merged_dir = merge_adapter_folder(base_dir, adapter, tmp / "lora0-merged")
+        from transformers import AutoTokenizer, __version__ as transformers_version
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-               for q in QUESTIONS]
-    prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    print(f"{DEFAULT_MODEL_NAME}, {args.tokens} new tokens per request, {len(QUESTIONS)} chat prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.threads} thread(s) every side, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"llama.cpp {llama_version}, built from {info.get('sdist')} "
-          f"(vendored llama.cpp) with {' '.join(info.get('cmake_flags', []))} in {info.get('build_seconds')} s; "
-          f"transformers {transformers_version}")
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+                   for q in QUESTIONS]
+        prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        print(f"{DEFAULT_MODEL_NAME}, {args.tokens} new tokens per request, {len(QUESTIONS)} chat prompts of "
+              f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.threads} thread(s) every side, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        print(f"llama.cpp {llama_version}, built from {info.get('sdist')} "
+              f"(vendored llama.cpp) with {' '.join(info.get('cmake_flags', []))} in {info.get('build_seconds')} s; "
+              f"transformers {transformers_version}")
 
-    names = list(PRECISIONS) if args.precision == "both" else [args.precision]
-    fig = {}
-    for name in names:
-        fig.update(report(name, run_precision(name, args, base_dir, adapter, merged_dir, prompts, binary, tmp)))
-    headline = "bf16" if "bf16" in names else "fp32"
-    out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
-           **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-           "llama_cpp": llama_version, "load_average_end": os.getloadavg()[0]}
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+        names = list(PRECISIONS) if args.precision == "both" else [args.precision]
+        fig = {}
+        for name in names:
+            fig.update(report(name, run_precision(name, args, base_dir, adapter, merged_dir, prompts, binary, tmp)))
+        headline = "bf16" if "bf16" in names else "fp32"
+        out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
+               **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+               "llama_cpp": llama_version, "load_average_end": os.getloadavg()[0]}
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 
 if __name__ == "__main__":

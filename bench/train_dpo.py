@@ -29,13 +29,13 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from scratch import scratch_dir  # noqa: E402
 
 from train_sft import CACHE, TOPICS, WORDS  # noqa: E402  (same model cache and vocabulary)
 
@@ -67,7 +67,7 @@ def side_tunehouse(model_dir: Path, steps: int, bf16: bool) -> dict:
     from tunehouse.train.config import DPOConfig
     from tunehouse.train.events import MemoryReporter
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tunehouse-dpo-"))
+    tmp = scratch_dir("bench-tunehouse-dpo-")
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps({
         "input": {"messages": [{"role": "user", "content": r["question"]}]},
@@ -150,7 +150,7 @@ def side_trl(model_dir: Path, steps: int, precision: str, checkpointing: bool) -
                 losses.append(float(logs["loss"]))
 
     bf16 = precision != "fp32"
-    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-dpo-"), max_length=MAX_LEN,
+    args = DPOConfig(output_dir=str(scratch_dir("bench-trl-dpo-")), max_length=MAX_LEN,
                      per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                      learning_rate=LR, lr_scheduler_type="linear", max_steps=steps, beta=BETA,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,

@@ -42,13 +42,13 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from scratch import scratch_dir  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "tunehouse-test"
 MAX_LEN = 512
@@ -96,7 +96,7 @@ def side_tunehouse(model_dir: Path, steps: int, batch: int, bf16: bool, max_len:
     from tunehouse.train.sft import Cancelled, run_sft
 
     d = distributed.setup()  # under torchrun: `batch` rows per process
-    tmp = Path(distributed.broadcast(tempfile.mkdtemp(prefix="bench-tunehouse-") if d.is_main else None, d))
+    tmp = Path(distributed.broadcast(str(scratch_dir("bench-tunehouse-")) if d.is_main else None, d))
     data = tmp / "chat.jsonl"
     if d.is_main:
         data.write_text("".join(json.dumps({"messages": [
@@ -161,7 +161,7 @@ def side_trl(model_dir: Path, steps: int, batch: int, max_len: int = MAX_LEN, pr
             timings.append((time.perf_counter() - self.t0, state.num_input_tokens_seen - self.n0,
                             time.process_time() - self.c0))
 
-    tmp = tempfile.mkdtemp(prefix="bench-trl-")
+    tmp = str(scratch_dir("bench-trl-"))
     bf16 = precision != "fp32"
     args = SFTConfig(output_dir=tmp, max_length=max_len, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear",
