@@ -73,14 +73,18 @@ def test_first_serve_creates_admin_key_once(tmp_path):
     assert "LoRA fine-tunes served from their merged weights, one model each (serve_lora=merged)" in " ".join(out.split())
 
 
-def test_serve_refuses_an_unknown_lora_mode(tmp_path):
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["worker"]])
+def test_a_bad_setting_is_refused_with_its_message(tmp_path, command):
     env = dict(os.environ, TUNEHOUSE_HOME=str(tmp_path / "home"), TUNEHOUSE_SERVE_LORA="merge")
-    out = subprocess.run([bin_path("tunehouse"), "serve", "--port", str(_free_port())], env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([bin_path("tunehouse"), *command], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
-    assert ("error: TUNEHOUSE_SERVE_LORA must be `adapter` (LoRA fine-tunes share their base) or `merged` "
-            "(each served from its merged weights); got 'merge'") in " ".join(out.stdout.split())
+    assert ("Error: TUNEHOUSE_SERVE_LORA must be `adapter` (LoRA fine-tunes share their base) or `merged` "
+            "(each served from its merged weights); got 'merge'") in " ".join(out.stderr.split())
     assert not (tmp_path / "home").exists(), "nothing is started or written"
+    env = dict(env, TUNEHOUSE_SERVE_LORA="adapter", TUNEHOUSE_HEARTBEAT_TIMEOUT_S="soon")
+    out = subprocess.run([bin_path("tunehouse"), *command], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr
+    assert "Error: TUNEHOUSE_HEARTBEAT_TIMEOUT_S: Input should be a valid number" in " ".join(out.stderr.split())
 
 
 def test_keys_are_stored_hashed(tmp_path, settings):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -35,7 +36,16 @@ def client_for(base_url: str | None, api_key: str | None) -> Client:
 
 
 def settings_for(home: Path | None, **overrides) -> Settings:
-    return Settings(**({"home": home} if home else {}), **overrides)
+    """The settings from the environment and these flags; a bad TUNEHOUSE_* value is its message
+    in red and exit code 1, not a traceback."""
+    try:
+        return Settings(**({"home": home} if home else {}), **overrides)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = "TUNEHOUSE_" + "_".join(str(part) for part in e["loc"]).upper() if e["loc"] else "settings"
+            message = e["msg"].removeprefix("Value error, ")
+            err.print(f"[red]Error:[/red] {message}" if message.startswith(where) else f"[red]Error:[/red] {where}: {message}")
+        raise typer.Exit(1) from None
 
 
 def fail(exc: ApiError) -> None:

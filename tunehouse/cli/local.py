@@ -7,11 +7,9 @@ import json
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
 from tunehouse.cli.common import HomeDir, JsonOut, console, err, fail, settings_for, status_text
-from tunehouse.settings import Settings
 
 keys_app = typer.Typer(help="Manage API keys (works on the local home, no server needed).", no_args_is_help=True)
 models_app = typer.Typer(help="Base models this home can fine-tune (works on the local home).", no_args_is_help=True)
@@ -42,12 +40,7 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Interface to bind.")
 
     overrides = {k: v for k, v in {"host": host, "port": port, "home": home, "gpus": gpus,
                                    "num_processes": num_processes, "embedded_worker": worker}.items() if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:  # a bad TUNEHOUSE_* value: its message, not a traceback
-        for e in exc.errors():
-            console.print(f"[red]error:[/red] {e['msg'].removeprefix('Value error, ')}")
-        raise typer.Exit(1) from None
+    settings = settings_for(overrides.pop("home", None), **overrides)
     try:
         backend, _, why = choose(settings)
     except FileNotFoundError as exc:  # serve_backend=llama.cpp without a binary, or a wrong llama_server path
