@@ -90,14 +90,9 @@ def main() -> None:
     sft._train_loop = original
     run = captured["run"]
     rows = [run.train_rows[i] for i in range(batch)]
-    if args.cpu_time:
-        torch.set_num_threads(1)
-    sft.train_step(run, rows, 1e-4)  # warm-up
-    if args.cpu_time:
-        c0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(args.steps):
-            loss, acc, gn, tokens = sft.train_step(run, rows, 1e-4)
-        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    timed = warm_and_time(lambda: sft.train_step(run, rows, 1e-4), args)
+    if timed:
+        (loss, acc, gn, tokens), cpu, wall = timed
         sys.path.insert(0, str(ROOT / "bench"))
         from roofline import fraction, matmul_gflops, model_shape
 
@@ -132,6 +127,23 @@ def main() -> None:
     report(prof, args.top)
 
 
+def warm_and_time(step, args):
+    """One warm-up `step()`; with --cpu-time (1 torch thread, set before the warm-up) then
+    `args.steps` timed ones → (the last step's result, CPU seconds, wall seconds); else None
+    (the caller profiles its own steps)."""
+    import torch
+
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    step()
+    if not args.cpu_time:
+        return None
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(args.steps):
+        out = step()
+    return out, time.process_time() - c0, time.perf_counter() - t0
+
+
 def report(prof, top: int) -> None:
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
@@ -148,7 +160,6 @@ def report(prof, top: int) -> None:
 
 def profile_dpo(args, model_dir: Path) -> None:
     """dpo.train_step on bench/train_dpo.py's first batch of 4 pairs, profiled or timed."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -185,14 +196,9 @@ def profile_dpo(args, model_dir: Path) -> None:
     run = captured["run"]
     print(f"setup + reference precompute of {(args.dpo_batch + 1) * BATCH} pairs: {time.perf_counter() - r0:.1f} s")
     picked = list(range(args.dpo_batch * BATCH, (args.dpo_batch + 1) * BATCH))
-    if args.cpu_time:
-        torch.set_num_threads(1)
-    dpo.train_step(run, picked, 1e-4)  # warm-up
-    if args.cpu_time:
-        c0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(args.steps):
-            loss, metrics, gn, tokens = dpo.train_step(run, picked, 1e-4)
-        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    timed = warm_and_time(lambda: dpo.train_step(run, picked, 1e-4), args)
+    if timed:
+        (loss, metrics, gn, tokens), cpu, wall = timed
         print(f"DPO, {BATCH} pairs/step ({tokens} tokens run), {'fp32' if args.fp32 else 'bf16'}, 1 thread: "
               f"{BATCH * args.steps / cpu:.3f} pairs per CPU-second ({BATCH * args.steps / wall:.3f} pairs/s wall), "
               f"loss {loss:.6f}")
