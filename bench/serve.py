@@ -51,7 +51,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from tunehouse.serve.llama_server import LlamaServer, build_info, ensure_llama_server, find_llama_server  # noqa: E402
+from scratch import scratch_dir  # noqa: E402  (bench/ is on the path: run as a script)
 from tunehouse.export.gguf import write_adapter, write_model  # noqa: E402
 from tunehouse.models.default import DEFAULT_MODEL_NAME, ensure_default_model  # noqa: E402
 from tunehouse.models.tiny import random_lora_adapter  # noqa: E402
@@ -331,32 +331,31 @@ def main() -> None:
     info = build_info(binary)
     llama_version = info.get("version", "?").splitlines()[0].removeprefix("version: ")
     base_dir = ensure_default_model(CACHE, progress=print)
-    with tempfile.TemporaryDirectory(prefix="tunehouse-bench-serve-") as scratch:  # ~2 GB of weights
-        tmp = Path(scratch)
-        adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
-        merged_dir = merge_adapter_folder(base_dir, adapter, tmp / "lora0-merged")
-        from transformers import AutoTokenizer, __version__ as transformers_version
+    tmp = scratch_dir("tunehouse-bench-serve-")  # ~2 GB of weights
+    adapter = random_lora_adapter(base_dir, tmp / "lora0", seed=0)
+    merged_dir = merge_adapter_folder(base_dir, adapter, tmp / "lora0-merged")
+    from transformers import AutoTokenizer, __version__ as transformers_version
 
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-                   for q in QUESTIONS]
-        prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        print(f"{DEFAULT_MODEL_NAME}, {args.tokens} new tokens per request, {len(QUESTIONS)} chat prompts of "
-              f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.threads} thread(s) every side, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-        print(f"llama.cpp {llama_version}, built from {info.get('sdist')} "
-              f"(vendored llama.cpp) with {' '.join(info.get('cmake_flags', []))} in {info.get('build_seconds')} s; "
-              f"transformers {transformers_version}")
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+               for q in QUESTIONS]
+    prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    print(f"{DEFAULT_MODEL_NAME}, {args.tokens} new tokens per request, {len(QUESTIONS)} chat prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.threads} thread(s) every side, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"llama.cpp {llama_version}, built from {info.get('sdist')} "
+          f"(vendored llama.cpp) with {' '.join(info.get('cmake_flags', []))} in {info.get('build_seconds')} s; "
+          f"transformers {transformers_version}")
 
-        names = list(PRECISIONS) if args.precision == "both" else [args.precision]
-        fig = {}
-        for name in names:
-            fig.update(report(name, run_precision(name, args, base_dir, adapter, merged_dir, prompts, binary, tmp)))
-        headline = "bf16" if "bf16" in names else "fp32"
-        out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
-               **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-               "llama_cpp": llama_version, "load_average_end": os.getloadavg()[0]}
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+    names = list(PRECISIONS) if args.precision == "both" else [args.precision]
+    fig = {}
+    for name in names:
+        fig.update(report(name, run_precision(name, args, base_dir, adapter, merged_dir, prompts, binary, tmp)))
+    headline = "bf16" if "bf16" in names else "fp32"
+    out = {"speedup": fig[f"concurrent16_vs_llama_cpp_{headline}"], "headline": f"concurrent16_vs_llama_cpp_{headline}",
+           **fig, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+           "llama_cpp": llama_version, "load_average_end": os.getloadavg()[0]}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 
 if __name__ == "__main__":
